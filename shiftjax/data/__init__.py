@@ -1,0 +1,9 @@
+"""Datasets and input pipelines: offline Fashion-MNIST for tfds, numpy batches."""
+
+from shiftjax.data.augment import CropFlip, crop_and_flip
+from shiftjax.data.datasets import (
+    CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN,
+    IMAGENET_STD, MNIST_MEAN, MNIST_STD, SPECS, DatasetSpec, get_spec, normalize)
+from shiftjax.data.fashion_mnist import prepare_fashion_mnist, read_idx
+from shiftjax.data.pipeline import (
+    ArraySource, EvalPipeline, Prefetcher, TrainPipeline, load_split, make_dataset)
