@@ -1,0 +1,15 @@
+"""Model zoo: CIFAR and ImageNet ResNets whose convs are shift convs."""
+
+from shiftjax.models.resnet_cifar import (CifarResNet, resnet8, resnet14, resnet20, resnet32,
+                                          resnet44, resnet56, resnet110)
+from shiftjax.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34, resnet50
+
+MODELS = {f.__name__: f for f in (resnet8, resnet14, resnet20, resnet32, resnet44, resnet56,
+                                  resnet110, resnet18, resnet34, resnet50)}
+
+
+def get(name: str, **kwargs):
+  """Builds a model by name, e.g. ``get('resnet20', num_classes=10, quantizer=q)``."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+  return MODELS[name](**kwargs)

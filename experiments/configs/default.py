@@ -1,0 +1,52 @@
+"""Every training hyper-parameter, with the S3/DenseShift reference recipe's values.
+
+Other configs import this one and override a few fields. Any field can be overridden on
+the command line: ``--config.bits=2 --config.learning_rate=0.05``.
+
+    python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/run
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model = "resnet20"            # shiftjax.models.MODELS
+  c.width_multiplier = 1.0        # CIFAR ResNets only
+  c.full_precision_layers = ("stem", "head")  # glob patterns of layer paths kept float
+  # Quantizer: 'float', 'DenseShift', 'S3', 'DeepShiftQ', 'DeepShiftPS'.
+  c.quantizer = "DenseShift"
+  c.bits = 3
+  c.e0 = 0                        # exponent offset: weights are +-2**(e0 + p)
+  c.encoding = "chain"            # DenseShift: 'chain' (reference) or 'binary'
+  c.surrogate = "sqrt"            # DenseShift backward: 'sqrt' (reference) or 'exact'
+  c.init_method = ""              # '' = the method's default ('low_variance' / 'he')
+  c.rounding = "deterministic"    # DeepShift: or 'stochastic'
+  c.s3_regularizer = 1e-5         # alpha of S3's dense-weight regularizer (S3 only)
+  c.fast_grad = "auto"            # CPU-fast conv weight gradients: 'auto', 'on', 'off'
+  # Data.
+  c.dataset = "cifar10"
+  c.data_dir = ""                 # '' = the tfds default (~/tensorflow_datasets)
+  c.prepare_offline_data = False  # fashion_mnist: build it from Debian's package first
+  # Optimization (reference: SGD 0.9, lr 0.1, cosine, 200 epochs, batch 256, wd 1e-4).
+  c.optimizer = "sgd"             # 'sgd', 'radam' (DeepShift-PS), 'adam'
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 1e-4
+  c.weight_decay_on = "all"       # 'all' params (latents included, as the recipe), 'kernels', 'none'
+  c.lr_schedule = "cosine"        # or 'constant'
+  c.warmup_epochs = 0.0
+  c.num_epochs = 200.0
+  c.num_train_steps = -1          # > 0 overrides num_epochs
+  c.batch_size = 256
+  c.eval_batch_size = 500
+  c.seed = 0
+  # Bookkeeping.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.progress_bar = ml_collections.config_dict.placeholder(bool)  # None: on for a terminal
+  c.distributed = False           # call jax.distributed.initialize() (multi-host)
+  return c

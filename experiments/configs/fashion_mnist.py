@@ -1,0 +1,25 @@
+"""The main job: a 3-bit DenseShift ResNet on real Fashion-MNIST, on a CPU.
+
+    python -m experiments.train --config=experiments/configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
+
+Data comes from Debian's dataset-fashion-mnist package, prepared as the tfds
+``fashion_mnist`` dataset on first use. Budget: about 15 minutes on 2 CPU cores.
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.model = "resnet8"
+  c.dataset = "fashion_mnist"
+  c.prepare_offline_data = True
+  c.quantizer = "DenseShift"
+  c.bits = 3
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.learning_rate = 0.1
+  c.num_epochs = 3.0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  return c

@@ -1,0 +1,31 @@
+"""Trains a shift ResNet; all logic lives in ``shiftjax.train`` (intentionally short).
+
+    python -m experiments.train --config=experiments/configs/fashion_mnist.py --workdir=DIR
+
+Restarting with the same ``--workdir`` resumes from its last checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from shiftjax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print(train.format_summary(summary, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Flax layers whose weights are power-of-two: ``ShiftConv`` and ``ShiftDense``.
+
+A layer keeps its quantizer's latents as its ``'kernel'`` parameter (a dict of arrays)
+and computes with ``quantizer.weight(latents)``; with ``quantizer=None`` the kernel is an
+ordinary float array, so float and shift models share one definition.
+
+Which layers are quantized is a ``LayerPolicy``: a quantizer plus glob patterns of
+module paths (``'stem'``, ``'head'``, ``'stage3_*/*'``) that stay full precision. A
+layer with a policy resolves its quantizer from its own path when it is first called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shiftjax import conv as conv_lib
+from shiftjax import quantizers as qz
+
+Dtype = Any
+
+# The reference code keeps the stem conv and the classifier in full precision.
+DEFAULT_FULL_PRECISION = ("stem", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPolicy:
+  """Which layers get ``quantizer``: all but those whose path matches a pattern.
+
+  Paths are module names joined by ``/`` below the model (``'stage1_block0/conv1'``);
+  patterns are ``fnmatch`` globs matched against the whole path.
+  """
+  quantizer: qz.Quantizer | None = None
+  full_precision: tuple[str, ...] = DEFAULT_FULL_PRECISION
+
+  def __post_init__(self):
+    if isinstance(self.full_precision, str):
+      raise ValueError(
+          f"full_precision must be a tuple of patterns, got the string {self.full_precision!r}")
+
+  def quantizer_for(self, path: Sequence[str]) -> qz.Quantizer | None:
+    name = "/".join(path)
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.full_precision):
+      return None
+    return self.quantizer
+
+
+def he_fan_out_init() -> nn.initializers.Initializer:
+  """Kaiming normal, fan-out: the reference ResNets' conv init (float layers)."""
+  return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _QuantizedKernelMixin:
+  """Creates the ``'kernel'`` param (float or latents) and returns the float weight."""
+
+  def resolved_quantizer(self) -> qz.Quantizer | None:
+    if self.policy is not None:
+      return self.policy.quantizer_for(self.scope.path)
+    return self.quantizer
+
+  def kernel_weight(self, shape: tuple[int, ...]) -> jax.Array:
+    quantizer = self.resolved_quantizer()
+    if quantizer is None:
+      return self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    latents = self.param("kernel", lambda key, s: quantizer.init(key, s, self.param_dtype),
+                         shape)
+    return quantizer.weight(latents)
+
+
+class ShiftConv(_QuantizedKernelMixin, nn.Module):
+  """2-D convolution over NHWC input with an HWIO power-of-two kernel.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: (sh, sw).
+    padding: 'SAME', 'VALID' or explicit ((lo, hi), (lo, hi)).
+    quantizer: spec of the kernel, or None for a float kernel.
+    policy: if given, overrides ``quantizer`` by the layer's path.
+    fast_grad: CPU-fast kernel gradient (``shiftjax.conv``); None = on for CPU only.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = "SAME"
+  use_bias: bool = False
+  quantizer: qz.Quantizer | None = None
+  policy: LayerPolicy | None = None
+  fast_grad: bool | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = he_fan_out_init()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.kernel_weight(shape).astype(self.dtype)
+    y = conv_lib.conv2d(x.astype(self.dtype), kernel, tuple(self.strides), self.padding,
+                        fast_grad=self.fast_grad)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return y
+
+
+class ShiftDense(_QuantizedKernelMixin, nn.Module):
+  """Dense layer ``x @ W + b`` with an ``(in, out)`` power-of-two or float kernel."""
+  features: int
+  use_bias: bool = True
+  quantizer: qz.Quantizer | None = None
+  policy: LayerPolicy | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel_weight((x.shape[-1], self.features)).astype(self.dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return y
+
+
+def is_latent_kernel(kernel: Any) -> bool:
+  """Whether a ``'kernel'`` param holds quantizer latents (a dict) or float weights."""
+  return isinstance(kernel, dict) or hasattr(kernel, "keys")

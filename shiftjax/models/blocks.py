@@ -1,0 +1,87 @@
+"""Residual blocks shared by the CIFAR, ImageNet and speech ResNets.
+
+Blocks take their conv and norm as fields (``conv: ModuleDef``), as in flax's ImageNet
+example: that one seam is how shift convs enter every model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shiftjax import layers
+
+ModuleDef = Any
+
+
+def conv_and_norm(policy: layers.LayerPolicy, train: bool, *, fast_grad=None,
+                  dtype=jnp.float32) -> tuple[ModuleDef, ModuleDef]:
+  """Conv and BatchNorm constructors for a model (BN as in the reference PyTorch code)."""
+  conv = functools.partial(layers.ShiftConv, policy=policy, fast_grad=fast_grad, dtype=dtype)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype)
+  return conv, norm
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; a 1x1 conv shortcut (quantized too) when the shape changes."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: Sequence[int] = (1, 1)
+  act: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.filters, (3, 3), self.strides, name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    y = self.norm(name="bn2")(y)
+    residual = x
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="shortcut")(x)
+      residual = self.norm(name="shortcut_bn")(residual)
+    return self.act(y + residual)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50 v1.5)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: Sequence[int] = (1, 1)
+  act: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.filters, (1, 1), name="conv1")(x)
+    y = self.act(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), self.strides, name="conv2")(y)
+    y = self.act(self.norm(name="bn2")(y))
+    y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+    y = self.norm(name="bn3")(y)
+    residual = x
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="shortcut")(x)
+      residual = self.norm(name="shortcut_bn")(residual)
+    return self.act(y + residual)
+
+
+def residual_stages(x: jax.Array, block: ModuleDef, stage_sizes: Sequence[int],
+                    stage_widths: Sequence[int], conv: ModuleDef, norm: ModuleDef,
+                    first_stride: int = 1) -> jax.Array:
+  """Stacks the stages; the first block of every stage but the first halves the size.
+
+  Must be called inside a compact ``__call__``: blocks are named ``stage{i}_block{j}``
+  under the calling module.
+  """
+  for i, (num_blocks, width) in enumerate(zip(stage_sizes, stage_widths)):
+    for j in range(num_blocks):
+      stride = (first_stride if i == 0 else 2) if j == 0 else 1
+      x = block(width, conv=conv, norm=norm, strides=(stride, stride),
+                name=f"stage{i + 1}_block{j}")(x)
+  return x

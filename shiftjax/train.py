@@ -1,0 +1,497 @@
+"""Training and evaluation of shift ResNets: small pure functions and one loop.
+
+``train_and_evaluate(config, workdir)`` is everything a launcher or notebook calls:
+it validates the config before compiling anything, resumes from the last orbax
+checkpoint in ``workdir`` (data order included: batches are a function of the step),
+shards each batch over all devices of all hosts, logs metrics (JSON lines, TensorBoard,
+a progress display), evaluates on the full test split and writes ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from shiftjax import codes as codes_lib
+from shiftjax import data as data_lib
+from shiftjax import layers
+from shiftjax import metrics as metrics_lib
+from shiftjax import models
+from shiftjax import quantizers as qz
+
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+OPTIMIZERS = ("sgd", "radam", "adam")
+SCHEDULES = ("cosine", "constant")
+FAST_GRAD = {"auto": None, "on": True, "off": False}
+WEIGHT_DECAY_ON = ("all", "kernels", "none")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the bad field before any data is read or code compiled."""
+  if config.model not in models.MODELS:
+    raise ValueError(f"config.model: unknown model {config.model!r}; "
+                     f"allowed: {sorted(models.MODELS)}")
+  data_lib.get_spec(config.dataset)
+  create_quantizer(config)
+  for field, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
+                         ("fast_grad", tuple(FAST_GRAD)),
+                         ("weight_decay_on", WEIGHT_DECAY_ON)):
+    if config[field] not in allowed:
+      raise ValueError(f"config.{field} must be one of {allowed}, got {config[field]!r}")
+  for field in ("batch_size", "eval_batch_size", "log_every_steps",
+                "checkpoint_every_steps"):
+    if not isinstance(config[field], int) or config[field] <= 0:
+      raise ValueError(f"config.{field} must be a positive integer, got {config[field]!r}")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0, got "
+                     f"{config.num_epochs} and {config.num_train_steps}")
+  if config.learning_rate <= 0:
+    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}")
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % devices:
+      raise ValueError(f"config.{field}={config[field]} is not divisible by the "
+                       f"{devices} devices of this run")
+
+
+def create_quantizer(config) -> qz.Quantizer | None:
+  """The spec named by ``config.quantizer`` with the options that spec has."""
+  options = {"bits": config.bits, "e0": config.e0, "encoding": config.encoding,
+             "surrogate": config.surrogate, "init_method": config.init_method,
+             "rounding": config.rounding}
+  name = config.quantizer
+  if name.lower() in ("float", "none", ""):
+    return None
+  cls = {k.lower(): v for k, v in qz.QUANTIZERS.items()}.get(name.lower())
+  if cls is None:
+    raise ValueError(f"config.quantizer: unknown quantizer {name!r}; "
+                     f"allowed: {['float'] + list(qz.QUANTIZERS)}")
+  fields = {f.name for f in dataclasses.fields(cls)}
+  # Empty strings mean "the spec's default" (init defaults differ between methods).
+  kwargs = {k: v for k, v in options.items() if k in fields and v != ""}
+  return cls(**kwargs)
+
+
+def create_model(config, num_classes: int) -> nn.Module:
+  kwargs = dict(num_classes=num_classes, quantizer=create_quantizer(config),
+                full_precision=tuple(config.full_precision_layers),
+                fast_grad=FAST_GRAD[config.fast_grad])
+  if config.model in ("resnet18", "resnet34", "resnet50"):
+    return models.get(config.model, **kwargs)
+  return models.get(config.model, width_multiplier=config.width_multiplier, **kwargs)
+
+
+# ------------------------------------------------------------------------- state, optim
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 then cosine decay to 0 (or constant) over the run."""
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.lr_schedule == "constant":
+    main = optax.constant_schedule(config.learning_rate)
+  else:
+    main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup, 1))
+  if warmup == 0:
+    return main
+  ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def weight_decay_mask(params, which: str):
+  """True for parameters that get weight decay (the recipe: all, latents included)."""
+  def decide(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return which == "all" or (which == "kernels" and "kernel" in names)
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer."""
+  if config.optimizer == "sgd":
+    opt = optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov)
+  elif config.optimizer == "radam":
+    opt = optax.radam(lr_fn)
+  else:
+    opt = optax.adam(lr_fn)
+  if config.weight_decay and config.weight_decay_on != "none":
+    decay = optax.add_decayed_weights(
+        config.weight_decay, mask=functools.partial(weight_decay_mask,
+                                                    which=config.weight_decay_on))
+    return optax.chain(decay, opt)
+  return opt
+
+
+def initialized(key, model: nn.Module, image_shape) -> tuple[Any, Any]:
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": key}, jnp.zeros((1, *image_shape), jnp.float32))
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
+  params, batch_stats = initialized(key, model, image_shape)
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=create_optimizer(config, lr_fn), batch_stats=batch_stats)
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def cross_entropy_loss(logits, labels, mask=None):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if mask is None:
+    return jnp.mean(losses)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def train_step(state: TrainState, batch, *, dataset: str, s3_alpha: float,
+               rounding_key) -> tuple[TrainState, dict]:
+  """One SGD step; returns the new state and summed metrics of the batch."""
+  images = data_lib.normalize(batch["image"], dataset)
+  labels = batch["label"]
+  rngs = {"rounding": jax.random.fold_in(rounding_key, state.step)}
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs=rngs)
+    loss = cross_entropy_loss(logits, labels)
+    if s3_alpha:
+      loss = loss + s3_alpha * qz.s3_regularizer(params)
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  n = labels.shape[0]
+  metrics = {"loss_sum": loss * n,
+             "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+             "count": jnp.asarray(n, jnp.float32)}
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch, *, dataset: str) -> dict:
+  images = data_lib.normalize(batch["image"], dataset)
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          images, train=False)
+  mask = batch["mask"].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return {"loss_sum": jnp.sum(losses * mask),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+          "count": jnp.sum(mask)}
+
+
+# ---------------------------------------------------------------- quantized-code tracking
+
+
+def quantized_kernels(params) -> dict[str, Any]:
+  """``{'stage1_block0/conv1': latents, ...}`` for every layer holding latents."""
+  found = {}
+  def visit(tree, path):
+    for name, value in tree.items():
+      if name == "kernel" and layers.is_latent_kernel(value):
+        found["/".join(path)] = value
+      elif hasattr(value, "items"):
+        visit(value, path + (name,))
+  visit(params, ())
+  return found
+
+
+def all_codes(params, quantizer: qz.Quantizer) -> dict[str, jax.Array]:
+  return {k: quantizer.codes(v) for k, v in quantized_kernels(params).items()}
+
+
+def code_changes(old: dict, new: dict, fmt: codes_lib.CodeFormat) -> dict[str, jax.Array]:
+  """Fractions of quantized weights whose sign bit / exponent index changed."""
+  signs = exps = total = 0
+  for key in new:
+    old_sign, old_index = codes_lib.split(old[key], fmt)
+    new_sign, new_index = codes_lib.split(new[key], fmt)
+    signs += jnp.sum(old_sign != new_sign)
+    exps += jnp.sum(old_index != new_index)
+    total += new[key].size
+  return {"sign_change_fraction": signs / max(total, 1),
+          "exponent_change_fraction": exps / max(total, 1)}
+
+
+# -------------------------------------------------------------------- devices, sharding
+
+
+def create_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """This host's slice of the global batch -> arrays sharded over the 'data' axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options)
+
+
+def checkpointed(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The state of the latest checkpoint (same shardings as ``state``), or ``state``."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  logging.info("Resuming from checkpoint at step %d", step)
+  return state.replace(**restored)
+
+
+def restore_for_eval(workdir: str, config, state: TrainState, step: int | None = None):
+  manager = checkpoint_manager(workdir, config)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  manager.close()
+  return state.replace(**restored)
+
+
+# ------------------------------------------------------------------------- weight sizes
+
+
+def weight_bytes(params, batch_stats, quantizer: qz.Quantizer | None) -> dict[str, int]:
+  """Bytes of the inference weights: all float32, and with N-bit packed shift kernels.
+
+  Packed shift kernels are stored as uint32 words of floor(32/N) codes along the
+  contraction dimension (``codes.pack``); everything else stays float32.
+  """
+  latent = quantized_kernels(params)
+  latent_leaves = {id(leaf) for tree in latent.values() for leaf in jax.tree.leaves(tree)}
+  float_elems = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, batch_stats))
+                    if id(x) not in latent_leaves)
+  quant_elems = packed = 0
+  for tree in latent.values():
+    shape = next(iter(tree.values())).shape[-4:] if "sign" in tree else None
+    shape = tree["sign"].shape if "sign" in tree else next(iter(tree.values())).shape
+    contraction, out = int(np.prod(shape[:-1])), shape[-1]
+    quant_elems += contraction * out
+    per_word = 32 // quantizer.bits
+    packed += 4 * math.ceil(contraction / per_word) * out
+  return {"float32_weight_bytes": 4 * (float_elems + quant_elems),
+          "packed_weight_bytes": 4 * float_elems + packed,
+          "quantized_weights": quant_elems, "float_weights": float_elems}
+
+
+# --------------------------------------------------------------------------------- loop
+
+
+def evaluate(state, eval_ds, mesh, p_eval_step) -> dict[str, float]:
+  totals = None
+  for batch in eval_ds.iterator():
+    m = p_eval_step(state, shard_batch(batch, mesh))
+    totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+  totals = jax.device_get(totals)
+  return {"test_loss": float(totals["loss_sum"] / totals["count"]),
+          "test_accuracy": float(totals["correct"] / totals["count"]),
+          "test_examples": int(totals["count"])}
+
+
+def _train_scalars(window: list[dict]) -> dict[str, float]:
+  totals = jax.device_get(functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), window))
+  return {"train_loss": float(totals["loss_sum"] / totals["count"]),
+          "train_accuracy": float(totals["correct"] / totals["count"])}
+
+
+def total_train_steps(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_steps: int | None = None) -> dict:
+  """Trains (resuming from ``workdir``), evaluates on the full test split, summarizes.
+
+  Args:
+    config: see ``experiments/configs/default.py`` for every field.
+    workdir: checkpoints, metrics, curves and ``summary.json`` go here.
+    stop_after_steps: stop (with a checkpoint) after this many steps of this call, as
+      if interrupted; for tests of resumption.
+  Returns:
+    the summary dict (also written to ``workdir/summary.json``).
+  """
+  start_time = time.time()
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  validate_config(config)
+  spec = data_lib.get_spec(config.dataset)
+  data_dir = config.data_dir or None
+  if config.dataset == "fashion_mnist" and config.prepare_offline_data:
+    data_lib.prepare_fashion_mnist(data_dir)
+  train_ds = data_lib.make_dataset(config.dataset, batch_size=config.batch_size, train=True,
+                                   seed=config.seed, data_dir=data_dir)
+  eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
+                                  train=False, data_dir=data_dir)
+  steps_per_epoch = train_ds.steps_per_epoch
+  total_steps = total_train_steps(config, steps_per_epoch)
+  quantizer = create_quantizer(config)
+  model = create_model(config, spec.num_classes)
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
+
+  mesh = create_mesh()
+  key = jax.random.key(config.seed)
+  state = replicate(create_train_state(key, config, model, spec.image_shape, lr_fn), mesh)
+  manager = checkpoint_manager(workdir, config)
+  state = restore_latest(manager, state)
+  start_step = int(state.step)
+
+  s3_alpha = config.s3_regularizer if isinstance(quantizer, qz.S3) else 0.0
+  p_train_step = jax.jit(functools.partial(
+      train_step, dataset=config.dataset, s3_alpha=s3_alpha,
+      rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, dataset=config.dataset))
+  p_codes = jax.jit(functools.partial(all_codes, quantizer=quantizer)) if quantizer else None
+  p_changes = (jax.jit(functools.partial(code_changes, fmt=quantizer.code_format))
+               if quantizer else None)
+
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  end_step = total_steps if stop_after_steps is None else min(
+      total_steps, start_step + stop_after_steps)
+  progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
+  logging.info("Training %s (%s) on %s: %d steps (%d/epoch), %d devices, from step %d",
+               config.model, quantizer or "float", config.dataset, total_steps,
+               steps_per_epoch, jax.device_count(), start_step)
+
+  prev_codes = p_codes(state.params) if quantizer else None
+  window: list[dict] = []
+  window_start = time.time()
+  batches = train_ds.iterator(start_step)
+  try:
+    for step in range(start_step + 1, end_step + 1):
+      state, m = p_train_step(state, shard_batch(next(batches), mesh))
+      window.append(m)
+      is_last = step == end_step
+      if step % config.log_every_steps == 0 or is_last or step % config.checkpoint_every_steps == 0:
+        scalars = _train_scalars(window)
+        if not math.isfinite(scalars["train_loss"]):
+          raise NonFiniteLossError(
+              f"training loss is {scalars['train_loss']} between steps {step - len(window) + 1} "
+              f"and {step}; stopped without saving (the last good checkpoint, step "
+              f"{manager.latest_step()}, is kept in {workdir}). Try a lower learning rate.")
+        scalars["learning_rate"] = float(lr_fn(step - 1))
+        scalars["epoch"] = step / steps_per_epoch
+        scalars["steps_per_second"] = len(window) / (time.time() - window_start)
+        if quantizer:
+          codes_now = p_codes(state.params)
+          scalars.update({k: float(v) for k, v in p_changes(prev_codes, codes_now).items()})
+          prev_codes = codes_now
+        writer.write(step, scalars)
+        progress.update(step, scalars)
+        window, window_start = [], time.time()
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        manager.save(step, args=ocp.args.StandardSave(checkpointed(state)))
+  finally:
+    manager.wait_until_finished()
+    progress.close()
+    if hasattr(batches, "close"):
+      batches.close()
+
+  summary: dict[str, Any] = {"steps": int(state.step), "total_steps": total_steps}
+  if int(state.step) >= total_steps:
+    results = evaluate(state, eval_ds, mesh, p_eval_step)
+    writer.write(int(state.step), {k: v for k, v in results.items() if k != "test_examples"})
+    summary.update(results)
+    summary.update(weight_bytes(state.params, state.batch_stats, quantizer))
+    summary.update({"model": config.model, "dataset": config.dataset,
+                    "quantizer": repr(quantizer) if quantizer else "float"})
+  writer.close()
+  manager.close()
+  summary["wall_seconds"] = time.time() - start_time
+  if jax.process_index() == 0:
+    metrics_lib.plot_curves(workdir)
+    if "test_accuracy" in summary:
+      write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+  return summary
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Restores a checkpoint of ``workdir`` and evaluates it on the full test split."""
+  validate_config(config)
+  spec = data_lib.get_spec(config.dataset)
+  eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
+                                  train=False, data_dir=config.data_dir or None)
+  model = create_model(config, spec.num_classes)
+  mesh = create_mesh()
+  lr_fn = create_learning_rate_fn(config, 1, 1)
+  state = replicate(create_train_state(jax.random.key(config.seed), config, model,
+                                       spec.image_shape, lr_fn), mesh)
+  state = restore_for_eval(workdir, config, state, step)
+  results = evaluate(state, eval_ds, mesh, jax.jit(functools.partial(
+      eval_step, dataset=config.dataset)))
+  results["step"] = int(state.step)
+  return results
+
+
+def format_summary(summary: dict, workdir: str) -> str:
+  """A human-readable end-of-run report."""
+  if "test_accuracy" not in summary:
+    return (f"Stopped at step {summary['steps']}/{summary['total_steps']} "
+            f"after {summary['wall_seconds']:.0f} s; rerun with --workdir={workdir} to resume.")
+  lines = [
+      f"model            {summary['model']} ({summary['quantizer']}) on {summary['dataset']}",
+      f"test accuracy    {summary['test_accuracy']:.4f} "
+      f"({summary['test_examples']} test examples)",
+      f"steps            {summary['steps']}",
+      f"wall time        {summary['wall_seconds']:.0f} s",
+      f"weights float32  {summary['float32_weight_bytes'] / 1024:.1f} KiB",
+      f"weights packed   {summary['packed_weight_bytes'] / 1024:.1f} KiB "
+      f"({summary['float32_weight_bytes'] / summary['packed_weight_bytes']:.1f}x smaller)",
+      f"written to       {os.path.join(workdir, SUMMARY_FILE)}",
+  ]
+  return "\n".join(lines)
