@@ -1,0 +1,508 @@
+"""Matmul by packed zero-free power-of-two weights: ``y = x @ decode(packed) * scale + bias``.
+
+Weight format (see ``shiftjax.codes``): ``W[K, N]`` holds N-bit codes
+``sign << (bits - 1) | index`` standing for ``(-1)**sign * 2**(e0 + index)``; every one
+of the ``2**bits`` codes is a value (DenseShift), ``bits`` in 2..5. ``W`` is packed along
+the contraction axis: ``P = 32 // bits`` consecutive k's per uint32 word, code ``j`` of a
+word in bits ``[j * bits, (j + 1) * bits)``, so ``packed`` is ``uint32[ceil(K / P), N]``
+with the last word zero-padded.
+
+Backends:
+  * ``'xla'``: unpack + decode (bit assembly) + ``lax.dot``. The CPU path, and the
+    reference the Pallas kernels are tested against.
+  * ``'pallas'``: the Pallas kernel compiled for ``platform`` (``'gpu'``: Triton,
+    ``'tpu'``: Mosaic), default the platform of ``jax.default_backend()``.
+  * ``'pallas_interpret'``: the same kernel run by the Pallas interpreter (any machine).
+  * ``None``: ``'pallas'`` on GPU/TPU (or when ``platform`` is given), ``'xla'`` on CPU.
+
+The kernels decode codes where they use them, from the packed words in registers/VMEM: a
+shift and a mask pick code ``j`` of every word, the float's bits are assembled as
+``sign << 31 | (127 + e0 + index) << 23`` and bitcast (no table, no multiply), and ``P``
+dots of ``x[:, k = w * P + j] @ W_j`` are summed into a float32 accumulator. To give each
+of those dots a contiguous operand, ``x`` is re-laid out once per call to
+``x_t[j, m, w] = x[m, w * P + j]`` (an activation-sized XLA transpose, cheap next to the
+weights for the small-M inference shapes the kernel is for).
+
+Two grids, because GPU and TPU Pallas differ in how a reduction over K may be written:
+  * TPU (Mosaic): grid ``(M/bm, N/bn, K/bk)``, the K axis ``"arbitrary"``; a float32 VMEM
+    accumulator zeroed at ``k == 0`` and the scale/bias epilogue at the last k step.
+  * GPU (Triton): every Pallas grid axis runs in parallel on GPU (no ordered revisits of an
+    output block, no scratch memory), so the grid is ``(M/bm, N/bn)`` and each program
+    loops over K with ``lax.fori_loop``, the accumulator in registers. Triton is selected
+    explicitly with ``jax.experimental.pallas.triton.CompilerParams``: the default GPU
+    lowering of jax 0.10 is Mosaic GPU, which cannot lower this dot.
+
+Output: always float32 ``[..., N]`` (float32 accumulation and float32 scale/bias; cast it
+yourself if the next layer wants bfloat16).
+
+Padding: shapes that are not multiples of the blocks are zero-padded (x along M and K,
+words along K and N, scale/bias along N) and the output sliced. A padded k row holds code 0
+(``+2**e0``, finite) against x == 0 and so adds exactly 0. Padding the words copies the
+weights on every call: pick N and K (or export pre-padded weights) so that the blocks
+divide them; the defaults prefer blocks that divide the shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+import numpy as np
+
+from shiftjax import codes as codes_lib
+
+SUPPORTED_BITS = (2, 3, 4, 5)
+BACKENDS = (None, "xla", "pallas", "pallas_interpret")
+PLATFORMS = ("gpu", "tpu")
+X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+_F32_MANTISSA_BITS = 23
+_F32_EXPONENT_BIAS = 127
+
+
+def codes_per_word(bits: int) -> int:
+  """Codes packed in one uint32 word: ``32 // bits``."""
+  return 32 // bits
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks (plain Python, before anything is traced).
+
+
+def check_format(bits, e0) -> codes_lib.CodeFormat:
+  """Checks ``bits`` and ``e0`` of a zero-free format this kernel supports."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
+      bits not in SUPPORTED_BITS):
+    raise ValueError(
+        f"pow2_matmul supports zero-free codes of 2..5 bits, got bits={bits!r}")
+  if isinstance(e0, bool) or not isinstance(e0, (int, np.integer)):
+    raise ValueError(f"e0 must be a Python integer exponent offset, got {e0!r}")
+  top = int(e0) + (1 << (bits - 1)) - 1
+  # bfloat16 shares float32's exponent range, so one check covers both.
+  if int(e0) < 1 - _F32_EXPONENT_BIAS or top > _F32_EXPONENT_BIAS:
+    raise ValueError(
+        f"e0={e0} with {bits}-bit codes spans exponents {e0}..{top}, which are not all "
+        f"normal float32/bfloat16 exponents ({1 - _F32_EXPONENT_BIAS}.."
+        f"{_F32_EXPONENT_BIAS})")
+  return codes_lib.CodeFormat(bits=int(bits), e0=int(e0))
+
+
+def resolve_backend(backend, platform) -> tuple[str, str | None]:
+  """(``'xla'`` | ``'pallas'`` | ``'pallas_interpret'``, ``'gpu'`` | ``'tpu'`` | None)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if platform is not None:
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    if platform not in PLATFORMS:
+      raise ValueError(
+          f"platform must be 'gpu' (or 'cuda') or 'tpu', got {platform!r}")
+  default = jax.default_backend()
+  default = {"cuda": "gpu", "rocm": "gpu"}.get(default, default)
+  if backend is None:
+    if platform is not None:
+      backend = "pallas"
+    else:
+      backend = "pallas" if default in PLATFORMS else "xla"
+  if backend == "xla":
+    return backend, None
+  if platform is None:
+    if backend == "pallas_interpret":
+      platform = "tpu"  # the kernel with the K grid axis; both run in interpret mode
+    elif default in PLATFORMS:
+      platform = default
+    else:
+      raise ValueError(
+          f"backend='pallas' compiles for a GPU or TPU but the default backend is "
+          f"{jax.default_backend()!r}: pass platform='gpu' or 'tpu' (to lower or "
+          f"export for it), or use backend='pallas_interpret' or 'xla' on this machine")
+  return backend, platform
+
+
+def _check_operands(x, packed, bits, scale, bias, k) -> tuple[int, int]:
+  """Returns (K, N) after checking shapes and dtypes."""
+  x_dtype = jnp.dtype(x.dtype)
+  if x_dtype not in X_DTYPES:
+    raise ValueError(f"x must be float32 or bfloat16, got {x_dtype}")
+  if x.ndim < 1:
+    raise ValueError("x must have a contraction axis: shape [..., K], got a scalar")
+  if packed.ndim != 2:
+    raise ValueError(
+        f"packed weights must be uint32[ceil(K / {codes_per_word(bits)}), N], got shape "
+        f"{tuple(packed.shape)}")
+  if jnp.dtype(packed.dtype) != jnp.uint32:
+    raise ValueError(f"packed weights must be uint32 words, got {packed.dtype}")
+  kx = x.shape[-1]
+  if k is None:
+    k = kx
+  elif k != kx:
+    raise ValueError(f"k={k} but x has {kx} columns (shape {tuple(x.shape)})")
+  p = codes_per_word(bits)
+  words, n = packed.shape
+  if words != -(-k // p):
+    raise ValueError(
+        f"x has K={k}, which packs {bits}-bit codes into ceil({k}/{p})={-(-k // p)} "
+        f"words, but packed has {words} words (shape {tuple(packed.shape)})")
+  for name, v in (("scale", scale), ("bias", bias)):
+    if v is not None and tuple(v.shape) != (n,):
+      raise ValueError(f"{name} must have shape ({n},) (one per output channel), got "
+                       f"{tuple(v.shape)}")
+  return k, n
+
+
+# ----------------------------------------------------------------------------------------
+# Decoding by bit assembly (shared by the kernels and the XLA path).
+
+
+def decode_slot(words: jax.Array, j: int, bits: int, e0: int, dtype) -> jax.Array:
+  """Decodes code ``j`` of every uint32 word into ``dtype`` (float32 or bfloat16).
+
+  ``sign << 31 | (127 + e0 + index) << 23`` is the float32 pattern of
+  ``(-1)**sign * 2**(e0 + index)``; float32 -> bfloat16 of a power of two is exact.
+  """
+  code = (words >> jnp.uint32(j * bits)) & jnp.uint32((1 << bits) - 1)
+  sign = code >> jnp.uint32(bits - 1)
+  index = code & jnp.uint32((1 << (bits - 1)) - 1)
+  pattern = (sign << jnp.uint32(31)) | (
+      (index + jnp.uint32(_F32_EXPONENT_BIAS + e0)) << jnp.uint32(_F32_MANTISSA_BITS))
+  value = lax.bitcast_convert_type(pattern, jnp.float32)
+  return value if jnp.dtype(dtype) == jnp.float32 else value.astype(dtype)
+
+
+def unpack_codes(packed: jax.Array, bits: int, k: int) -> jax.Array:
+  """uint32[ceil(K/P), N] words -> uint32[K, N] codes (code j of word w is row w*P + j)."""
+  p = codes_per_word(bits)
+  shifts = jnp.arange(p, dtype=jnp.uint32) * jnp.uint32(bits)
+  codes = (packed[:, None, :] >> shifts[None, :, None]) & jnp.uint32((1 << bits) - 1)
+  return codes.reshape(-1, packed.shape[1])[:k]
+
+
+def _dot_precision(dtype):
+  # float32 x gets a true float32 product on every platform (TPU's default is bf16
+  # passes, Triton's would be TF32); bfloat16 x is exact in one pass.
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# ----------------------------------------------------------------------------------------
+# XLA path.
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "e0", "k"))
+def _xla_matmul(x2, packed, scale, bias, *, bits, e0, k):
+  fmt = codes_lib.CodeFormat(bits=bits, e0=e0)
+  w = codes_lib.decode(unpack_codes(packed, bits, k), fmt, x2.dtype)
+  y = jnp.dot(x2, w, precision=_dot_precision(x2.dtype),
+              preferred_element_type=jnp.float32)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+# ----------------------------------------------------------------------------------------
+# Block sizes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Kernel tile: ``m`` rows of x, ``n`` output channels, ``k_words`` packed word rows
+  (``k_words * codes_per_word(bits)`` contraction steps) per grid step / loop step."""
+  m: int
+  n: int
+  k_words: int
+
+
+def _round_up(a: int, b: int) -> int:
+  return -(-a // b) * b
+
+
+def _largest_dividing(dim: int, candidates: Sequence[int]) -> int | None:
+  for c in candidates:
+    if dim % c == 0:
+      return c
+  return None
+
+
+def _pow2_at_least(v: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(v, 1))))
+
+
+def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str) -> Blocks:
+  """Default tiles for an [m, k] @ [k, n] product (see the module docstring)."""
+  words = -(-k // codes_per_word(bits))
+  if platform == "gpu":
+    # Triton: power-of-two tiles, >= 16 per dot dimension. Small M is a weight stream:
+    # narrow N tiles give more programs (>= 128 for N >= 4096, about one per H100 SM).
+    # Each loop step loads a [bk_words, bn] word tile and P x tiles [bm, bk_words] (the
+    # dot operands Triton stages in shared memory, num_stages deep): keep those P tiles
+    # within 32 KiB per stage.
+    bm = min(64, max(16, _pow2_at_least(m)))
+    bn_target = 32 if m <= 16 else 64 if m <= 64 else 128
+    bn = _largest_dividing(n, [c for c in (128, 64, 32, 16) if c <= bn_target]) or (
+        bn_target)
+    x_row_bytes = codes_per_word(bits) * bm * jnp.dtype(x_dtype).itemsize
+    fits = [c for c in (64, 32, 16) if c * x_row_bytes <= 32 << 10] or [16]
+    bkw = _largest_dividing(words, fits) or fits[0]
+    return Blocks(bm, bn, bkw)
+  # TPU (Mosaic): the last two dims of every block are multiples of (8, 128) or the
+  # whole array dim. Whole dims when small (no padding, no weight copy); otherwise
+  # lane-aligned tiles that divide the shape when possible.
+  bm = m if m <= 256 else 256
+  bn = n if n <= 512 else (_largest_dividing(n, (512, 256, 128)) or 256)
+  # The x block holds P * bm * bk_words elements and the word block bk_words * bn words;
+  # keep each within 2 MiB (both are double buffered, next to the accumulator and output
+  # tiles) so that the default 16 MiB scoped VMEM of v4/v5 holds everything. All of K in
+  # one block when it fits (5-bit K = 4096 is 683 words: no aligned tile divides it).
+  x_row_bytes = codes_per_word(bits) * bm * jnp.dtype(x_dtype).itemsize
+  budget = 2 << 20
+  if words * max(x_row_bytes, 4 * bn) <= budget:
+    bkw = words
+  else:
+    fit = budget // max(x_row_bytes, 4 * bn)
+    bkw = _largest_dividing(words, [c for c in (512, 256, 128) if c <= fit]) or 128
+  return Blocks(bm, bn, bkw)
+
+
+def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_n,
+                    block_k) -> Blocks:
+  p = codes_per_word(bits)
+  d = default_blocks(m, n, k, bits, x_dtype, platform)
+  for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                          or v <= 0):
+      raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  if block_k is not None and block_k % p:
+    raise ValueError(
+        f"block_k={block_k} must be a multiple of the {p} codes per uint32 word of "
+        f"{bits}-bit codes (so that no word straddles two blocks)")
+  b = Blocks(int(block_m) if block_m else d.m, int(block_n) if block_n else d.n,
+             int(block_k) // p if block_k else d.k_words)
+  if interpret:
+    return b  # the interpreter takes any tile; small tiles keep CPU tests small
+  words = -(-k // p)
+  if platform == "gpu":
+    for name, v, lo in (("block_m", b.m, 16), ("block_n", b.n, 16),
+                        ("block_k / codes_per_word", b.k_words, 16)):
+      if v < lo or v & (v - 1):
+        raise ValueError(
+            f"on GPU (Triton) {name} must be a power of two >= {lo}, got {v}")
+  else:
+    for name, v, dim, align in (("block_m", b.m, m, 8), ("block_n", b.n, n, 128),
+                                ("block_k / codes_per_word", b.k_words, words, 128)):
+      if v < dim and v % align:
+        raise ValueError(
+            f"on TPU {name}={v} must be a multiple of {align} (TPU blocks are multiples "
+            f"of (8, 128)) or cover the whole dimension ({dim})")
+  return b
+
+
+# ----------------------------------------------------------------------------------------
+# Pallas kernels.
+
+
+def _split_refs(refs, has_scale, has_bias, n_out_scratch):
+  x_ref, w_ref = refs[:2]
+  i = 2
+  s_ref = b_ref = None
+  if has_scale:
+    s_ref, i = refs[i], i + 1
+  if has_bias:
+    b_ref, i = refs[i], i + 1
+  return x_ref, w_ref, s_ref, b_ref, refs[i:i + n_out_scratch]
+
+
+def _apply_epilogue(acc, s_ref, b_ref):
+  if s_ref is not None:
+    acc = acc * s_ref[...]
+  if b_ref is not None:
+    acc = acc + b_ref[...]
+  return acc
+
+
+def _tpu_kernel(*refs, bits, e0, has_scale, has_bias):
+  """Grid (i, j, k): x_ref [P, bm, bkw], w_ref [bkw, bn] uint32, o_ref [bm, bn] f32,
+  acc_ref [bm, bn] f32 VMEM scratch."""
+  x_ref, w_ref, s_ref, b_ref, (o_ref, acc_ref) = _split_refs(
+      refs, has_scale, has_bias, 2)
+  k = pl.program_id(2)
+
+  @pl.when(k == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  words = w_ref[...]
+  acc = acc_ref[...]
+  for j in range(codes_per_word(bits)):
+    w_j = decode_slot(words, j, bits, e0, x_ref.dtype)
+    acc += jnp.dot(x_ref[j], w_j, precision=_dot_precision(x_ref.dtype),
+                   preferred_element_type=jnp.float32)
+  acc_ref[...] = acc
+
+  @pl.when(k == pl.num_programs(2) - 1)
+  def _():
+    o_ref[...] = _apply_epilogue(acc_ref[...], s_ref, b_ref).astype(o_ref.dtype)
+
+
+def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k):
+  """Grid (i, j): x_ref [P, bm, Kw], w_ref [Kw, bn] uint32, o_ref [bm, bn] f32; the
+  program walks K in steps of ``k_words`` words with the accumulator in registers."""
+  x_ref, w_ref, s_ref, b_ref, (o_ref,) = _split_refs(refs, has_scale, has_bias, 1)
+  bm, bn = o_ref.shape
+
+  def body(step, acc):
+    start = pl.multiple_of(step * k_words, k_words)
+    words = w_ref[pl.ds(start, k_words), :]
+    for j in range(codes_per_word(bits)):
+      w_j = decode_slot(words, j, bits, e0, x_ref.dtype)
+      x_j = x_ref[j, :, pl.ds(start, k_words)]
+      acc += jnp.dot(x_j, w_j, precision=_dot_precision(x_ref.dtype),
+                     preferred_element_type=jnp.float32)
+    return acc
+
+  acc = lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
+  o_ref[...] = _apply_epilogue(acc, s_ref, b_ref).astype(o_ref.dtype)
+
+
+def _pad_to(a, shape):
+  if tuple(a.shape) == tuple(shape):
+    return a
+  return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "e0", "k", "platform", "interpret", "blocks", "num_warps", "num_stages"))
+def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret, blocks,
+                   num_warps, num_stages):
+  m = x2.shape[0]
+  n = packed.shape[1]
+  p = codes_per_word(bits)
+  words = packed.shape[0]
+  if platform == "gpu":  # Triton tiles are powers of two: always pad to whole tiles
+    bm, bn, bkw = blocks.m, blocks.n, blocks.k_words
+  else:  # a tile at least as large as the dim means "the whole dim", unpadded
+    bm = min(blocks.m, m)
+    bn = min(blocks.n, n)
+    bkw = min(blocks.k_words, words)
+  mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw)
+
+  # x_t[j, m, w] = x[m, w * P + j]: zero rows/columns for the padding.
+  x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, p).transpose(2, 0, 1)
+  w = _pad_to(packed, (wp, np_))
+  operands = [x_t, w]
+  has_scale, has_bias = scale is not None, bias is not None
+  for v, fill in ((scale, 1.0), (bias, 0.0)):
+    if v is not None:
+      v = v.astype(jnp.float32).reshape(1, n)
+      if np_ != n:
+        v = jnp.pad(v, ((0, 0), (0, np_ - n)), constant_values=fill)
+      operands.append(v)
+
+  cost = pl.CostEstimate(
+      flops=2 * mp * np_ * wp * p, transcendentals=0,
+      bytes_accessed=int(x_t.size * x_t.dtype.itemsize * (np_ // bn)
+                         + w.size * 4 * (mp // bm) + mp * np_ * 4))
+  out_shape = jax.ShapeDtypeStruct((mp, np_), jnp.float32)
+
+  if platform == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    grid = (mp // bm, np_ // bn, wp // bkw)
+    in_specs = [pl.BlockSpec((p, bm, bkw), lambda i, j, kk: (0, i, kk)),
+                pl.BlockSpec((bkw, bn), lambda i, j, kk: (kk, j))]
+    in_specs += [pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))] * (has_scale + has_bias)
+    call = pl.pallas_call(
+        functools.partial(_tpu_kernel, bits=bits, e0=e0, has_scale=has_scale,
+                          has_bias=has_bias),
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+        name=f"pow2_matmul_{bits}bit",
+    )
+  else:
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    grid = (mp // bm, np_ // bn)
+    in_specs = [pl.BlockSpec((p, bm, wp), lambda i, j: (0, i, 0)),
+                pl.BlockSpec((wp, bn), lambda i, j: (0, j))]
+    in_specs += [pl.BlockSpec((1, bn), lambda i, j: (0, j))] * (has_scale + has_bias)
+    call = pl.pallas_call(
+        functools.partial(_gpu_kernel, bits=bits, e0=e0, has_scale=has_scale,
+                          has_bias=has_bias, k_words=bkw, num_k=wp // bkw),
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        # Selects the Triton lowering (jax 0.10 defaults to Mosaic GPU).
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps,
+                                                num_stages=num_stages),
+        cost_estimate=cost,
+        interpret=interpret,
+        name=f"pow2_matmul_{bits}bit",
+    )
+  y = call(*operands)
+  return y[:m, :n] if (mp, np_) != (m, n) else y
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
+                k: int | None = None, backend: str | None = None,
+                platform: str | None = None, block_m: int | None = None,
+                block_n: int | None = None, block_k: int | None = None,
+                num_warps: int | None = None, num_stages: int | None = None):
+  """``x @ decode(packed) * scale + bias`` with packed zero-free power-of-two weights.
+
+  Args:
+    x: float32 or bfloat16 ``[..., K]``.
+    packed: uint32 ``[ceil(K / P), N]``, ``P = 32 // bits`` codes per word along K.
+    bits: code width, 2..5 (all ``2**bits`` codes are values).
+    e0: integer exponent of the smallest magnitude; code index i means ``+-2**(e0+i)``.
+    scale: optional float32 ``[N]`` per-output-channel scale (e.g. folded BN).
+    bias: optional float32 ``[N]`` per-output-channel bias.
+    k: the logical K (optional; must equal ``x.shape[-1]``).
+    backend: None, ``'xla'``, ``'pallas'`` or ``'pallas_interpret'`` (module docstring).
+    platform: ``'gpu'`` or ``'tpu'``: which Pallas kernel; default the default backend's
+      (``'tpu'``'s K-grid kernel for ``'pallas_interpret'`` on CPU). Pass it to lower or
+      ``jax.export`` for a platform this machine does not have.
+    block_m, block_n: tile sizes in rows of x and output channels.
+    block_k: tile size along K in codes; a multiple of ``P``.
+    num_warps, num_stages: Triton launch parameters (GPU only; default 4 and 3).
+  Returns:
+    float32 ``[..., N]``.
+  Raises:
+    ValueError: on unsupported bits/e0/dtypes, inconsistent shapes, bad tiles or backend,
+      before anything is traced.
+  """
+  check_format(bits, e0)
+  bits, e0 = int(bits), int(e0)
+  backend, platform = resolve_backend(backend, platform)
+  k, n = _check_operands(x, packed, bits, scale, bias, k)
+  lead = tuple(x.shape[:-1])
+  x2 = x.reshape(-1, k)
+  m = x2.shape[0]
+  if backend == "xla":
+    y = _xla_matmul(x2, packed, scale, bias, bits=bits, e0=e0, k=k)
+  else:
+    interpret = backend == "pallas_interpret"
+    blocks = _resolve_blocks(max(m, 1), n, k, bits, x.dtype, platform, interpret,
+                             block_m, block_n, block_k)
+    if m == 0 or n == 0:
+      y = jnp.zeros((m, n), jnp.float32)
+    else:
+      y = _pallas_matmul(x2, packed, scale, bias, bits=bits, e0=e0, k=k,
+                         platform=platform, interpret=interpret, blocks=blocks,
+                         num_warps=num_warps, num_stages=num_stages)
+  return y.reshape(lead + (n,))
+

@@ -1,0 +1,383 @@
+"""Tests of shiftjax.kernels: Pallas (interpret mode) vs XLA vs a dense float reference,
+GPU/TPU lowering through jax.export, and argument errors.
+
+The Pallas kernels run here with the Pallas interpreter (no accelerator on CI); both the
+TPU kernel (K grid axis + VMEM accumulator) and the GPU kernel (in-program K loop) are
+interpreted. Every interpret-mode case is a separate compile, so the grid is kept small.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+from jax import export
+from jax import lax
+import jax.numpy as jnp
+
+from shiftjax import codes as codes_lib
+from shiftjax import kernels
+from shiftjax.kernels import matmul as mm_lib
+
+
+# Interpret-mode kernels are XLA:CPU while loops whose compile time dominates this file;
+# they are compiled without backend optimization (about 30% faster, same results).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def _fast(fn, *args, **static):
+  """Calls ``fn(*args, **static)`` under a jit compiled with _FAST_COMPILE."""
+  return jax.jit(lambda *a: fn(*a, **static), compiler_options=_FAST_COMPILE)(*args)
+
+
+def _pack_local(codes, bits):
+  """Reference packer written from the format's definition (numpy, axis 0)."""
+  codes = np.asarray(codes, np.uint64)
+  p = 32 // bits
+  k, n = codes.shape
+  words = -(-k // p)
+  padded = np.zeros((words * p, n), np.uint64)
+  padded[:k] = codes
+  padded = padded.reshape(words, p, n)
+  out = np.zeros((words, n), np.uint64)
+  for j in range(p):
+    out |= padded[:, j] << np.uint64(j * bits)
+  return out.astype(np.uint32)
+
+
+def _pack(codes, bits):
+  pack = getattr(codes_lib, "pack", None)
+  if pack is None:  # shiftjax.codes.pack not landed yet
+    return jnp.asarray(_pack_local(codes, bits))
+  return jnp.asarray(pack(np.asarray(codes), bits, axis=0))
+
+
+def _case(seed, m, k, n, bits, e0, dtype, with_scale, with_bias):
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 1 << bits, size=(k, n)).astype(np.int32)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32) if with_scale else None
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32) if with_bias else None
+  return codes, _pack(codes, bits), x, scale, bias
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "e0"))
+def _reference(x, codes, scale, bias, *, bits, e0):
+  """Dense float reference and a float32 summation-order error bound for it."""
+  w = codes_lib.decode(codes, codes_lib.CodeFormat(bits=bits, e0=e0))
+  x32 = x.astype(jnp.float32)  # bf16 -> f32 is exact; so are the products with 2**e
+  hi = lax.Precision.HIGHEST
+  y = jnp.dot(x32, w, precision=hi)
+  # |sum order A - sum order B| <= 2 * gamma_K * sum|x||w| (recursive summation bound).
+  bound = 2 * x.shape[-1] * 2.0**-24 * jnp.dot(jnp.abs(x32), jnp.abs(w), precision=hi)
+  if scale is not None:
+    y, bound = y * scale, bound * scale
+  if bias is not None:
+    y = y + bias
+  return y, bound + 2.0**-22 * jnp.abs(y) + 1e-30
+
+
+def _assert_close(y, ref, bound):
+  assert y.dtype == jnp.float32
+  assert y.shape == ref.shape
+  err = np.asarray(jnp.abs(y - ref))
+  worst = np.unravel_index(np.argmax(err - np.asarray(bound)), err.shape)
+  assert np.all(err <= np.asarray(bound)), (
+      f"error {err[worst]} > bound {np.asarray(bound)[worst]} at {worst}")
+
+
+# (bits, dtype, M, K, N, e0, scale, bias, blocks for the interpreted kernels)
+# K is not a multiple of the codes per word (except where marked), M/N/K not multiples of
+# the blocks, so every case pads in all three dims.
+MATMUL_CASES = [
+    (2, jnp.float32, 5, 70, 20, -3, True, True, (8, 16, 32)),      # P=16
+    (2, jnp.bfloat16, 3, 33, 17, 4, False, False, (8, 16, 16)),
+    (3, jnp.float32, 9, 41, 24, 2, True, False, (8, 16, 20)),      # P=10
+    (3, jnp.bfloat16, 7, 95, 9, -12, False, True, (4, 8, 30)),
+    (4, jnp.float32, 3, 100, 33, -10, False, True, (8, 16, 16)),   # P=8
+    (4, jnp.bfloat16, 16, 64, 32, 0, True, True, (None, None, None)),  # K = 8 words
+    (5, jnp.float32, 6, 50, 16, -20, True, True, (8, 8, 12)),      # P=6
+    (5, jnp.bfloat16, 11, 23, 40, 5, True, False, (8, 16, 6)),
+]
+
+
+def _ids(cases):
+  return [f"{c[0]}bit-{jnp.dtype(c[1]).name}-{c[2]}x{c[3]}x{c[4]}-e0{c[5]}" for c in cases]
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=_ids(MATMUL_CASES))
+def test_matmul_paths_agree_with_dense_reference(case):
+  bits, dtype, m, k, n, e0, with_scale, with_bias, (bm, bn, bk) = case
+  codes, packed, x, scale, bias = _case(bits * 10 + m, m, k, n, bits, e0, dtype,
+                                        with_scale, with_bias)
+  ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
+  matmul = lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw)
+  y = matmul(x, packed, scale, bias, bits=bits, e0=e0, backend="xla")
+  _assert_close(y, ref, bound)
+  # Alternate the interpreted kernel so that both kernels see every bit width and dtype.
+  # Most cases take several K steps, so the accumulator must carry across them (TPU: K
+  # grid axis; GPU: the in-program loop) and the epilogue run once.
+  platform = "tpu" if (MATMUL_CASES.index(case) % 2 == 0) else "gpu"
+  y = _fast(matmul, x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
+            platform=platform, block_m=bm, block_n=bn, block_k=bk)
+  _assert_close(y, ref, bound)
+
+
+def test_padded_k_rows_add_exactly_zero():
+  # Codes past K in the last word are zero-padded, i.e. decode to +2**e0: only x == 0
+  # padding keeps them out. Huge 2**e0 would expose any leak.
+  bits, e0, k = 3, 100, 13  # P = 10: 7 padded codes in the last word
+  codes = np.zeros((k, 4), np.int64)
+  packed = _pack(codes, bits)
+  x = jnp.ones((2, k), jnp.float32)
+  y = _fast(kernels.pow2_matmul, x, packed, bits=bits, e0=e0, backend="pallas_interpret",
+            block_k=10)
+  np.testing.assert_array_equal(np.asarray(y), np.full((2, 4), k * 2.0**e0, np.float32))
+
+
+def test_leading_dims_jit_and_default_backend():
+  bits, e0 = 4, -2
+  codes, packed, x, _, _ = _case(3, 6, 24, 8, bits, e0, jnp.float32, False, False)
+  x3 = x.reshape(2, 3, 24)
+  f = jax.jit(lambda x, w: kernels.pow2_matmul(x, w, bits=bits, e0=e0))
+  y = f(x3, packed)
+  assert y.shape == (2, 3, 8)
+  ref, bound = _reference(x, codes, None, None, bits=bits, e0=e0)
+  _assert_close(y.reshape(6, 8), ref, bound)
+  assert mm_lib.resolve_backend(None, None) == ("xla", None)  # CPU default
+  assert mm_lib.resolve_backend(None, "cuda") == ("pallas", "gpu")
+
+
+@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
+def test_decode_slot_and_unpack_every_code(bits):
+  p = 32 // bits
+  codes = np.resize(np.arange(1 << bits), (p * 2, 1 << bits))  # every code in every slot
+  packed = _pack(codes, bits)
+  np.testing.assert_array_equal(np.asarray(kernels.unpack_codes(packed, bits, p * 2)),
+                                codes)
+  sign, index = codes >> (bits - 1), codes & ((1 << (bits - 1)) - 1)
+  for e0 in (-126, -9, 0, 7):
+    want = np.where(sign == 1, -1.0, 1.0) * np.ldexp(1.0, e0 + index)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      got = jnp.stack([kernels.decode_slot(packed, j, bits, e0, dtype) for j in range(p)],
+                      axis=1).reshape(codes.shape)
+      assert got.dtype == dtype
+      np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+
+
+def test_packing_agrees_with_shiftjax_codes():
+  if not hasattr(codes_lib, "pack"):
+    pytest.skip("shiftjax.codes.pack not available yet")
+  rng = np.random.default_rng(0)
+  for bits in kernels.SUPPORTED_BITS:
+    codes = rng.integers(0, 1 << bits, size=(37, 5))
+    np.testing.assert_array_equal(np.asarray(codes_lib.pack(codes, bits)),
+                                  _pack_local(codes, bits))
+    np.testing.assert_array_equal(
+        np.asarray(kernels.unpack_codes(jnp.asarray(_pack_local(codes, bits)), bits, 37)),
+        codes)
+
+
+# ------------------------------------------------------------------------------------
+# Convolution.
+
+CONV_CASES = [  # (kernel hw, stride, padding, dtype, scale, bias)
+    ((3, 3), 1, "SAME", jnp.float32, True, True),
+    ((3, 3), 2, "SAME", jnp.bfloat16, False, True),
+    ((3, 3), 2, "VALID", jnp.float32, True, False),
+    ((1, 1), 1, "VALID", jnp.float32, False, False),
+    ((1, 1), 2, "SAME", jnp.bfloat16, True, True),
+]
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "e0", "stride", "padding"))
+def _conv_reference(x, hwio, scale, bias, *, bits, e0, stride, padding):
+  w = codes_lib.decode(hwio, codes_lib.CodeFormat(bits=bits, e0=e0))
+  conv = lambda a, b: lax.conv_general_dilated(
+      a.astype(jnp.float32), b, (stride, stride), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+  y = conv(x, w)
+  bound = conv(jnp.abs(x), jnp.abs(w)) * (2 * w.shape[0] * w.shape[1] * w.shape[2] * 2.0**-24)
+  if scale is not None:
+    y, bound = y * scale, bound * scale
+  if bias is not None:
+    y = y + bias
+  return y, bound + 2.0**-22 * jnp.abs(y) + 1e-30
+
+
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=[f"{c[0][0]}x{c[0][1]}-s{c[1]}-{c[2]}-{jnp.dtype(c[3]).name}"
+                              for c in CONV_CASES])
+def test_conv_matches_lax_conv_of_decoded_kernel(case):
+  (kh, kw), stride, padding, dtype, with_scale, with_bias = case
+  bits, e0, cin, cout = 3, -4, 5, 12  # K = kh*kw*5: 45 is not a multiple of P = 10
+  rng = np.random.default_rng(kh * 10 + stride)
+  hwio = rng.integers(0, 1 << bits, size=(kh, kw, cin, cout))
+  packed = _pack(hwio.reshape(-1, cout), bits)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6, cin)), dtype)
+  scale = jnp.asarray(rng.uniform(0.5, 2, cout), jnp.float32) if with_scale else None
+  bias = jnp.asarray(rng.standard_normal(cout), jnp.float32) if with_bias else None
+  ref, bound = _conv_reference(x, jnp.asarray(hwio), scale, bias, bits=bits, e0=e0,
+                               stride=stride, padding=padding)
+  args = dict(bits=bits, e0=e0, kernel_shape=(kh, kw, cin, cout), strides=stride,
+              padding=padding, scale=scale, bias=bias)
+  _assert_close(kernels.pow2_conv(x, packed, backend="xla", **args), ref, bound)
+  conv = lambda x, w, s, b, **kw: kernels.pow2_conv(x, w, scale=s, bias=b, **kw)
+  del args["scale"], args["bias"]
+  y = _fast(conv, x, packed, scale, bias, backend="pallas_interpret", block_m=32,
+            block_n=8, **args)
+  _assert_close(y, ref, bound)
+
+
+# ------------------------------------------------------------------------------------
+# Lowering for GPU and TPU without the hardware.
+
+_TRITON_TARGET = "__gpu$xla.gpu.triton"
+
+
+def _export(f, platform, *specs):
+  # The Triton custom call carries its kernel as Triton IR with no serialization
+  # compatibility guarantee, so jax.export refuses it unless told; lowering is what we
+  # check here, not the long-term stability of the serialized module.
+  disabled = ([export.DisabledSafetyCheck.custom_call(_TRITON_TARGET)]
+              if platform == "cuda" else [])
+  return export.export(jax.jit(f), platforms=[platform], disabled_checks=disabled)(*specs)
+
+
+EXPORT_CASES = [  # (bits, dtype, M, K, N, scale+bias)
+    (3, jnp.float32, 16, 1000, 256, True),
+    (4, jnp.bfloat16, 1, 4096, 512, False),
+    (5, jnp.bfloat16, 40, 300, 200, True),  # GPU pads every axis; TPU takes whole dims
+    (2, jnp.float32, 300, 5000, 1000, True),  # TPU pads M, N and K too (several K steps)
+]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids([c[:5] + (0,) for c in EXPORT_CASES]))
+def test_pallas_matmul_lowers_for_gpu_and_tpu(platform, case):
+  bits, dtype, m, k, n, affine = case
+  p = 32 // bits
+  specs = [jax.ShapeDtypeStruct((m, k), dtype),
+           jax.ShapeDtypeStruct((-(-k // p), n), jnp.uint32)]
+  if affine:
+    specs += [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
+    f = lambda x, w, s, b: kernels.pow2_matmul(x, w, bits=bits, e0=-6, scale=s, bias=b,
+                                               backend="pallas", platform=platform)
+  else:
+    f = lambda x, w: kernels.pow2_matmul(x, w, bits=bits, e0=-6, backend="pallas",
+                                         platform=platform)
+  exp = _export(f, platform, *specs)
+  assert exp.platforms == (platform,)
+  assert exp.out_avals[0].shape == (m, n) and exp.out_avals[0].dtype == jnp.float32
+  text = exp.mlir_module()
+  if platform == "cuda":
+    assert _TRITON_TARGET in text  # Triton, not the Mosaic GPU default
+  else:
+    assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_pallas_conv_lowers_for_gpu_and_tpu(platform):
+  bits, cin, cout = 4, 16, 32
+  specs = [jax.ShapeDtypeStruct((2, 8, 8, cin), jnp.bfloat16),
+           jax.ShapeDtypeStruct((9 * cin // 8, cout), jnp.uint32)]
+  f = lambda x, w: kernels.pow2_conv(x, w, bits=bits, e0=-8, kernel_shape=(3, 3, cin, cout),
+                                     strides=2, padding="SAME", backend="pallas",
+                                     platform=platform)
+  exp = _export(f, platform, *specs)
+  assert exp.out_avals[0].shape == (2, 4, 4, cout)
+
+
+def test_triton_kernel_ir_verifies():
+  # Lowering writes the Triton module as bytecode without running the MLIR verifier on
+  # the whole module; parse it back and verify it, as XLA's Triton compiler would.
+  try:
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering as triton_lowering
+    new_context = triton_lowering._new_ir_context  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    pytest.skip("jax internals for reading Triton IR moved")
+  f = lambda x, w: kernels.pow2_matmul(x, w, bits=3, e0=-8, backend="pallas",
+                                       platform="gpu")
+  specs = (jax.ShapeDtypeStruct((16, 640), jnp.bfloat16),
+           jax.ShapeDtypeStruct((64, 256), jnp.uint32))
+  module = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).compiler_ir()
+  configs = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for child in block.operations:
+          if child.operation.name == "stablehlo.custom_call":
+            configs.append(child.operation.attributes["mhlo.backend_config"])
+          walk(child.operation)
+
+  walk(module.operation)
+  assert len(configs) == 1
+  with new_context():
+    triton_module = ir.Module.parse(ir.StringAttr(configs[0]["ir"]).value_bytes)
+    assert triton_module.operation.verify()
+    text = str(triton_module)
+  assert "tt.dot" in text and "tt.bitcast" in text and "arith.shrui" in text
+
+
+# ------------------------------------------------------------------------------------
+# Argument errors, raised before tracing.
+
+
+def _ok_args():
+  return jnp.zeros((4, 20), jnp.float32), jnp.zeros((2, 8), jnp.uint32)  # 3-bit: P = 10
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=6, e0=0), "2..5 bits, got bits=6"),
+    (dict(bits=1, e0=0), "2..5 bits"),
+    (dict(bits=True, e0=0), "2..5 bits"),
+    (dict(bits=3, e0=0.5), "e0 must be"),
+    (dict(bits=3, e0=-127), "not all normal"),
+    (dict(bits=3, e0=125), "not all normal"),
+    (dict(bits=4, e0=0), "packs 4-bit codes into ceil\\(20/8\\)=3 words, but packed has 2"),
+    (dict(bits=3, e0=0, k=21), "k=21 but x has 20 columns"),
+    (dict(bits=3, e0=0, scale=jnp.ones(7)), "scale must have shape \\(8,\\)"),
+    (dict(bits=3, e0=0, bias=jnp.ones((1, 8))), "bias must have shape \\(8,\\)"),
+    (dict(bits=3, e0=0, backend="cuda"), "backend must be one of"),
+    (dict(bits=3, e0=0, backend="pallas", platform="metal"), "platform must be"),
+    (dict(bits=3, e0=0, backend="pallas"), "pass platform='gpu' or 'tpu'"),
+    (dict(bits=3, e0=0, backend="pallas_interpret", block_k=16), "multiple of the 10"),
+    (dict(bits=3, e0=0, backend="pallas_interpret", block_m=0), "positive integer"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", block_n=48), "power of two"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", block_n=4, block_m=8),
+     "multiple of 128"),
+])
+def test_matmul_errors(kwargs, match):
+  x, packed = _ok_args()
+  with pytest.raises(ValueError, match=match):
+    kernels.pow2_matmul(x, packed, **kwargs)
+
+
+def test_matmul_dtype_errors():
+  x, packed = _ok_args()
+  with pytest.raises(ValueError, match="float32 or bfloat16, got int32"):
+    kernels.pow2_matmul(x.astype(jnp.int32), packed, bits=3, e0=0)
+  with pytest.raises(ValueError, match="float32 or bfloat16, got float16"):
+    kernels.pow2_matmul(x.astype(jnp.float16), packed, bits=3, e0=0)
+  with pytest.raises(ValueError, match="uint32 words, got int32"):
+    kernels.pow2_matmul(x, packed.astype(jnp.int32), bits=3, e0=0)
+  with pytest.raises(ValueError, match="uint32\\[ceil"):
+    kernels.pow2_matmul(x, packed[None], bits=3, e0=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_shape=(3, 3, 4, 8)), "x has 5 channels"),
+    (dict(kernel_shape=(3, 3, 5, 8), padding="FULL"), "padding must be"),
+    (dict(kernel_shape=(3, 3, 5, 8), strides=0), "strides must be"),
+    (dict(kernel_shape=(3, 3, 5)), "kernel_shape must be"),
+    (dict(kernel_shape=(1, 1, 5, 8)), "packs to \\(1, 8\\) words"),
+])
+def test_conv_errors(kwargs, match):
+  x = jnp.zeros((1, 6, 6, 5), jnp.float32)
+  packed = jnp.zeros((5, 8), jnp.uint32)  # 3x3x5 = 45 codes, 10 per word
+  with pytest.raises(ValueError, match=match):
+    kernels.pow2_conv(x, packed, bits=3, e0=0, **kwargs)
