@@ -210,7 +210,7 @@ def _field_shifts(bits: int) -> np.ndarray:
   return np.arange(codes_per_word(bits), dtype=np.uint32) * np.uint32(bits)
 
 
-def pack(codes, bits: int, axis: int = 0) -> jax.Array:
+def pack(codes, bits: int, axis: int = 0):
   """Packs N-bit codes into uint32 words along ``axis``.
 
   Code j of each group of ``floor(32/bits)`` consecutive codes along ``axis`` sits at
@@ -218,13 +218,15 @@ def pack(codes, bits: int, axis: int = 0) -> jax.Array:
   zero-padded. Axis 0 is the contraction dimension of a ``[K, N]`` weight.
 
   Args:
-    codes: integer array (numpy or jax) of codes in ``0 .. 2**bits - 1``, rank >= 1.
-      Values are checked when the array is concrete; under ``jit`` they cannot be, and
-      bits above ``bits`` are dropped so a bad code never spills into its neighbours.
+    codes: integer array of codes in ``0 .. 2**bits - 1``, rank >= 1. Values are
+      checked when the array is concrete; under ``jit`` they cannot be, and bits above
+      ``bits`` are dropped so a bad code never spills into its neighbours.
     bits: code width, 1..8 (static).
     axis: the axis to pack along (static).
   Returns:
-    uint32 array of ``codes.shape`` with ``shape[axis] = ceil(n / floor(32/bits))``.
+    uint32 array of ``codes.shape`` with ``shape[axis] = ceil(n / floor(32/bits))``:
+    numpy for numpy (or list) input, computed on the host without compiling
+    anything (export packs every layer shape once), else a jax array.
   """
   bits = _check_bits(bits)
   if not hasattr(codes, "dtype"):
@@ -238,33 +240,39 @@ def pack(codes, bits: int, axis: int = 0) -> jax.Array:
     if lo < 0 or hi >= 1 << bits:
       raise ValueError(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, got values in "
                        f"{lo}..{hi}")
-  return _pack_checked(codes, bits, axis)
+  if isinstance(codes, (np.ndarray, np.generic)):
+    return _pack_checked(np, codes, bits, axis)
+  return _pack_jit(codes, bits, axis)
 
 
-# jit so that an eager call compiles once per shape, not once per op and shape.
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _pack_checked(codes: jax.Array, bits: int, axis: int) -> jax.Array:
+def _pack_checked(xp, codes, bits: int, axis: int):
+  """The packing itself; ``xp`` is numpy or jax.numpy, which share these calls."""
   per_word = codes_per_word(bits)
   n = codes.shape[axis]
   words = num_words(n, bits)
-  c = jnp.moveaxis(codes, axis, -1).astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
-  c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, words * per_word - n)])
+  c = xp.moveaxis(codes, axis, -1).astype(np.uint32) & np.uint32((1 << bits) - 1)
+  c = xp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, words * per_word - n)])
   c = c.reshape(c.shape[:-1] + (words, per_word))
   # The bit fields are disjoint, so a sum is the OR of the shifted codes.
-  w = jnp.sum(c << _field_shifts(bits), axis=-1, dtype=jnp.uint32)
-  return jnp.moveaxis(w, -1, axis)
+  w = xp.sum(c << _field_shifts(bits), axis=-1, dtype=np.uint32)
+  return xp.moveaxis(w, -1, axis)
 
 
-def unpack(words, bits: int, n: int, axis: int = 0) -> jax.Array:
+# jit so that an eager call compiles once per shape, not once per op and shape.
+_pack_jit = jax.jit(functools.partial(_pack_checked, jnp), static_argnums=(1, 2))
+
+
+def unpack(words, bits: int, n: int, axis: int = 0):
   """Inverse of :func:`pack`: uint32 words -> the first ``n`` codes along ``axis``.
 
   Args:
-    words: uint32 array (numpy or jax) with ``shape[axis] = ceil(n / floor(32/bits))``.
+    words: uint32 array with ``shape[axis] = ceil(n / floor(32/bits))``.
     bits: code width, 1..8 (static).
     n: number of codes along ``axis`` (static).
     axis: the packed axis (static).
   Returns:
-    uint8 array of ``words.shape`` with ``shape[axis] = n``.
+    uint8 array of ``words.shape`` with ``shape[axis] = n``: numpy for numpy (or list)
+    input, else a jax array.
   """
   bits = _check_bits(bits)
   if not hasattr(words, "dtype"):
@@ -280,15 +288,19 @@ def unpack(words, bits: int, n: int, axis: int = 0) -> jax.Array:
     raise ValueError(
         f"{n} codes of {bits} bits take {expected} words ({per_word} per word) along "
         f"axis {axis}, but words has {words.shape[axis]} there (shape {words.shape})")
-  return _unpack_checked(words, bits, n, axis)
+  if isinstance(words, (np.ndarray, np.generic)):
+    return _unpack_checked(np, words, bits, int(n), axis)
+  return _unpack_jit(words, bits, int(n), axis)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _unpack_checked(words: jax.Array, bits: int, n: int, axis: int) -> jax.Array:
-  w = jnp.moveaxis(words, axis, -1)
-  c = (w[..., None] >> _field_shifts(bits)) & jnp.uint32((1 << bits) - 1)
+def _unpack_checked(xp, words, bits: int, n: int, axis: int):
+  w = xp.moveaxis(words, axis, -1)
+  c = (w[..., None] >> _field_shifts(bits)) & np.uint32((1 << bits) - 1)
   c = c.reshape(w.shape[:-1] + (w.shape[-1] * codes_per_word(bits),))[..., :n]
-  return jnp.moveaxis(c.astype(code_dtype(bits)), -1, axis)
+  return xp.moveaxis(c.astype(np.uint8), -1, axis)
+
+
+_unpack_jit = jax.jit(functools.partial(_unpack_checked, jnp), static_argnums=(1, 2, 3))
 
 
 # ------------------------------------------------------------------------------------
