@@ -240,6 +240,10 @@ def code_changes(old: dict, new: dict, fmt: codes_lib.CodeFormat) -> dict[str, j
           "exponent_change_fraction": exps / max(total, 1)}
 
 
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 # -------------------------------------------------------------------- devices, sharding
 
 
@@ -393,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_changes = (jax.jit(functools.partial(code_changes, fmt=quantizer.code_format))
                if quantizer else None)
 
+  p_all_finite = jax.jit(all_finite)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   end_step = total_steps if stop_after_steps is None else min(
       total_steps, start_step + stop_after_steps)
@@ -409,14 +414,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start_step + 1, end_step + 1):
       state, m = p_train_step(state, shard_batch(next(batches), mesh))
       window.append(m)
-      is_last = step == end_step
-      if step % config.log_every_steps == 0 or is_last or step % config.checkpoint_every_steps == 0:
+      should_log = step % config.log_every_steps == 0 or step == total_steps
+      should_save = step % config.checkpoint_every_steps == 0 or step == end_step
+      if should_log or should_save:
+        # A diverged state is never logged as progress nor saved over a good checkpoint.
         scalars = _train_scalars(window)
-        if not math.isfinite(scalars["train_loss"]):
+        if not (math.isfinite(scalars["train_loss"]) and bool(p_all_finite(state.params))):
           raise NonFiniteLossError(
-              f"training loss is {scalars['train_loss']} between steps {step - len(window) + 1} "
-              f"and {step}; stopped without saving (the last good checkpoint, step "
-              f"{manager.latest_step()}, is kept in {workdir}). Try a lower learning rate.")
+              f"training diverged between steps {step - len(window) + 1} and {step} "
+              f"(loss {scalars['train_loss']}, parameters finite: "
+              f"{bool(p_all_finite(state.params))}); stopped without saving. The last good "
+              f"checkpoint (step {manager.latest_step()}) is kept in {workdir}. "
+              "Try a lower learning rate.")
+      if should_log:
         scalars["learning_rate"] = float(lr_fn(step - 1))
         scalars["epoch"] = step / steps_per_epoch
         scalars["steps_per_second"] = len(window) / (time.time() - window_start)
@@ -427,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, scalars)
         progress.update(step, scalars)
         window, window_start = [], time.time()
-      if step % config.checkpoint_every_steps == 0 or is_last:
+      if should_save:
         manager.save(step, args=ocp.args.StandardSave(checkpointed(state)))
   finally:
     manager.wait_until_finished()

@@ -1,0 +1,176 @@
+"""The training loop: resumption bit for bit, divergence, config errors, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+import shiftjax as sj
+from experiments.configs import default
+from shiftjax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = default.get_config()
+  c.model = "resnet8"
+  c.width_multiplier = 0.25
+  c.dataset = "fashion_mnist"
+  c.quantizer = "DenseShift"
+  c.bits = 3
+  c.batch_size = 16
+  c.eval_batch_size = 40
+  c.num_train_steps = 6
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.progress_bar = False
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def mocked():
+  return tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def restored_params(workdir, config):
+  manager = train.checkpoint_manager(workdir, config)
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, restored["params"]
+
+
+def assert_trees_bitwise_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+@pytest.mark.parametrize("quantizer", ["DenseShift", "S3"])
+def test_interrupted_run_resumes_to_bit_identical_parameters(tmp_path, quantizer):
+  config = tiny_config(quantizer=quantizer)
+  with mocked():
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    partial = train.train_and_evaluate(config, str(tmp_path / "split"), stop_after_steps=4)
+    assert partial["steps"] == 4 and "test_accuracy" not in partial
+    assert not os.path.exists(tmp_path / "split" / train.SUMMARY_FILE)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
+  assert whole["steps"] == resumed["steps"] == 6
+  step_a, params_a = restored_params(str(tmp_path / "whole"), config)
+  step_b, params_b = restored_params(str(tmp_path / "split"), config)
+  assert step_a == step_b == 6
+  assert_trees_bitwise_equal(params_a, params_b)
+  assert whole["test_accuracy"] == resumed["test_accuracy"]
+  # The resumed run's metrics tell the same story as the uninterrupted one.
+  lines = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
+  whole_lines = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [l["step"] for l in whole_lines]
+  for a, b in zip(lines, whole_lines):
+    a.pop("steps_per_second", None), b.pop("steps_per_second", None)  # wall-clock
+    assert a == b
+
+
+def test_outputs_of_a_run(tmp_path):
+  with mocked():
+    summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  on_disk = json.load(open(tmp_path / "summary.json"))
+  for key in ("test_accuracy", "float32_weight_bytes", "packed_weight_bytes", "steps",
+              "wall_seconds"):
+    assert key in on_disk
+  assert on_disk["test_examples"] == 64 and on_disk["steps"] == 6
+  assert summary["packed_weight_bytes"] < summary["float32_weight_bytes"]
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  logged = [r for r in records if "train_loss" in r]
+  assert [r["step"] for r in logged] == [2, 4, 6]
+  for r in logged:
+    assert 0 <= r["sign_change_fraction"] <= 1 and 0 <= r["exponent_change_fraction"] <= 1
+    assert r["learning_rate"] > 0
+  assert any("test_accuracy" in r for r in records)
+  assert os.path.getsize(tmp_path / "training_curves.png") > 1000
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  with mocked():
+    train.train_and_evaluate(tiny_config(quantizer="float"), workdir, stop_after_steps=2)
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint \\(step 2\\)"):
+      train.train_and_evaluate(tiny_config(quantizer="float", learning_rate=1e38,
+                                           log_every_steps=1), workdir)
+  step, params = restored_params(workdir, tiny_config())
+  assert step == 2
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model": "resnet19"}, "config.model: unknown model 'resnet19'"),
+    ({"quantizer": "Ternary"}, "unknown quantizer 'Ternary'"),
+    ({"dataset": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
+    ({"bits": 6}, "DenseShift supports bits in 2..5, got 6"),
+    ({"optimizer": "lamb"}, "config.optimizer must be one of"),
+    ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
+])
+def test_config_errors_are_reported_before_anything_runs(tmp_path, override, message):
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(tiny_config(**override), str(tmp_path / "w"))
+  assert message in str(info.value)
+  assert not os.path.exists(tmp_path / "w")  # nothing written
+
+
+def test_batch_size_must_divide_over_devices(monkeypatch, tmp_path):
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  with pytest.raises(ValueError, match="batch_size=16 is not divisible by the 3 devices"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+def test_code_changes_counts_sign_and_exponent_changes_apart():
+  fmt = sj.DenseShift(3).code_format
+  old = {"a": jnp.array([0, 1, 5, 7], jnp.uint8)}
+  new = {"a": jnp.array([4, 2, 5, 3], jnp.uint8)}  # sign only, exponent only, none, sign
+  changes = train.code_changes(old, new, fmt)
+  assert float(changes["sign_change_fraction"]) == 0.5
+  assert float(changes["exponent_change_fraction"]) == 0.25
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+  config = tiny_config(learning_rate=0.1, warmup_epochs=1.0)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=110)
+  assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 0.05) < 1e-7
+  assert abs(float(lr(10)) - 0.1) < 1e-7
+  assert abs(float(lr(60)) - 0.05) < 1e-6 and float(lr(110)) < 1e-7
+
+
+def test_weight_decay_reaches_latents():
+  params = {"conv": {"kernel": {"sign": jnp.ones(3), "exponent": jnp.ones((3, 3))}},
+            "bn": {"scale": jnp.ones(3)}}
+  assert all(jax.tree.leaves(train.weight_decay_mask(params, "all")))
+  mask = train.weight_decay_mask(params, "kernels")
+  assert mask["conv"]["kernel"]["sign"] and not mask["bn"]["scale"]
+
+
+def test_launchers_train_then_evaluate(tmp_path):
+  """The absl launchers on the real offline Fashion-MNIST (prepared into a tmp dir)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  common = ["--config=experiments/configs/fashion_mnist.py", f"--workdir={tmp_path / 'w'}",
+            f"--config.data_dir={tmp_path / 'data'}", "--config.width_multiplier=0.25",
+            "--config.num_train_steps=3", "--config.batch_size=32",
+            "--config.eval_batch_size=1000"]
+  run = subprocess.run([sys.executable, "-m", "experiments.train", *common], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "test accuracy" in run.stdout and "10000 test examples" in run.stdout
+  summary = json.load(open(tmp_path / "w" / "summary.json"))
+  run = subprocess.run([sys.executable, "-m", "experiments.evaluate", *common], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  evaluated = json.loads(run.stdout[run.stdout.index("{"):])
+  assert evaluated["step"] == 3
+  assert evaluated["test_accuracy"] == summary["test_accuracy"]
