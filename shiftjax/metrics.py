@@ -13,7 +13,6 @@ import time
 from typing import Mapping
 
 import jax
-from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -100,8 +99,10 @@ class Progress:
     done = step - self.start_step
     elapsed = time.time() - self.start_time
     eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-    logging.info("step %d/%d  %s  elapsed %.0fs  eta %.0fs", step, self.total,
-                 "  ".join(f"{k}={v}" for k, v in shown.items()), elapsed, eta)
+    # print, not logging: absl's INFO level would also bring every orbax message.
+    if jax.process_index() == 0:
+      print(f"step {step}/{self.total}  " + "  ".join(f"{k}={v}" for k, v in shown.items())
+            + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
 
   def close(self) -> None:
     if self._bar is not None:

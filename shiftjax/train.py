@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -41,6 +40,15 @@ OPTIMIZERS = ("sgd", "radam", "adam")
 SCHEDULES = ("cosine", "constant")
 FAST_GRAD = {"auto": None, "on": True, "off": False}
 WEIGHT_DECAY_ON = ("all", "kernels", "none")
+
+
+def say(message: str) -> None:
+  """Progress for the person at the terminal (process 0 only).
+
+  Plain print: absl's INFO level would also bring every orbax message.
+  """
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -284,7 +292,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     return state
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  logging.info("Resuming from checkpoint at step %d", step)
+  say(f"Resuming from the checkpoint at step {step}")
   return state.replace(**restored)
 
 
@@ -402,9 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   end_step = total_steps if stop_after_steps is None else min(
       total_steps, start_step + stop_after_steps)
   progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
-  logging.info("Training %s (%s) on %s: %d steps (%d/epoch), %d devices, from step %d",
-               config.model, quantizer or "float", config.dataset, total_steps,
-               steps_per_epoch, jax.device_count(), start_step)
+  say(f"Training {config.model} ({quantizer or 'float'}) on {config.dataset}: {total_steps} "
+      f"steps ({steps_per_epoch}/epoch) on {jax.device_count()} device(s), from step "
+      f"{start_step}")
 
   prev_codes = p_codes(state.params) if quantizer else None
   window: list[dict] = []
