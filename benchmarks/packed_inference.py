@@ -1,0 +1,108 @@
+"""Times packed inference against float inference of the same ResNet-20 on the CPU.
+
+    python benchmarks/packed_inference.py [--bits=3] [--reps=N]
+
+One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3), three ways, each one
+jitted call with its weights as arguments (nothing decoded ahead of time is cached):
+
+  float     the flax model in eval mode with float32 kernels equal to the decoded codes
+            (``CifarResNet(quantizer=None)``: conv, unfolded BatchNorm, relu)
+  folded    the packed forward pass with float32 kernels and BatchNorm folded
+            (``export`` of that float model): the gain of folding alone
+  packed    ``packed_apply``: N-bit codes in uint32 words, unpacked and decoded inside
+            every call (``shiftjax.kernels.pow2_conv``'s XLA path on CPU), BN folded
+
+Batch 1 and 128; the variants run interleaved (float, folded, packed, float, ...) so that
+load from other processes hits all alike; medians and their ratios to float are printed.
+The goal: packed <= 1.1x float while the weights stay packed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import shiftjax as sj
+from shiftjax import export as ex
+from shiftjax import models
+
+
+def float_twin(variables, quantizer):
+  """The float model's variables: every latent kernel replaced by its decoded weight."""
+  def visit(tree):
+    out = {}
+    for k, v in tree.items():
+      if k == "kernel" and hasattr(v, "keys"):
+        out[k] = np.asarray(quantizer.weight(v))
+      elif hasattr(v, "items"):
+        out[k] = visit(v)
+      else:
+        out[k] = v
+    return out
+  return {"params": visit(variables["params"]), "batch_stats": variables["batch_stats"]}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--bits", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=0, help="0: 200 at batch 1, 30 at 128")
+  args = parser.parse_args()
+
+  quantizer = sj.DenseShift(bits=args.bits, init_method="he")
+  model = models.resnet20(num_classes=10, quantizer=quantizer)
+  float_model = models.resnet20(num_classes=10)
+  variables = jax.device_get(jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3))))
+  # Non-trivial BatchNorm statistics, as after training.
+  rng = np.random.default_rng(0)
+  variables["batch_stats"] = jax.tree.map(
+      lambda x: np.asarray(rng.uniform(0.5, 2.0, x.shape), np.float32), variables["batch_stats"])
+  float_vars = float_twin(variables, quantizer)
+  packed = ex.export(variables, model)
+  folded = ex.export(float_vars, float_model)
+
+  float_fn = jax.jit(functools.partial(float_model.apply, train=False))
+  variants = {
+      "float": lambda x: float_fn(float_vars, x),
+      "folded": lambda x: ex.packed_apply(folded, x),
+      "packed": lambda x: ex.packed_apply(packed, x),
+  }
+  float_vars = jax.device_put(float_vars)
+  weight_bytes = {
+      "float": sum(np.asarray(a).nbytes for a in jax.tree.leaves(float_vars)),
+      "folded": sum(a.nbytes for a in folded.arrays.values()),
+      "packed": sum(a.nbytes for a in packed.arrays.values()),
+  }
+  print(f"ResNet-20, DenseShift {args.bits}-bit, CPU ({jax.device_count()} device, "
+        f"{jax.devices()[0].device_kind}); weights held: " + ", ".join(
+            f"{k} {v / 1024:.0f} KiB" for k, v in weight_bytes.items()))
+  for batch in (1, 128):
+    x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
+    reference = np.asarray(variants["float"](x))
+    for name, fn in variants.items():  # compile, and check they agree
+      out = np.asarray(fn(x))
+      err = np.max(np.abs(out - reference)) / np.max(np.abs(reference))
+      assert err < 1e-4, (name, err)
+    reps = args.reps or (200 if batch == 1 else 30)
+    times = {name: [] for name in variants}
+    for _ in range(reps):
+      for name, fn in variants.items():
+        start = time.perf_counter()
+        fn(x).block_until_ready()
+        times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["float"])
+    for name, t in times.items():
+      med = statistics.median(t)
+      print(f"batch {batch:3d}  {name:7s} median {med * 1e3:8.3f} ms  "
+            f"({batch / med:8.0f} img/s)  {med / base:5.2f}x float  "
+            f"[p10 {np.percentile(t, 10) * 1e3:.3f}, p90 {np.percentile(t, 90) * 1e3:.3f} ms]")
+
+
+if __name__ == "__main__":
+  main()

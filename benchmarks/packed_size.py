@@ -1,0 +1,63 @@
+"""Packed model file sizes against float32 weights: ResNet-20 and ResNet-18, 2..5 bits.
+
+    python benchmarks/packed_size.py
+
+For each model and DenseShift bit width: a randomly initialized model (sizes do not
+depend on the values) is exported and written to a temporary directory; the script
+prints the file's bytes (header and checksum included), the stored bits per quantized
+weight (uint32 words of floor(32/N) codes), the bits per weight of the whole file, and
+how much smaller the file is than the network's float32 weights (every conv/dense kernel
+plus BatchNorm gamma, beta, mean, var and the dense bias, as ``train.weight_bytes``).
+The stem and the classifier stay float32, as in the training recipe.
+
+The latents use DenseShift's ``'binary'`` encoding (N-1 latents per weight, not the
+chain's 2**(N-1)-1) to keep ResNet-18 at 5 bits in memory; the codes and so the file are
+the same for either encoding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import shiftjax as sj
+from shiftjax import export as ex
+from shiftjax import models
+
+MODELS = {
+    "ResNet-20 (CIFAR-10)": (lambda q: models.resnet20(num_classes=10, quantizer=q),
+                             (32, 32, 3)),
+    "ResNet-18 (ImageNet)": (lambda q: models.resnet18(num_classes=1000, quantizer=q),
+                             (64, 64, 3)),
+}
+
+
+def main():
+  print(f"{'model':22s} {'bits':>4s} {'file KiB':>10s} {'float32 KiB':>12s} "
+        f"{'smaller':>8s} {'bits/q-weight':>13s} {'bits/weight':>11s} {'q-weights':>10s}")
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, (make, image_shape) in MODELS.items():
+      for bits in (2, 3, 4, 5):
+        model = make(sj.DenseShift(bits=bits, encoding="binary", init_method="he"))
+        variables = jax.jit(functools.partial(model.init, train=False))(
+            jax.random.key(0, impl="rbg"), jnp.zeros((1, *image_shape)))
+        packed = ex.export(jax.device_get(variables), model)
+        path = os.path.join(tmp, f"{name.split()[0]}-{bits}.shiftjax")
+        packed.save(path)
+        size = os.path.getsize(path)
+        report = packed.size_report()
+        total_weights = report["float32_weight_bytes"] // 4
+        print(f"{name:22s} {bits:4d} {size / 1024:10.1f} "
+              f"{report['float32_weight_bytes'] / 1024:12.1f} "
+              f"{report['float32_weight_bytes'] / size:7.2f}x "
+              f"{report['bits_per_quantized_weight']:13.3f} "
+              f"{8 * size / total_weights:11.3f} {report['quantized_weights']:10d}")
+        del variables, packed
+
+
+if __name__ == "__main__":
+  main()
