@@ -1,0 +1,195 @@
+"""Times conv gradients on CPU: XLA's autodiff against ``shiftjax.conv``'s fast path (issue 7).
+
+    python benchmarks/conv_grad.py               # all three parts, batch 128
+    python benchmarks/conv_grad.py --parts convs --reps 21
+
+1. convs: each ResNet-20 conv shape alone (inputs already in memory): the forward, XLA's
+   gradient (input + kernel, ``jax.vjp`` of ``lax.conv_general_dilated``) and the fast
+   gradient (``conv2d(..., fast_grad=True)``).
+2. scan: the same gradient summed over 2 micro-batches in ``lax.scan`` (gradient
+   accumulation), 32x32x16 layer.
+3. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
+   ``fast_grad`` off and on.
+
+Repetitions alternate between the variants of a row and each number is a median, so the
+ratios hold on a machine shared with other jobs; the absolute times do not. Both wall time
+and the process's CPU time (all threads) are printed: on a loaded machine, CPU time
+is the steadier of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import shiftjax as sj
+from shiftjax import conv as sc
+from shiftjax import models
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+# name, input H(=W), Ci, Co, kernel, stride; padding SAME (3x3) or VALID (1x1), as in ResNet-20
+SHAPES = [
+    ("3x3 s1 32x32x16", 32, 16, 16, 3, 1),
+    ("3x3 s1 16x16x32", 16, 32, 32, 3, 1),
+    ("3x3 s1 8x8x64", 8, 64, 64, 3, 1),
+    ("3x3 s2 32x32x16->32", 32, 16, 32, 3, 2),
+    ("3x3 s2 16x16x32->64", 16, 32, 64, 3, 2),
+    ("1x1 s2 32x32x16->32", 32, 16, 32, 1, 2),
+    ("1x1 s2 16x16x32->64", 16, 32, 64, 1, 2),
+    ("stem 3x3 32x32x3->16", 32, 3, 16, 3, 1),
+]
+
+
+def _time_once(fn, args):
+  wall, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+  """{name: (fn, args)} -> {name: (median wall s, median cpu s)}, repetitions alternating."""
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))  # compile
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, (fn, args) in fns.items():
+      times[name].append(_time_once(fn, args))
+  return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
+
+
+def _conv(stride, padding, fast):
+  if fast is None:
+    return lambda x, k: lax.conv_general_dilated(x, k, (stride, stride), padding,
+                                                 dimension_numbers=DN)
+  return lambda x, k: sc.conv2d(x, k, (stride, stride), padding, fast_grad=fast)
+
+
+def _grad_fn(conv):
+  return jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g))
+
+
+def _data(batch, h, ci, co, k, stride, seed=0):
+  rng = np.random.default_rng(seed)
+  padding = "SAME" if k > 1 else "VALID"
+  x = jnp.asarray(rng.standard_normal((batch, h, h, ci)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)) / np.sqrt(k * k * ci), jnp.float32)
+  y = _conv(stride, padding, None)(x, kernel)
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  return x, kernel, g, padding
+
+
+def _check(got, want, what):
+  for a, b in zip(got, want):
+    err = float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    if err > 1e-5:
+      raise SystemExit(f"{what}: fast gradient differs from XLA's by {err:.1e} (relative)")
+
+
+def bench_convs(batch, reps):
+  print(f"\n1. single convs, batch {batch}: median ms wall (cpu); ratios of wall (cpu)")
+  print(f"{'shape':22s} {'forward':>14s} {'XLA grad':>14s} {'fast grad':>14s} "
+        f"{'XLA/fwd':>12s} {'fast/fwd':>12s} {'fast/XLA':>12s}")
+  total = np.zeros((3, 2))
+  for name, h, ci, co, k, s in SHAPES:
+    x, kernel, g, padding = _data(batch, h, ci, co, k, s)
+    xla, fast = _grad_fn(_conv(s, padding, None)), _grad_fn(_conv(s, padding, True))
+    _check(fast(x, kernel, g), xla(x, kernel, g), name)
+    t = _interleaved({"fwd": (jax.jit(_conv(s, padding, None)), (x, kernel)),
+                      "xla": (xla, (x, kernel, g)), "fast": (fast, (x, kernel, g))}, reps)
+    t = np.array([t["fwd"], t["xla"], t["fast"]]) * 1e3
+    total += t
+    _print_row(name, t)
+  _print_row("sum", total)
+
+
+def _print_row(name, t):
+  ms = lambda r: f"{r[0]:6.1f} ({r[1]:5.1f})"
+  ratio = lambda a, b: f"{a[0] / b[0]:5.2f} ({a[1] / b[1]:4.2f})"
+  print(f"{name:22s} {ms(t[0]):>14s} {ms(t[1]):>14s} {ms(t[2]):>14s} "
+        f"{ratio(t[1], t[0]):>12s} {ratio(t[2], t[0]):>12s} {ratio(t[2], t[1]):>12s}")
+
+
+def bench_scan(batch, reps):
+  print(f"\n2. gradient in lax.scan over 2 micro-batches of {batch // 2}, 3x3 s1 32x32x16: "
+        "median ms wall (cpu)")
+  x, kernel, g, padding = _data(batch, 32, 16, 16, 3, 1)
+  fns = {}
+  for label, fast in (("XLA", None), ("fast", True)):
+    conv = _conv(1, padding, fast)
+
+    def accumulate(x, k, g, conv=conv):
+      def body(acc, xg):
+        dx, dk = jax.vjp(conv, xg[0], k)[1](xg[1])
+        return acc + dk, dx
+      split = lambda a: a.reshape(2, a.shape[0] // 2, *a.shape[1:])
+      return lax.scan(body, jnp.zeros_like(k), (split(x), split(g)))
+    fns[label] = (jax.jit(accumulate), (x, kernel, g))
+    fns[label + " no scan"] = (_grad_fn(conv), (x, kernel, g))
+  t = _interleaved(fns, reps)
+  for label, (wall, cpu) in t.items():
+    print(f"  {label:14s} {wall * 1e3:8.1f} ({cpu * 1e3:7.1f})")
+  print(f"  XLA in scan / no scan: {t['XLA'][0] / t['XLA no scan'][0]:.1f}x; "
+        f"fast in scan / XLA in scan: {t['fast'][0] / t['XLA'][0]:.3f}")
+
+
+def bench_step(batch, reps):
+  print(f"\n3. ResNet-20 train step, batch {batch}, 32x32x3, SGD momentum: median ms wall (cpu)")
+  x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+  labels = jnp.arange(batch) % 10
+  tx = optax.sgd(0.1, momentum=0.9)
+  fns = {}
+  for label, fast in (("fast_grad off", False), ("fast_grad on", True)):
+    model = models.resnet20(fast_grad=fast)
+    variables = model.init(jax.random.key(1), x[:2])
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    def step(state, x, labels, model=model):
+      params, batch_stats, opt = state
+
+      def loss_fn(params):
+        logits, new = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                  train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, new["batch_stats"]
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt = tx.update(grads, opt, params)
+      return (optax.apply_updates(params, updates), batch_stats, opt), loss
+    fns[label] = (jax.jit(step), (state, x, labels))
+  (s_off, l_off), (s_on, l_on) = (fn(*args) for fn, args in fns.values())
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s_off[0]),
+                                                            jax.tree.leaves(s_on[0])))
+  print(f"  one step from the same state: loss {float(l_off):.6f} vs {float(l_on):.6f}, "
+        f"largest parameter difference {diff:.1e}")
+  t = _interleaved(fns, reps)
+  for label, (wall, cpu) in t.items():
+    print(f"  {label:14s} {wall * 1e3:8.0f} ({cpu * 1e3:6.0f})  {batch / wall:6.1f} img/s")
+  off, on = t["fast_grad off"], t["fast_grad on"]
+  print(f"  on / off: {on[0] / off[0]:.2f} wall ({on[1] / off[1]:.2f} cpu)")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=11, help="repetitions per variant")
+  parser.add_argument("--parts", default="convs,scan,step", help="comma-separated subset")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
+        f"shiftjax {sj.__version__}")
+  parts = args.parts.split(",")
+  if "convs" in parts:
+    bench_convs(args.batch, args.reps)
+  if "scan" in parts:
+    bench_scan(args.batch, max(3, args.reps // 3))
+  if "step" in parts:
+    bench_step(args.batch, args.reps)
+
+
+if __name__ == "__main__":
+  main()
