@@ -19,12 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shiftjax import conv as conv_lib
 from shiftjax import quantizers as qz
-
-try:  # the CPU-fast gradient path (issue 7) lands in shiftjax.conv
-  from shiftjax import conv as conv_lib
-except ImportError:  # pragma: no cover - until then, the plain XLA conv
-  conv_lib = None
 
 Dtype = Any
 
@@ -105,13 +101,8 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.kernel_weight(shape).astype(self.dtype)
-    if conv_lib is not None:
-      y = conv_lib.conv2d(x.astype(self.dtype), kernel, tuple(self.strides), self.padding,
-                          fast_grad=self.fast_grad)
-    else:
-      y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, tuple(self.strides),
-                                       self.padding,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv_lib.conv2d(x.astype(self.dtype), kernel, tuple(self.strides), self.padding,
+                        fast_grad=self.fast_grad)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return y
