@@ -1006,8 +1006,10 @@ def _uses_kernel(fmt: codes_lib.CodeFormat) -> bool:
   return not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
 
 
-def _decoded(words, fmt: codes_lib.CodeFormat, shape) -> jax.Array:
-  """Packed words -> float32 weights of ``shape`` (XLA; formats the kernels lack)."""
+def decode_kernel(words, fmt: codes_lib.CodeFormat, shape) -> jax.Array:
+  """uint32 words ``[ceil(K / P), O]`` -> float32 weights of ``shape`` (``K * O`` =
+  ``prod(shape)``), in XLA ops: the path of formats the kernels lack (zero codes, over
+  5 bits) on every backend."""
   codes = kernels.unpack_codes(words, fmt.bits, math.prod(shape[:-1]))
   return codes_lib.decode(codes, fmt, jnp.float32).reshape(shape)
 
@@ -1020,7 +1022,7 @@ def _conv_layer(layer: Layer, arrays, x, fmt, backend, platform):
                              kernel_shape=layer.shape, strides=layer.strides,
                              padding=layer.padding, scale=arrays[f"{layer.name}/scale"],
                              bias=bias, backend=backend, platform=platform)
-  w = (_decoded(kernel, fmt, layer.shape) if layer.quantized
+  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
        else kernel.astype(jnp.float32))
   y = lax.conv_general_dilated(x, w, window_strides=layer.strides, padding=layer.padding,
                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -1036,7 +1038,7 @@ def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
   if layer.quantized and _uses_kernel(fmt):
     return kernels.pow2_matmul(x, kernel, bits=fmt.bits, e0=fmt.e0, bias=bias,
                                backend=backend, platform=platform)
-  w = (_decoded(kernel, fmt, layer.shape) if layer.quantized
+  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
        else kernel.astype(jnp.float32))
   return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
 
