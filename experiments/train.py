@@ -7,6 +7,7 @@ Restarting with the same ``--workdir`` resumes from its last checkpoint.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from shiftjax import train
@@ -21,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # absl's INFO default floods the terminal
+    logging.set_verbosity(logging.WARNING)
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(train.format_summary(summary, FLAGS.workdir))
 

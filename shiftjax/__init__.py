@@ -1,7 +1,18 @@
-"""shiftjax: low-bit power-of-two (shift) neural networks in JAX/Flax."""
+"""shiftjax: low-bit power-of-two (shift) neural networks in JAX/Flax.
+
+``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
+``sj.DeepShiftQ``, ``sj.DeepShiftPS``), the code format (``sj.codes``), layers
+(``sj.layers``), models (``sj.models``), packed export (``sj.export``) and the kernels
+(``sj.kernels``, also ``import shiftjax.kernels``).
+"""
 
 from shiftjax import codes
 from shiftjax import quantizers
 from shiftjax.quantizers import DeepShiftPS, DeepShiftQ, DenseShift, S3, s3_regularizer
+from shiftjax import conv
+from shiftjax import layers
+from shiftjax import models
+from shiftjax import kernels
+from shiftjax import export
 
 __version__ = "0.1.0"

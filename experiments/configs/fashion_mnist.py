@@ -22,4 +22,5 @@ def get_config():
   c.num_epochs = 3.0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
+  c.export_packed = True
   return c
