@@ -103,8 +103,8 @@ def test_deepshift_ps_5_bit_range_is_minus_14_to_0():
 def test_decode_of_codes_reproduces_weight_bit_for_bit(q, dtype):
   latents = q.init(jax.random.key(1), (3, 3, 4, 8), dtype)
   # Spread the latents so every code occurs (low-variance init sits near thresholds).
-  latents = jax.tree.map(lambda x: x * jnp.asarray(
-      1.0 / max(float(jnp.std(x.astype(jnp.float32))), 1e-6), dtype), latents)
+  latents = jax.tree.map(
+      lambda x: x / jnp.maximum(jnp.std(x.astype(jnp.float32)), 1e-6).astype(dtype), latents)
   if isinstance(q, sj.DeepShiftQ):
     latents = {"weight": latents["weight"] * jnp.asarray(2.0 ** (q.e0 - 3), dtype)}
   if isinstance(q, sj.DeepShiftPS):
@@ -138,8 +138,10 @@ def test_code_layout_is_sign_bit_then_exponent_index():
 def random_latents(q, shape, seed=0):
   """Latents far enough from thresholds that a tiny perturbation keeps the pattern."""
   latents = q.init(jax.random.key(seed), shape)
-  return jax.tree.map(lambda x: jnp.where(x >= 0, 1.0, -1.0) * (0.1 + jnp.abs(x) * 10
-                                                                 / jnp.std(x)), latents)
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(np.where(rng.random(v.shape) < 0.5, -1.0, 1.0)
+                         * (0.1 + rng.random(v.shape)), jnp.float32)
+          for k, v in latents.items()}
 
 
 def grads(q, latents, cotangent):
