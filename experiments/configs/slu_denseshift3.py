@@ -1,0 +1,34 @@
+"""Spoken language understanding: a 3-bit DenseShift speech ResNet on synthetic_slu.
+
+    python -m experiments.make_synthetic_slu --data_dir=data/tfds
+    python -m experiments.train --config=experiments/configs/slu_denseshift3.py --config.data_dir=data/tfds --workdir=workdirs/slu_denseshift3
+
+FSC's 31 intents spoken by espeak-ng/flite voices; the test split's voices are never
+heard in training (``shiftjax/data/slu/synthetic.py``). Features: 40 log-mel bands,
+25 ms windows every 10 ms, 2.8 s per utterance (281 frames), SpecAugment.
+Budget: under 30 minutes on 2 CPU cores. ``slu_float.py`` and ``slu_s3.py`` change only
+the quantizer; ``benchmarks/slu_accuracy.py`` runs the three.
+"""
+
+from experiments.configs import default
+from shiftjax.data import speech
+
+# Until shiftjax.data and shiftjax.models list the speech datasets and models.
+speech.register()
+
+
+def get_config():
+  c = default.get_config()
+  c.model = "speech_resnet"
+  c.width_multiplier = 1.0
+  c.dataset = "synthetic_slu"
+  c.quantizer = "DenseShift"
+  c.bits = 3
+  c.batch_size = 64
+  c.eval_batch_size = 200
+  c.learning_rate = 0.1
+  c.weight_decay = 1e-4
+  c.num_epochs = 16.0             # 3,000 steps
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  return c
