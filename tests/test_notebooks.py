@@ -4,7 +4,7 @@ Execution uses nbclient with a real IPython kernel, on the notebooks' small sett
 (``SHIFTJAX_NOTEBOOK_SMALL=1``, read by each notebook's ``parameters`` cell), with data,
 workdirs and the kernel's working directory in temporary folders. Any error in any cell
 fails the test. Select or skip the module with ``pytest -m notebooks`` /
-``-m "not notebooks"``; it runs by default (about 5 minutes of CPU for the four).
+``-m "not notebooks"``; it runs by default (about 3.5 minutes of CPU for the four).
 """
 
 import json
