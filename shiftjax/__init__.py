@@ -14,5 +14,7 @@ from shiftjax import layers
 from shiftjax import models
 from shiftjax import kernels
 from shiftjax import export
+from shiftjax import data
+from shiftjax import train
 
 __version__ = "0.1.0"

@@ -114,9 +114,8 @@ def plot_curves(workdir: str) -> str | None:
   path = os.path.join(workdir, METRICS_FILE)
   if jax.process_index() != 0 or not os.path.exists(path):
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure (no pyplot): pyplot.use("Agg") would switch off a notebook's inline plots.
+  from matplotlib.figure import Figure
 
   records = read_metrics(path)
   panels = [("loss", ("train_loss", "test_loss")),
@@ -124,7 +123,8 @@ def plot_curves(workdir: str) -> str | None:
             ("learning rate", ("learning_rate",)),
             ("codes changed since last log", ("sign_change_fraction",
                                               "exponent_change_fraction"))]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5))
+  fig = Figure(figsize=(4.5 * len(panels), 3.5))
+  axes = fig.subplots(1, len(panels))
   for ax, (title, keys) in zip(axes, panels):
     for key in keys:
       points = [(r["step"], r[key]) for r in records if key in r]
@@ -138,5 +138,4 @@ def plot_curves(workdir: str) -> str | None:
   fig.tight_layout()
   out = os.path.join(workdir, CURVES_FILE)
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

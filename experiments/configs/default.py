@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Data.
   c.dataset = "cifar10"
   c.data_dir = ""                 # '' = the tfds default (~/tensorflow_datasets)
-  c.prepare_offline_data = False
-  c.augment = True                # the dataset's standard training augmentation  # fashion_mnist: build it from Debian's package first
+  c.prepare_offline_data = False  # fashion_mnist: build it from Debian's package first
+  c.augment = True                # the dataset's standard training augmentation
   # Optimization (reference: SGD 0.9, lr 0.1, cosine, 200 epochs, batch 256, wd 1e-4).
   c.optimizer = "sgd"             # 'sgd', 'radam' (DeepShift-PS), 'adam'
   c.learning_rate = 0.1
