@@ -220,7 +220,35 @@ class Quantizer:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepShiftQ(Quantizer):
+class _DeepShift(Quantizer):
+  """What DeepShift's two modes share: a shift range ending at 0 and the rounding."""
+  bits: int = 5
+  rounding: str = "deterministic"
+
+  MAX_BITS: ClassVar[int] = 8
+  HAS_ZERO: ClassVar[bool] = False
+
+  def _check_options(self):
+    _check_choice(self.name, "rounding", self.rounding, ("deterministic", "stochastic"))
+
+  @property
+  def p_min(self) -> int:
+    """Smallest shift; a format with a zero gives up one exponent for the zero code."""
+    return -((1 << (self.bits - 1)) - 1 - int(self.HAS_ZERO))
+
+  @property
+  def code_format(self):
+    return codes_lib.CodeFormat(self.bits, self.e0 + self.p_min, has_zero=self.HAS_ZERO)
+
+  def _round(self, x: jax.Array, rng=None) -> jax.Array:
+    """Round to nearest, or stochastically (up with probability frac(x)) given ``rng``."""
+    if rng is not None and self.rounding == "stochastic":
+      return jnp.floor(x + jax.random.uniform(rng, x.shape, x.dtype))
+    return jnp.round(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepShiftQ(_DeepShift):
   """DeepShift-Q: ``W_q = B(W) * 2**round(clamp(log2|W|, p_min, 0))``, STE backward.
 
   ``p`` runs over ``-(2**(bits-1) - 1) .. 0`` (5 bits: -15..0): one sign bit and
@@ -230,21 +258,6 @@ class DeepShiftQ(Quantizer):
   fractional part when ``weight`` gets an ``rng``; without one it rounds to nearest
   (evaluation, export).
   """
-  bits: int = 5
-  rounding: str = "deterministic"
-
-  MAX_BITS: ClassVar[int] = 8
-
-  def _check_options(self):
-    _check_choice(self.name, "rounding", self.rounding, ("deterministic", "stochastic"))
-
-  @property
-  def p_min(self) -> int:
-    return -((1 << (self.bits - 1)) - 1)
-
-  @property
-  def code_format(self):
-    return codes_lib.CodeFormat(self.bits, self.e0 + self.p_min, has_zero=False)
 
   def init(self, key, shape, dtype=jnp.float32):
     return {"weight": scaled_normal(key, shape, dtype, math.sqrt(2.0 / fan_in(shape)))}
@@ -254,11 +267,7 @@ class DeepShiftQ(Quantizer):
     fmt = self.code_format
     tiny = jnp.asarray(2.0 ** fmt.e0, w.dtype)  # keeps log2 finite for w == 0
     log2 = jnp.log2(jnp.maximum(jnp.abs(w), tiny))
-    if rng is not None and self.rounding == "stochastic":
-      p = jnp.floor(log2 + jax.random.uniform(rng, w.shape, w.dtype))
-    else:
-      p = jnp.round(log2)
-    return jnp.clip(p, fmt.e0, fmt.max_exponent)
+    return jnp.clip(self._round(log2, rng), fmt.e0, fmt.max_exponent)
 
   def weight(self, latents, rng=None):
     w = latents["weight"]
@@ -284,7 +293,7 @@ def _identity_ste_jvp(primals, tangents):
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepShiftPS(Quantizer):
+class DeepShiftPS(_DeepShift):
   """DeepShift-PS: trains a shift ``P`` and a sign ``S`` directly.
 
   ``W = round(clamp(S, -1, 1)) * 2**round(clamp(P, p_min, 0))``, sign in {-1, 0, +1},
@@ -292,37 +301,19 @@ class DeepShiftPS(Quantizer):
   Gradients: ``dL/dP = dL/dW * W * ln 2`` (vanishes for pruned or very small weights),
   ``dL/dS = dL/dW``. Init: ``P ~ U(max(-10, p_min), -1)``, ``S ~ U(-1, 1)``.
   """
-  bits: int = 5
-  rounding: str = "deterministic"
-
-  MAX_BITS: ClassVar[int] = 8
-
-  def _check_options(self):
-    _check_choice(self.name, "rounding", self.rounding, ("deterministic", "stochastic"))
-
-  @property
-  def p_min(self) -> int:
-    return -((1 << (self.bits - 1)) - 2)
-
-  @property
-  def code_format(self):
-    return codes_lib.CodeFormat(self.bits, self.e0 + self.p_min, has_zero=True)
+  HAS_ZERO: ClassVar[bool] = True
 
   def init(self, key, shape, dtype=jnp.float32):
     k_shift, k_sign = jax.random.split(key)
     low = max(-10, self.p_min)
-    high = max(low, min(-1, 0))
+    high = max(low, -1)  # 2 bits: p_min = 0, every shift starts at 0
     return {
         "shift": jax.random.uniform(k_shift, shape, dtype, low, high),
         "sign": jax.random.uniform(k_sign, shape, dtype, -1.0, 1.0),
     }
 
   def _shift_and_sign(self, latents, rng=None):
-    p = jnp.clip(latents["shift"], self.p_min, 0)
-    if rng is not None and self.rounding == "stochastic":
-      p = jnp.floor(p + jax.random.uniform(rng, p.shape, p.dtype))
-    else:
-      p = jnp.round(p)
+    p = self._round(jnp.clip(latents["shift"], self.p_min, 0), rng)
     s = jnp.round(jnp.clip(latents["sign"], -1, 1))
     return p, jnp.where(s == 0, jnp.zeros_like(s), s)  # +0, never -0
 
