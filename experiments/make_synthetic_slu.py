@@ -3,9 +3,10 @@
     apt-get install -y espeak-ng flite
     python -m experiments.make_synthetic_slu --data_dir=DIR
 
-writes the tfds dataset ``DIR/synthetic_slu/1.0.0`` (array_record; about 5 minutes on 2
-cores for the default 12,000 / 1,200 / 2,400 train / valid / test utterances). The test
-and valid voices are never heard in training; see ``shiftjax/data/slu/synthetic.py``.
+writes the tfds dataset ``DIR/synthetic_slu/1.0.0`` (array_record, 583 MB; 5 minutes of
+CPU, up to 15 on a busy 2-core machine, for the default 12,000 / 1,200 / 2,400 train /
+valid / test utterances). The test and valid voices are never heard in training; see
+``shiftjax/data/slu/synthetic.py``.
 Rerunning with the same flags does nothing; other flags need another ``--data_dir``.
 """
 

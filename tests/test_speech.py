@@ -97,8 +97,8 @@ def test_fsc_builder_reads_the_standard_layout(tmp_path):
     seen = set()
     for ex in examples:
       label = int(ex["label"])
-      audio, want_label, speaker = next(v for v in expected.values()
-                                        if np.array_equal(v[0], ex["audio"]))
+      _, want_label, speaker = next(v for v in expected.values()
+                                    if np.array_equal(v[0], ex["audio"]))
       assert label == want_label and ex["speaker_id"].decode() == speaker
       action, obj, location = intents.INTENTS[label]
       assert info.features["action"].names[ex["action"]] == action
@@ -106,7 +106,7 @@ def test_fsc_builder_reads_the_standard_layout(tmp_path):
       assert info.features["location"].names[ex["location"]] == location
       assert ex["audio"].dtype == np.int16
       seen.add(speaker)
-    assert seen == {speaker for _, speaker, _ in [(0, v[2], 0) for v in expected.values()]}
+    assert seen == {v[2] for v in expected.values()}
 
 
 def test_fsc_builder_names_what_is_wrong(tmp_path):

@@ -6,8 +6,11 @@
 FSC's 31 intents spoken by espeak-ng/flite voices; the test split's voices are never
 heard in training (``shiftjax/data/slu/synthetic.py``). Features: 40 log-mel bands,
 25 ms windows every 10 ms, 2.8 s per utterance (281 frames), SpecAugment.
-Budget: under 30 minutes on 2 CPU cores. ``slu_float.py`` and ``slu_s3.py`` change only
-the quantizer; ``benchmarks/slu_accuracy.py`` runs the three.
+Measured on the shared 2-core CPU (seed 0 data, default sizes): 97.62 % test accuracy
+(2,400 utterances of unseen voices) after 4,488 steps; 1,515 s of training, 1,587 s in
+all with loading and evaluation. 16 epochs gave 96.92 % in 1,007 s of training.
+``slu_float.py`` and ``slu_s3.py`` change only the quantizer;
+``benchmarks/slu_accuracy.py`` runs the three.
 """
 
 from experiments.configs import default
@@ -28,7 +31,7 @@ def get_config():
   c.eval_batch_size = 200
   c.learning_rate = 0.1
   c.weight_decay = 1e-4
-  c.num_epochs = 16.0             # 3,000 steps
+  c.num_epochs = 24.0             # 4,488 steps
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   return c

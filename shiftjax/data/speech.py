@@ -14,8 +14,8 @@ interface of ``augment.CropFlip``) and ``EvalPipeline``; ``datasets.normalize`` 
 uint8 features to zero mean and unit variance with the spec's statistics on device.
 
 Why features are precomputed rather than computed in the model step: the features of
-an utterance are the same every epoch, so computing them once (about 20 s of CPU for
-the 12,000 training utterances) costs less than one epoch of recomputing them inside
+an utterance are the same every epoch, so computing them once (under a minute for the
+12,000 training utterances) costs less than one epoch of recomputing them inside
 the training step, and uint8 features take 1/4 of the memory of the int16 audio
 (12,000 utterances: 135 MB). SpecAugment then works on the uint8 features.
 
@@ -207,7 +207,7 @@ def how_to_prepare(name: str, data_dir: str | os.PathLike | None) -> str:
   where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
   flag = f" --data_dir={data_dir}" if data_dir else ""
   if name == "synthetic_slu":
-    return (f"synthetic_slu is not prepared in {where}. Build it (about 5 minutes) with "
+    return (f"synthetic_slu is not prepared in {where}. Build it (5-15 minutes) with "
             f"`python -m experiments.make_synthetic_slu{flag}` (needs `apt-get install "
             "espeak-ng flite`).")
   if name == "fluent_speech_commands":

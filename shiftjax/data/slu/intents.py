@@ -31,9 +31,8 @@ languages sort before ``none``):
   14 change language_none_none      30 increase_volume_none
   15 deactivate_lamp_none
 
-``PHRASINGS`` gives, for each intent, commands in the style of FSC's 248 prompts (FSC's
-own prompt list is not redistributed with its vocabulary; these are written for the
-synthetic stand-in, ``synthetic.py``).
+``PHRASINGS`` gives, for each intent, 6-8 commands in the style of FSC's prompts, 223 in
+all, written for the synthetic stand-in (``synthetic.py``); they are not FSC's own 248.
 """
 
 from __future__ import annotations
