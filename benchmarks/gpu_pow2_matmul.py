@@ -104,6 +104,31 @@ def correctness(interpret: bool) -> bool:
       except Exception as e:  # pylint: disable=broad-except
         print(f"  FAIL {label}: {type(e).__name__}: {e}")
         ok = False
+  if not interpret:
+    ok &= _check_conv(rng)
+  return ok
+
+
+def _check_conv(rng) -> bool:
+  """pow2_conv's Pallas path (im2col + kernel) against its XLA path (decode + conv)."""
+  ok = True
+  for stride, padding, (kh, kw, cin, cout), bits in [(1, "SAME", (3, 3, 64, 64), 3),
+                                                     (2, "SAME", (3, 3, 32, 128), 4),
+                                                     (2, "VALID", (1, 1, 64, 128), 2)]:
+    codes = rng.integers(0, 1 << bits, size=(kh * kw * cin, cout))
+    packed = jnp.asarray(_pack(codes, bits))
+    x = jnp.asarray(rng.standard_normal((8, 32, 32, cin)), jnp.float32)
+    e0 = -(1 << (bits - 1)) - 2
+    kwargs = dict(bits=bits, e0=e0, kernel_shape=(kh, kw, cin, cout), strides=stride,
+                  padding=padding)
+    want = kernels.pow2_conv(x, packed, backend="xla", **kwargs)
+    got = kernels.pow2_conv(x, packed, backend="pallas", **kwargs)
+    # Summation order differs (im2col blocks vs XLA's conv): compare to the output scale.
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    good = got.shape == want.shape and err < 1e-5
+    ok &= good
+    print(f"  {'ok  ' if good else 'FAIL'} pow2_conv {kh}x{kw}x{cin}->{cout} stride "
+          f"{stride} {padding} {bits}-bit: max err / max |out| {err:.3g}", flush=True)
   return ok
 
 

@@ -375,11 +375,16 @@ class S3(Quantizer):
     latents = {
         "sign": scaled_normal(keys[0], shape, dtype, std),
         "sparse": scaled_normal(keys[1], shape, dtype, std),
-        "shift": scaled_normal(keys[2], (self.num_shift_latents,) + shape, dtype, std),
     }
+    # Ternary S3 (2 bits) has no shift latents; orbax cannot checkpoint a [0, ...] array,
+    # so the entry is left out rather than stored empty.
+    if self.num_shift_latents:
+      latents["shift"] = scaled_normal(keys[2], (self.num_shift_latents,) + shape, dtype,
+                                       std)
     if self.init_method == "dense":
       latents["sparse"] = jnp.abs(latents["sparse"])
-      latents["shift"] = -jnp.abs(latents["shift"])
+      if "shift" in latents:
+        latents["shift"] = -jnp.abs(latents["shift"])
     return latents
 
   def weight(self, latents):

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,18 +28,21 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shiftjax import codes as codes_lib
+from shiftjax import conv
 from shiftjax import data as data_lib
 from shiftjax import export as export_lib
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
 from shiftjax import models
 from shiftjax import quantizers as qz
+from shiftjax import transfer
 
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 OPTIMIZERS = ("sgd", "radam", "adam")
 SCHEDULES = ("cosine", "constant")
 FAST_GRAD = {"auto": None, "on": True, "off": False}
+EIGEN_CONVS = ("auto", "off")
 WEIGHT_DECAY_ON = ("all", "kernels", "none")
 
 
@@ -75,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          ("weight_decay_on", WEIGHT_DECAY_ON)):
     if config[field] not in allowed:
       raise ValueError(f"config.{field} must be one of {allowed}, got {config[field]!r}")
+  if config.get("eigen_convs", "auto") not in EIGEN_CONVS:
+    raise ValueError(f"config.eigen_convs must be one of {EIGEN_CONVS}, got "
+                     f"{config.eigen_convs!r}")
   for field in ("batch_size", "eval_batch_size", "log_every_steps",
                 "checkpoint_every_steps"):
     if not isinstance(config[field], int) or config[field] <= 0:
@@ -107,6 +113,11 @@ def create_quantizer(config) -> qz.Quantizer | None:
   # Empty strings mean "the spec's default" (init defaults differ between methods).
   kwargs = {k: v for k, v in options.items() if k in fields and v != ""}
   return cls(**kwargs)
+
+
+def step_compiler_options(config) -> dict[str, str]:
+  """Compiler options of the jitted train and eval steps (``config.eigen_convs``)."""
+  return conv.eigen_conv_options() if config.get("eigen_convs", "auto") == "auto" else {}
 
 
 def create_model(config, num_classes: int) -> nn.Module:
@@ -390,9 +401,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data_lib.prepare_fashion_mnist(data_dir)
   train_ds = data_lib.make_dataset(config.dataset, batch_size=config.batch_size, train=True,
                                    seed=config.seed, data_dir=data_dir,
-                                   augment=config.augment)
+                                   augment=config.augment,
+                                   image_size=config.get("image_size"))
   eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
-                                  train=False, data_dir=data_dir)
+                                  train=False, data_dir=data_dir,
+                                  image_size=config.get("image_size"))
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = total_train_steps(config, steps_per_epoch)
   quantizer = create_quantizer(config)
@@ -404,13 +417,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = replicate(create_train_state(key, config, model, spec.image_shape, lr_fn), mesh)
   manager = checkpoint_manager(workdir, config)
   state = restore_latest(manager, state)
+  # --config.init_from: a fresh run starts from a converted float checkpoint (a resumed
+  # run keeps its own checkpoint).
+  state = replicate(transfer.init_from_config(state, config, quantizer), mesh)
   start_step = int(state.step)
 
   s3_alpha = config.s3_regularizer if isinstance(quantizer, qz.S3) else 0.0
+  compile_options = step_compiler_options(config)
   p_train_step = jax.jit(functools.partial(
       train_step, dataset=config.dataset, s3_alpha=s3_alpha,
-      rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, dataset=config.dataset))
+      rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
+      compiler_options=compile_options)
+  p_eval_step = jax.jit(functools.partial(eval_step, dataset=config.dataset),
+                        compiler_options=compile_options)
   p_codes = jax.jit(functools.partial(all_codes, quantizer=quantizer)) if quantizer else None
   p_changes = (jax.jit(functools.partial(code_changes, fmt=quantizer.code_format))
                if quantizer else None)
@@ -503,7 +522,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   validate_config(config)
   spec = data_lib.get_spec(config.dataset)
   eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
-                                  train=False, data_dir=config.data_dir or None)
+                                  train=False, data_dir=config.data_dir or None,
+                                  image_size=config.get("image_size"))
   model = create_model(config, spec.num_classes)
   mesh = create_mesh()
   lr_fn = create_learning_rate_fn(config, 1, 1)
@@ -511,7 +531,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
                                        spec.image_shape, lr_fn), mesh)
   state = restore_for_eval(workdir, config, state, step)
   results = evaluate(state, eval_ds, mesh, jax.jit(functools.partial(
-      eval_step, dataset=config.dataset)))
+      eval_step, dataset=config.dataset), compiler_options=step_compiler_options(config)))
   results["step"] = int(state.step)
   return results
 

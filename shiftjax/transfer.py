@@ -225,10 +225,11 @@ def _latents(w: np.ndarray, quantizer: qz.Quantizer, margin: float, k: np.ndarra
             "sign": np.sign(w).astype(dtype)}
   sign = np.where(w >= 0, margin, -margin).astype(dtype)
   if isinstance(quantizer, qz.S3):
-    return {"sign": sign,
-            "sparse": np.where(is_zero, -margin, margin).astype(dtype),
-            "shift": _bit_latents(index, quantizer.num_shift_latents, "chain", margin,
-                                  dtype)}
+    latents = {"sign": sign, "sparse": np.where(is_zero, -margin, margin).astype(dtype)}
+    if quantizer.num_shift_latents:  # ternary S3 has none (as S3.init)
+      latents["shift"] = _bit_latents(index, quantizer.num_shift_latents, "chain", margin,
+                                      dtype)
+    return latents
   return {"sign": sign,
           "exponent": _bit_latents(index, quantizer.num_exponent_latents,
                                    quantizer.encoding, margin, dtype)}

@@ -96,6 +96,21 @@ def test_default_is_decided_by_backend():
   assert ("custom_vjp" in jaxpr) == sc.default_fast_grad()
 
 
+def test_eigen_conv_options_compute_the_same_gradients():
+  opts = sc.eigen_conv_options()
+  if jax.default_backend() == "cpu":
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  # 32 channels: the convs that YNNPACK would otherwise take.
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
+  loss = lambda x, k: jnp.sum(jnp.sin(sc.conv2d(x, k, 1, "SAME")))
+  grads = jax.grad(loss, argnums=(0, 1))
+  want = jax.jit(grads)(x, kernel)
+  got = jax.jit(grads, compiler_options=opts)(x, kernel)
+  for a, b in zip(got, want):
+    _assert_close(a, b, 1e-5)
+
+
 @pytest.mark.parametrize("name", ["loop_12"])
 def test_bfloat16(name):
   """bf16 gradients are as close to the float32 gradient as XLA's own bf16 gradients."""

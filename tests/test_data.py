@@ -295,7 +295,9 @@ def test_mocked_tfds_datasets(name, shape):
 
 def test_unknown_and_unprepared_datasets(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'imagenet'.*cifar10, "
-                                       "fashion_mnist, mnist"):
+                                       "fashion_mnist, fluent_speech_commands, "
+                                       "imagenet2012, mnist, speech_commands, "
+                                       "synthetic_slu"):
     sjd.make_dataset("imagenet", batch_size=8, train=True)
   with pytest.raises(FileNotFoundError, match="mnist is not prepared"):
     sjd.make_dataset("mnist", batch_size=8, train=True, data_dir=tmp_path)

@@ -51,7 +51,10 @@ def binary_pattern_latents(q, dtype=jnp.float32):
   patterns = jnp.asarray(patterns.reshape(n, -1, 1), dtype)  # each latent: [2**n, 1]
   if isinstance(q, sj.DenseShift):
     return {"sign": patterns[0], "exponent": patterns[1:]}
-  return {"sign": patterns[0], "sparse": patterns[1], "shift": patterns[2:]}
+  latents = {"sign": patterns[0], "sparse": patterns[1]}
+  if q.num_shift_latents:
+    latents["shift"] = patterns[2:]
+  return latents
 
 
 @pytest.mark.parametrize("q", [s for s in ALL_SPECS if isinstance(s, (sj.DenseShift, sj.S3))],

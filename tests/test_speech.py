@@ -198,13 +198,13 @@ def test_speech_pipeline_serves_uint8_log_mel(tiny_synthetic):
   # dB below each utterance's peak: its loudest bin is 255; trailing padding is silence.
   assert (source.images.reshape(8, -1).max(axis=1) == 255).all()
   assert (source.images[:, -5:] == 0).all()
-  train = speech.make_dataset("synthetic_slu", batch_size=4, train=True, seed=0,
-                              data_dir=tiny_synthetic, prefetch=0)
+  train = sj.data.make_dataset("synthetic_slu", batch_size=4, train=True, seed=0,
+                               data_dir=tiny_synthetic, prefetch=0)
   batch = train.batch(0)
   assert batch["image"].shape == (4, 281, 40, 1) and batch["label"].shape == (4,)
   np.testing.assert_array_equal(batch["image"], train.batch(0)["image"])  # resumable
-  evaluation = speech.make_dataset("synthetic_slu", batch_size=3, train=False,
-                                   data_dir=tiny_synthetic, prefetch=0)
+  evaluation = sj.data.make_dataset("synthetic_slu", batch_size=3, train=False,
+                                    data_dir=tiny_synthetic, prefetch=0)
   assert len(evaluation) == 2 and evaluation.batch(1)["mask"].tolist() == [True, False, False]
   with pytest.raises(FileNotFoundError, match="make_synthetic_slu"):
     speech.load_split("synthetic_slu", "train", data_dir=tiny_synthetic / "missing")
@@ -232,8 +232,8 @@ def test_numpy_spec_augment_masks_within_bounds():
 def test_speech_commands_pipeline_with_mock_data():
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     speech._load_split_cached.cache_clear()
-    train = speech.make_dataset("speech_commands", batch_size=3, train=True, seed=0,
-                                prefetch=0)
+    train = sj.data.make_dataset("speech_commands", batch_size=3, train=True, seed=0,
+                                 prefetch=0)
     batch = train.batch(0)
   speech._load_split_cached.cache_clear()
   assert batch["image"].shape == (3, 101, 40, 1) and batch["image"].dtype == np.uint8

@@ -116,6 +116,7 @@ def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path)
     ({"dataset": "imagenet21k"}, "unknown dataset 'imagenet21k'"),
     ({"bits": 6}, "DenseShift supports bits in 2..5, got 6"),
     ({"optimizer": "lamb"}, "config.optimizer must be one of"),
+    ({"eigen_convs": "on"}, "config.eigen_convs must be one of ('auto', 'off'), got 'on'"),
     ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
 ])
 def test_config_errors_are_reported_before_anything_runs(tmp_path, override, message):

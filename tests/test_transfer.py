@@ -3,7 +3,6 @@ converted Fashion-MNIST model that classifies before any shift training."""
 
 import copy
 import functools
-import inspect
 import os
 
 import jax
@@ -291,12 +290,6 @@ def test_float_fashion_mnist_converts_to_a_working_3bit_denseshift(float_fashion
   assert recalibrated_acc > 0.5 and recalibrated_acc > float_acc - 0.1
 
 
-needs_hook = pytest.mark.skipif(
-    "init_from_config" not in inspect.getsource(train.train_and_evaluate),
-    reason="shiftjax.train has no --config.init_from hook yet (see shiftjax/transfer.py)")
-
-
-@needs_hook
 def test_init_from_hook_starts_training_from_the_converted_float_model(float_fashion_run,
                                                                        tmp_path):
   data_dir, workdir, float_summary = float_fashion_run

@@ -25,11 +25,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.rounding = "deterministic"    # DeepShift: or 'stochastic'
   c.s3_regularizer = 1e-5         # alpha of S3's dense-weight regularizer (S3 only)
   c.fast_grad = "auto"            # CPU-fast conv weight gradients: 'auto', 'on', 'off'
+  c.eigen_convs = "auto"          # CPU convs on XLA's Eigen (all cores): 'auto', 'off'
   # Data.
   c.dataset = "cifar10"
   c.data_dir = ""                 # '' = the tfds default (~/tensorflow_datasets)
   c.prepare_offline_data = False  # fashion_mnist: build it from Debian's package first
   c.augment = True                # the dataset's standard training augmentation
+  c.image_size = ml_collections.config_dict.placeholder(int)  # imagenet2012: crop side
+  # Transfer: start a fresh run from a float run's checkpoint (shiftjax/transfer.py).
+  c.init_from = ""                # float run's workdir or checkpoint dir; '' = random init
+  c.init_from_required = False    # fine-tuning recipes: error out without init_from
+  c.init_margin = 1e-3            # converted latents sit this far from their thresholds
+  c.init_granularity = "layer"    # scale exponent offset per 'layer' or per 'channel'
   # Optimization (reference: SGD 0.9, lr 0.1, cosine, 200 epochs, batch 256, wd 1e-4).
   c.optimizer = "sgd"             # 'sgd', 'radam' (DeepShift-PS), 'adam'
   c.learning_rate = 0.1

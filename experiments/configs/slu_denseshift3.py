@@ -14,10 +14,6 @@ all with loading and evaluation. 16 epochs gave 96.92 % in 1,007 s of training.
 """
 
 from experiments.configs import default
-from shiftjax.data import speech
-
-# Until shiftjax.data and shiftjax.models list the speech datasets and models.
-speech.register()
 
 
 def get_config():

@@ -7,3 +7,11 @@ from shiftjax.data.datasets import (
 from shiftjax.data.fashion_mnist import prepare_fashion_mnist, read_idx
 from shiftjax.data.pipeline import (
     ArraySource, EvalPipeline, Prefetcher, TrainPipeline, load_split, make_dataset)
+from shiftjax.data import imagenet
+from shiftjax.data import speech
+from shiftjax.data.speech import SpecAugment, SpeechDatasetSpec
+
+# Datasets with their own readers register here: ImageNet is streamed from disk, the
+# speech sets are waveforms turned into log-mel "images" (``SpeechDatasetSpec.load``).
+SPECS[imagenet.NAME] = imagenet.SPEC
+SPECS.update(speech.SPECS)

@@ -346,11 +346,14 @@ def make_dataset(name: str, split: str | None = None, *, batch_size: int, train:
                  seed: int = 0, data_dir: str | os.PathLike | None = None,
                  augment: bool = True, prefetch: int = 2,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> TrainPipeline | EvalPipeline:
+                 process_count: int | None = None,
+                 image_size: int | None = None) -> TrainPipeline | EvalPipeline:
   """A training or evaluation pipeline over tfds dataset ``name``.
 
   Args:
-    name: ``fashion_mnist``, ``mnist`` or ``cifar10`` (``datasets.SPECS``).
+    name: a key of ``shiftjax.data.SPECS`` (``fashion_mnist``, ``mnist``, ``cifar10``,
+      ``imagenet2012``, ``synthetic_slu``, ``fluent_speech_commands``,
+      ``speech_commands``).
     split: a tfds split (``"train"``, ``"test"``, ``"train[:90%]"``...); None: the
       spec's train split when ``train``, its eval split otherwise.
     batch_size: the global batch size, divisible by the number of processes.
@@ -362,15 +365,28 @@ def make_dataset(name: str, split: str | None = None, *, batch_size: int, train:
     prefetch: batches built ahead in a background thread (0: none).
     process_index, process_count: this host's place; default ``jax.process_index()``
       and ``jax.process_count()``.
+    image_size: ``imagenet2012``: side of the served crops (default 224); other
+      datasets have one fixed size and accept only that (or None).
   """
   spec: DatasetSpec = get_spec(name)
+  if spec.max_bytes == 0:  # too big for memory: streamed by its own reader
+    from shiftjax.data import imagenet  # pylint: disable=g-import-not-at-top
+    return imagenet.make_dataset(
+        name, split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
+        augment=augment, process_index=process_index, process_count=process_count,
+        image_size=image_size)
+  if image_size is not None and image_size != spec.image_shape[0]:
+    raise ValueError(f"{name} has {spec.image_shape[0]}x{spec.image_shape[1]} images; "
+                     f"image_size={image_size} is not available (leave it unset)")
   # Fail before reading any data.
   _host_slice(batch_size, process_index, process_count)
   if train:
     _check_seed(seed)
   if split is None:
     split = spec.train_split if train else spec.eval_split
-  source = load_split(name, split, data_dir=data_dir)
+  load = getattr(spec, "load", None)  # speech specs decode waveforms into features
+  source = (load(split, data_dir) if load is not None
+            else load_split(name, split, data_dir=data_dir))
   hosts = {"process_index": process_index, "process_count": process_count,
            "prefetch": prefetch}
   if train:

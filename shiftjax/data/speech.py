@@ -28,8 +28,8 @@ Datasets (``SPECS``; each is a ``SpeechDatasetSpec``, a ``DatasetSpec`` with a f
 * ``speech_commands``: tfds's Speech Commands v0.02 (12 classes, 1 s clips). Its
   preparation and its wav decoding need TensorFlow.
 
-Until ``shiftjax.data`` and ``shiftjax.models`` list them, ``register()`` makes
-``shiftjax.train.train_and_evaluate`` know these datasets and the speech ResNets.
+``shiftjax.data`` lists them beside the image datasets, so ``shiftjax.data.make_dataset``
+and the training launcher serve them like any other.
 """
 
 from __future__ import annotations
@@ -286,53 +286,3 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = No
   """
   get_spec(name)
   return _load_split_cached(name, split, None if data_dir is None else os.fspath(data_dir))
-
-
-def make_dataset(name: str, split: str | None = None, *, batch_size: int, train: bool,
-                 seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 augment: bool = True, prefetch: int = 2,
-                 process_index: int | None = None,
-                 process_count: int | None = None):
-  """``pipeline.make_dataset`` that also serves the speech datasets of ``SPECS``.
-
-  Same arguments and results (a ``TrainPipeline`` or an ``EvalPipeline``); names that
-  are not speech datasets go to ``pipeline.make_dataset``.
-  """
-  if name not in SPECS:
-    return pipeline.make_dataset(
-        name, split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
-        augment=augment, prefetch=prefetch, process_index=process_index,
-        process_count=process_count)
-  spec = get_spec(name)
-  hosts = {"process_index": process_index, "process_count": process_count,
-           "prefetch": prefetch}
-  if split is None:
-    split = spec.train_split if train else spec.eval_split
-  source = load_split(name, split, data_dir=data_dir)
-  if train:
-    return pipeline.TrainPipeline(source, batch_size=batch_size, seed=seed,
-                                  augment=spec.augment if augment else None, **hosts)
-  return pipeline.EvalPipeline(source, batch_size=batch_size, **hosts)
-
-
-# ------------------------------------------------------------------------------ the glue
-
-
-def register() -> None:
-  """Lets ``shiftjax.train`` train on the speech datasets with the speech ResNets.
-
-  Adds ``SPECS`` to ``shiftjax.data``'s dataset specs, ``speech_resnet`` and
-  ``speech_resnet14`` to ``shiftjax.models.MODELS``, and routes
-  ``shiftjax.data.make_dataset`` through this module's ``make_dataset`` (which hands
-  every other dataset to the original). Idempotent; a no-op for what is registered.
-  """
-  import shiftjax.data as data_lib  # pylint: disable=g-import-not-at-top
-  from shiftjax import models  # pylint: disable=g-import-not-at-top
-  from shiftjax.models import speech_resnet  # pylint: disable=g-import-not-at-top
-
-  for key, spec in SPECS.items():
-    datasets.SPECS.setdefault(key, spec)
-  for factory in (speech_resnet.speech_resnet, speech_resnet.speech_resnet14):
-    models.MODELS.setdefault(factory.__name__, factory)
-  if data_lib.make_dataset is pipeline.make_dataset:
-    data_lib.make_dataset = make_dataset

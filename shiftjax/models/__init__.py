@@ -1,11 +1,13 @@
-"""Model zoo: CIFAR and ImageNet ResNets whose convs are shift convs."""
+"""Model zoo: CIFAR, ImageNet and speech ResNets whose convs are shift convs."""
 
 from shiftjax.models.resnet_cifar import (CifarResNet, resnet8, resnet14, resnet20, resnet32,
                                           resnet44, resnet56, resnet110)
 from shiftjax.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34, resnet50
+from shiftjax.models.speech_resnet import SpeechResNet, speech_resnet, speech_resnet14
 
 MODELS = {f.__name__: f for f in (resnet8, resnet14, resnet20, resnet32, resnet44, resnet56,
-                                  resnet110, resnet18, resnet34, resnet50)}
+                                  resnet110, resnet18, resnet34, resnet50, speech_resnet,
+                                  speech_resnet14)}
 
 
 def get(name: str, **kwargs):

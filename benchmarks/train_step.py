@@ -1,0 +1,210 @@
+"""Times a ResNet-20 training step on CPU: float and DenseShift, fast conv gradients on/off,
+and a plain PyTorch ResNet-20 (issue 7).
+
+    python benchmarks/train_step.py                 # batch 128, 15 repetitions
+    python benchmarks/train_step.py --reps 31 --no-torch
+
+Our step is ``shiftjax.train.train_step`` (what training runs: uint8 images normalized on
+device, SGD momentum 0.9 + coupled weight decay 1e-4, BatchNorm statistics updated),
+jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (32x32x3,
+10 classes). Variants: float and DenseShift 3-bit (stem and head float, as the recipe),
+each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
+``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv
+gradients, ``shiftjax.conv``, and convolutions on Eigen, ``conv.eigen_conv_options``);
+"DenseShift3 fast grad" has our gradients on XLA's default libraries, to show each
+part's share. The PyTorch step is the same architecture (3x3 stem
+16, three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts,
+global average pool, fc), float, SGD momentum + weight decay, run with
+``torch.set_num_threads(2)`` and (1): on a machine loaded by other jobs, PyTorch's OpenMP
+threads spin at every barrier while the other thread waits for a core, so its 2-thread CPU
+time counts spinning; the 1-thread CPU time is the work itself. torch is optional
+(``pip install -e .[bench]``); without it that part is skipped.
+
+Repetitions alternate between all variants and each number is a median, so the ratios
+hold on a machine shared with other jobs; the absolute times do not. Both wall time and
+the process's CPU time (all threads) are printed: on a loaded machine, CPU time is the
+steadier of the two, wall time is what a user waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+import shiftjax as sj
+from shiftjax import conv
+from shiftjax import models
+from shiftjax import train
+
+BATCH_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+
+
+def _optimizer_config() -> ml_collections.ConfigDict:
+  """The optimizer fields of experiments/configs/default.py (the reference recipe)."""
+  return ml_collections.ConfigDict(dict(
+      optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=1e-4,
+      weight_decay_on="all"))
+
+
+def _batch(batch: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (batch, *BATCH_SHAPE), dtype=np.uint8),
+          "label": rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32)}
+
+
+class JaxStep:
+  """The jitted ``train.train_step`` of one model variant, carrying its own state."""
+
+  def __init__(self, quantizer, fast_grad: bool, batch: dict, compiler_options=None):
+    model = models.resnet20(num_classes=NUM_CLASSES, quantizer=quantizer, fast_grad=fast_grad)
+    key = jax.random.key(0)
+    self.state = train.create_train_state(key, _optimizer_config(), model, BATCH_SHAPE,
+                                          lambda step: 0.1)
+    self.batch = jax.device_put(batch)
+    self.step = jax.jit(functools.partial(
+        train.train_step, dataset="cifar10", s3_alpha=0.0,
+        rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
+        compiler_options=compiler_options)
+
+  def __call__(self):
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    return float(metrics["loss_sum"]) / float(metrics["count"])
+
+
+def _torch_steps(batch: dict, threads=(2, 1)) -> dict:
+  """{name: PyTorch ResNet-20 float train step on n threads}, or {} without torch."""
+  try:
+    import torch
+    from torch import nn
+  except ImportError:
+    return {}
+  torch.manual_seed(0)
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = nn.Sequential()
+      if stride != 1 or cin != cout:
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = torch.relu(self.bn1(self.conv1(x)))
+      return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+  class ResNet20(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+      self.bn = nn.BatchNorm2d(16)
+      blocks, cin = [], 16
+      for i, width in enumerate((16, 32, 64)):
+        for j in range(3):
+          blocks.append(Block(cin, width, 2 if i > 0 and j == 0 else 1))
+          cin = width
+      self.blocks = nn.Sequential(*blocks)
+      self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x):
+      x = self.blocks(torch.relu(self.bn(self.stem(x))))
+      return self.fc(x.mean((2, 3)))
+
+  model = ResNet20().train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  spec = sj.data.get_spec("cifar10")
+  mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+  std = torch.tensor(spec.std).view(1, 3, 1, 1)
+  images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(batch["label"]).long()
+
+  def step(num_threads):
+    torch.set_num_threads(num_threads)
+    x = (images.float() / 255 - mean) / std  # as our step: normalized in the step
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), labels)
+    loss.backward()
+    opt.step()
+    return loss.item()
+  return {f"PyTorch float {n}t": functools.partial(step, n) for n in threads}
+
+
+def _time_once(fn):
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
+  """{name: fn} -> {name: (median wall s, median cpu s)}, repetitions alternating."""
+  for fn in fns.values():
+    for _ in range(warmup):  # compile, then one step on a donated state
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      time.sleep(0.05)  # idle OpenMP threads of the previous variant stop spinning
+      times[name].append(_time_once(fn))
+  return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=15, help="repetitions per variant")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
+        f"device(s), {os.cpu_count()} CPUs, shiftjax {sj.__version__}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  batch = _batch(args.batch)
+  fns = {}
+  eigen = conv.eigen_conv_options()
+  print(f"eigen_conv_options: {eigen or 'not available (not CPU, or unknown to jaxlib)'}")
+  for qname, quantizer in (("float", None), ("DenseShift3", sj.DenseShift(bits=3))):
+    fns[f"{qname} plain"] = JaxStep(quantizer, False, batch)
+    fns[f"{qname} fast"] = JaxStep(quantizer, True, batch, eigen)
+  fns["DenseShift3 fast grad"] = JaxStep(sj.DenseShift(bits=3), True, batch)
+  torch_steps = {} if args.no_torch else _torch_steps(batch)
+  if torch_steps:
+    import torch
+    fns.update(torch_steps)
+    print(f"torch {torch.__version__} (PyTorch float Nt: torch.set_num_threads(N))")
+  elif not args.no_torch:
+    print("torch is not installed (pip install -e .[bench]): PyTorch step skipped")
+
+  t = _interleaved(fns, args.reps)
+  print(f"\nResNet-20 train step, batch {args.batch}, {args.reps} interleaved repetitions: "
+        "median ms wall (cpu)")
+  for name, (wall, cpu) in t.items():
+    print(f"  {name:20s} {wall * 1e3:7.0f} ({cpu * 1e3:6.0f})  {args.batch / wall:6.1f} img/s"
+          f"  cores busy {cpu / wall:4.2f}")
+
+  rows = [("DenseShift fast / DenseShift plain", "DenseShift3 fast", "DenseShift3 plain", "<= 0.5"),
+          ("float fast / float plain", "float fast", "float plain", ""),
+          ("DenseShift / float, fast", "DenseShift3 fast", "float fast", "< 1.05"),
+          ("DenseShift / float, plain", "DenseShift3 plain", "float plain", "< 1.05")]
+  rows.append(("DenseShift fast grad only / plain", "DenseShift3 fast grad",
+               "DenseShift3 plain", ""))
+  for name in torch_steps:
+    rows += [(f"ours float fast / {name}", "float fast", name, "<= 1.0"),
+             (f"ours DenseShift fast / {name}", "DenseShift3 fast", name, "<= 1.0")]
+  print(f"\n{'ratios':46s}  wall    cpu")
+  for label, a, b, goal in rows:
+    print(f"  {label:44s} {t[a][0] / t[b][0]:5.2f}  {t[a][1] / t[b][1]:5.2f}"
+          + (f"   (goal {goal})" if goal else ""))
+
+
+if __name__ == "__main__":
+  main()
