@@ -244,9 +244,8 @@ def test_speech_commands_pipeline_with_mock_data():
 
 
 def test_speech_resnet_forward_and_gradients_with_a_shift_quantizer():
-  from shiftjax.models import speech_resnet  # pylint: disable=g-import-not-at-top
-  model = speech_resnet.speech_resnet(num_classes=31, quantizer=sj.DenseShift(bits=3),
-                                      width_multiplier=0.5)
+  model = sj.models.speech_resnet(num_classes=31, quantizer=sj.DenseShift(bits=3),
+                                  width_multiplier=0.5)
   x = jax.random.normal(jax.random.key(0), (2, 48, 40, 1))
   # rbg keys: the init of many latent tensors compiles 10x faster than with threefry.
   variables = jax.jit(model.init)(jax.random.key(1, impl="rbg"), x)

@@ -3,7 +3,7 @@
 from shiftjax.models.resnet_cifar import (CifarResNet, resnet8, resnet14, resnet20, resnet32,
                                           resnet44, resnet56, resnet110)
 from shiftjax.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34, resnet50
-from shiftjax.models.speech_resnet import SpeechResNet, speech_resnet, speech_resnet14
+from shiftjax.models.resnet_speech import SpeechResNet, speech_resnet, speech_resnet14
 
 MODELS = {f.__name__: f for f in (resnet8, resnet14, resnet20, resnet32, resnet44, resnet56,
                                   resnet110, resnet18, resnet34, resnet50, speech_resnet,
