@@ -39,6 +39,7 @@ class FloatLayout:
 
   @property
   def max_exponent(self) -> int:
+    """Largest normal exponent (the bias)."""
     return self.bias
 
 
@@ -50,6 +51,7 @@ FLOAT_LAYOUTS = {
 
 
 def float_layout(dtype) -> FloatLayout:
+  """Sign/exponent/mantissa layout of float32, bfloat16 or float16; ValueError else."""
   dtype = jnp.dtype(dtype)
   if dtype not in FLOAT_LAYOUTS:
     allowed = ", ".join(str(d) for d in FLOAT_LAYOUTS)
@@ -85,6 +87,7 @@ class CodeFormat:
 
   @property
   def zero_code(self) -> int | None:
+    """The code of 0 (``2**bits - 1``) for formats with a zero, else None."""
     return (1 << self.bits) - 1 if self.has_zero else None
 
   @property
@@ -109,6 +112,7 @@ class CodeFormat:
 
 
 def code_dtype(bits: int):
+  """Storage dtype of unpacked ``bits``-bit codes (uint8 for every supported width)."""
   del bits  # every supported width fits a byte
   return jnp.uint8
 

@@ -204,6 +204,7 @@ def _residual_stages(out: list[Layer], src: str, cin: int, stage_sizes, widths,
 
 
 def cifar_widths(width_multiplier: float) -> list[int]:
+  """Stage widths of a CIFAR ResNet (16-32-64 times ``width_multiplier``)."""
   return [int(round(w * width_multiplier)) for w in CIFAR_WIDTHS]
 
 
@@ -358,6 +359,7 @@ def architecture_of(model: nn.Module, params) -> tuple[str, dict]:
 
 
 def quantizer_to_json(quantizer: qz.Quantizer | None) -> dict | None:
+  """``{"name": ..., <fields>}`` of a spec (None for float); ``quantizer_from_json`` inverts it."""
   if quantizer is None:
     return None
   fields = {f.name: getattr(quantizer, f.name) for f in dataclasses.fields(quantizer)}

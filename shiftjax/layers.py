@@ -44,6 +44,7 @@ class LayerPolicy:
           f"full_precision must be a tuple of patterns, got the string {self.full_precision!r}")
 
   def quantizer_for(self, path: Sequence[str]) -> qz.Quantizer | None:
+    """The quantizer of the layer at ``path`` (None: kept full precision)."""
     name = "/".join(path)
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.full_precision):
       return None

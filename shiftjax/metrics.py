@@ -39,6 +39,7 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends ``scalars`` at ``step`` to metrics.jsonl and the TensorBoard events."""
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}

@@ -145,6 +145,7 @@ def fan_out(shape: tuple[int, ...]) -> int:
 
 
 def fan_in(shape: tuple[int, ...]) -> int:
+  """Inputs per output unit of a kernel ``[..., in, out]`` (``kh * kw * in`` for HWIO)."""
   if len(shape) < 2:
     raise ValueError(f"weight shape must have at least 2 dims (.., in, out), got {shape}")
   return math.prod(shape) // shape[-1]
@@ -156,6 +157,7 @@ def he_fan_out_std(weight_shape: tuple[int, ...]) -> float:
 
 
 def scaled_normal(key, shape, dtype, std: float) -> jax.Array:
+  """``N(0, std**2)`` samples of ``shape`` and ``dtype``."""
   return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
 
 
@@ -199,10 +201,12 @@ class Quantizer:
 
   @property
   def name(self) -> str:
+    """The method's name, e.g. ``'DenseShift'``."""
     return type(self).__name__
 
   @property
   def code_format(self) -> codes_lib.CodeFormat:
+    """The N-bit code format of ``codes`` (``shiftjax.codes.CodeFormat``)."""
     raise NotImplementedError
 
   def values(self) -> np.ndarray:
@@ -210,12 +214,22 @@ class Quantizer:
     return self.code_format.values().astype(np.float32)
 
   def init(self, key: jax.Array, shape, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Latents of one weight tensor of ``shape`` (HWIO or [in, out]).
+
+    A dict of ``dtype`` arrays: per-weight latents have ``shape``; stacked latents
+    (S3's ``'shift'``, DenseShift's ``'exponent'``) have ``[K, *shape]``.
+    """
     raise NotImplementedError
 
   def weight(self, latents: Latents) -> jax.Array:
+    """The quantized weight, latents' shape and dtype, exactly ``±2**p`` (or 0).
+
+    Differentiable: the method's straight-through gradients reach every latent.
+    """
     raise NotImplementedError
 
   def codes(self, latents: Latents) -> jax.Array:
+    """uint8 N-bit codes of ``weight(latents)`` in ``code_format`` (no gradient)."""
     raise NotImplementedError
 
 

@@ -60,6 +60,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainState(train_state.TrainState):
+  """flax ``TrainState`` plus BatchNorm statistics (``batch_stats``)."""
   batch_stats: Any = None
 
 
@@ -121,6 +122,7 @@ def step_compiler_options(config) -> dict[str, str]:
 
 
 def create_model(config, num_classes: int) -> nn.Module:
+  """The ``config.model`` ResNet with ``config``'s quantizer, layer policy and conv path."""
   kwargs = dict(num_classes=num_classes, quantizer=create_quantizer(config),
                 full_precision=tuple(config.full_precision_layers),
                 fast_grad=FAST_GRAD[config.fast_grad])
@@ -179,12 +181,14 @@ def init_key(seed: int) -> jax.Array:
 
 
 def initialized(key, model: nn.Module, image_shape) -> tuple[Any, Any]:
+  """``(params, batch_stats)`` of ``model`` initialized for images ``[H, W, C]``."""
   variables = jax.jit(functools.partial(model.init, train=False))(
       {"params": key}, jnp.zeros((1, *image_shape), jnp.float32))
   return variables["params"], variables.get("batch_stats", {})
 
 
 def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
+  """A fresh ``TrainState``: initialized variables and ``config``'s optimizer."""
   params, batch_stats = initialized(key, model, image_shape)
   return TrainState.create(apply_fn=model.apply, params=params,
                            tx=create_optimizer(config, lr_fn), batch_stats=batch_stats)
@@ -194,6 +198,8 @@ def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
 
 
 def cross_entropy_loss(logits, labels, mask=None):
+  """Mean softmax cross-entropy of ``logits [B, C]`` and int ``labels [B]``; a ``mask [B]``
+  averages over the examples it keeps (padded evaluation batches)."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if mask is None:
     return jnp.mean(losses)
@@ -226,6 +232,7 @@ def train_step(state: TrainState, batch, *, dataset: str, s3_alpha: float,
 
 
 def eval_step(state: TrainState, batch, *, dataset: str) -> dict:
+  """Sums of loss, correct predictions and examples over the real (masked) examples."""
   images = data_lib.normalize(batch["image"], dataset)
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                           images, train=False)
@@ -253,6 +260,7 @@ def quantized_kernels(params) -> dict[str, Any]:
 
 
 def all_codes(params, quantizer: qz.Quantizer) -> dict[str, jax.Array]:
+  """``{layer path: uint8 codes}`` of every quantized kernel in ``params``."""
   return {k: quantizer.codes(v) for k, v in quantized_kernels(params).items()}
 
 
@@ -270,6 +278,7 @@ def code_changes(old: dict, new: dict, fmt: codes_lib.CodeFormat) -> dict[str, j
 
 
 def all_finite(tree) -> jax.Array:
+  """Scalar bool: every leaf of ``tree`` is finite."""
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -296,12 +305,14 @@ def replicate(tree, mesh: Mesh):
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """orbax manager of ``<workdir>/checkpoints`` keeping ``config.keep_checkpoints``."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                options=options)
 
 
 def checkpointed(state: TrainState) -> dict:
+  """What a checkpoint holds: step, params, batch statistics, optimizer state."""
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "opt_state": state.opt_state}
 
@@ -318,6 +329,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
 
 
 def restore_for_eval(workdir: str, config, state: TrainState, step: int | None = None):
+  """``state`` with checkpoint ``step`` (default: the latest) of ``workdir`` restored."""
   manager = checkpoint_manager(workdir, config)
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -357,6 +369,7 @@ def weight_bytes(params, batch_stats, quantizer: qz.Quantizer | None) -> dict[st
 
 
 def evaluate(state, eval_ds, mesh, p_eval_step) -> dict[str, float]:
+  """Loss and accuracy over every example of ``eval_ds`` (``test_loss``, ...)."""
   totals = None
   for batch in eval_ds.iterator():
     m = p_eval_step(state, shard_batch(batch, mesh))
@@ -374,6 +387,7 @@ def _train_scalars(window: list[dict]) -> dict[str, float]:
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
+  """``config.num_train_steps`` if positive, else ``ceil(num_epochs * steps_per_epoch)``."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   return int(math.ceil(config.num_epochs * steps_per_epoch))

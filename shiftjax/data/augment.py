@@ -50,4 +50,5 @@ class CropFlip:
     return {"dy": dy, "dx": dx, "flip": flip}
 
   def apply(self, images: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """uint8 ``[B, H, W, C]`` images cropped and flipped by ``sample``'s ``params``."""
     return crop_and_flip(images, params["dy"], params["dx"], params["flip"], self.pad)

@@ -73,6 +73,7 @@ class ArraySource:
     return len(self.labels)
 
   def get(self, indices: np.ndarray) -> Batch:
+    """``{"image": uint8 [n, H, W, C], "label": int32 [n]}`` of examples ``indices``."""
     return {"image": self.images[indices], "label": self.labels[indices]}
 
 

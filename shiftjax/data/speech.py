@@ -162,6 +162,7 @@ SPECS: dict[str, SpeechDatasetSpec] = {
 
 
 def get_spec(name: str) -> SpeechDatasetSpec:
+  """The speech dataset spec ``name``; ValueError listing the known ones otherwise."""
   if name not in SPECS:
     raise ValueError(f"unknown speech dataset {name!r}; allowed: {sorted(SPECS)}")
   return SPECS[name]
@@ -204,6 +205,7 @@ def features(waveforms: list[np.ndarray] | np.ndarray, spec: SpeechDatasetSpec
 
 
 def how_to_prepare(name: str, data_dir: str | os.PathLike | None) -> str:
+  """The command that prepares speech dataset ``name`` in ``data_dir`` (for errors)."""
   where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
   flag = f" --data_dir={data_dir}" if data_dir else ""
   if name == "synthetic_slu":

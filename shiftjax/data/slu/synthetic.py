@@ -151,6 +151,7 @@ class Utterance:
 
 
 def available_engines() -> dict[str, bool]:
+  """Which speech synthesizers are installed: ``{"espeak-ng": bool, "flite": bool}``."""
   return {"espeak-ng": shutil.which("espeak-ng") is not None,
           "flite": shutil.which("flite") is not None}
 
@@ -317,6 +318,7 @@ def synthesize(utt: Utterance) -> np.ndarray:
 
 
 def example(utt: Utterance) -> dict[str, Any]:
+  """The tfds example (FSC features, int16 audio) of one synthesized utterance."""
   action, obj, location = intents.INTENTS[utt.label]
   return fsc.slu_example(synthesize(utt), action, obj, location, utt.speaker.speaker_id,
                          utt.text)
