@@ -34,18 +34,9 @@ from shiftjax import kernels
 L2_BYTES = 50 << 20  # H100; H200 also 50 MiB. Weights per timed call: >= 3x this.
 
 
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-  """[K, N] codes -> uint32 [ceil(K/P), N] words, code j of a word at bits [j*bits, ...)."""
-  p = 32 // bits
-  k, n = codes.shape
-  words = -(-k // p)
-  padded = np.zeros((words * p, n), np.uint64)
-  padded[:k] = codes
-  padded = padded.reshape(words, p, n)
-  out = np.zeros((words, n), np.uint64)
-  for j in range(p):
-    out |= padded[:, j] << np.uint64(j * bits)
-  return out.astype(np.uint32)
+def _pack(codes: np.ndarray, bits: int) -> jax.Array:
+  """[K, N] codes -> uint32 [ceil(K/P), N] words (``shiftjax.codes.pack`` along K)."""
+  return codes_lib.pack(jnp.asarray(codes, jnp.uint8), bits, axis=0)
 
 
 def _problem(rng, m, k, n, bits, dtype, affine):

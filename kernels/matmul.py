@@ -66,9 +66,7 @@ _F32_MANTISSA_BITS = 23
 _F32_EXPONENT_BIAS = 127
 
 
-def codes_per_word(bits: int) -> int:
-  """Codes packed in one uint32 word: ``32 // bits``."""
-  return 32 // bits
+codes_per_word = codes_lib.codes_per_word  # re-exported: kernels speak in packed words
 
 
 # ----------------------------------------------------------------------------------------

@@ -39,15 +39,8 @@ def get_config(config_string: str = DEFAULT):
   c.num_epochs = 200.0
   c.batch_size = 128
   c.eval_batch_size = 500       # 10,000 test images in 20 batches
-  if recipe.method == "deepshift_ps":
-    c.optimizer = "radam"
-    c.learning_rate = 0.01
-  else:
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
-  c.progress_bar = None         # on for a terminal
   if recipe.runlocal:
     recipes.shrink_for_local_run(c)
     c.width_multiplier = 0.25

@@ -49,19 +49,12 @@ def get_config(config_string: str = DEFAULT):
   c.width_multiplier = 1.0      # unused by the ImageNet ResNets
   c.batch_size = 256
   c.eval_batch_size = 500       # 50,000 validation images in 100 batches
-  if recipe.method == "deepshift_ps":
-    c.optimizer = "radam"
-    c.learning_rate = 0.01
-  else:
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
   c.num_epochs = 200.0
   if recipe.finetune:
     c.learning_rate = 0.01 if recipe.method != "deepshift_ps" else 0.001
     c.num_epochs = 15.0
   c.log_every_steps = 500
   c.checkpoint_every_steps = 5000
-  c.progress_bar = None         # on for a terminal
   if recipe.runlocal:
     recipes.shrink_for_local_run(c)
     c.image_size = 64

@@ -84,6 +84,12 @@ def base_config(recipe: Recipe) -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.prepare_offline_data = False
   c.augment = True              # the dataset's standard training augmentation
+  if recipe.method == "deepshift_ps":  # its authors': SGD does not train it from scratch
+    c.optimizer = "radam"
+    c.learning_rate = 0.01
+  else:
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 1e-4
@@ -93,6 +99,7 @@ def base_config(recipe: Recipe) -> ml_collections.ConfigDict:
   c.num_train_steps = -1
   c.seed = 0
   c.keep_checkpoints = 3
+  c.progress_bar = None         # on for a terminal
   c.export_packed = False
   c.distributed = False
   # Initialization from a float checkpoint (shiftjax.transfer; empty: from scratch).

@@ -185,7 +185,7 @@ class ImageSource:
                num_threads: int = DEFAULT_THREADS):
     self.name = name
     self.split = split
-    self._source = pipeline._data_source(name, split, data_dir)  # pylint: disable=protected-access
+    self._source = pipeline.data_source(name, split, data_dir)
     self._length = len(self._source)
     self.transform = transform
     self.num_threads = max(1, num_threads)

@@ -39,7 +39,7 @@ import math
 import os
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -88,17 +88,27 @@ def _how_to_prepare(name: str, data_dir: str | None) -> str:
           f"--data_dir=DIR` and copy DIR/{name} there.")
 
 
-def _data_source(name: str, split: str, data_dir: str | os.PathLike | None):
+def data_source(name: str, split: str, data_dir: str | os.PathLike | None,
+                how_to_prepare: Callable[[str, str | None], str] | None = None):
+  """``tfds.data_source`` of a prepared dataset; FileNotFoundError saying how to prepare it.
+
+  ``how_to_prepare(name, data_dir)`` writes that message (default: the image datasets').
+  """
   data_dir = None if data_dir is None else os.fspath(data_dir)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds gives no clear error for a dataset that is not there.
-    if not tfds.builder(name, data_dir=data_dir).is_prepared():
-      raise FileNotFoundError(_how_to_prepare(name, data_dir)) from e
+    try:
+      prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # pylint: disable=broad-except  # e.g. a builder not registered
+      prepared = False
+    if not prepared:
+      raise FileNotFoundError((how_to_prepare or _how_to_prepare)(name, data_dir)) from e
     raise
 
 
-def _get_items(source, keys: list[int]) -> list[dict[str, Any]]:
+def get_items(source, keys: list[int]) -> list[dict[str, Any]]:
+  """Examples ``keys`` of a tfds data source, read in one call where it can."""
   try:
     return source.__getitems__(keys)
   except TypeError:
@@ -114,7 +124,7 @@ def load_split(name: str, split: str, *,
   ``data_dir``, ValueError when it is too big for memory or has an unexpected shape.
   """
   spec = get_spec(name)
-  source = _data_source(name, split, data_dir)
+  source = data_source(name, split, data_dir)
   n = len(source)
   nbytes = n * math.prod(spec.image_shape)
   if nbytes > spec.max_bytes:
@@ -124,7 +134,7 @@ def load_split(name: str, split: str, *,
   labels = np.empty((n,), np.int32)
   for start in range(0, n, _READ_CHUNK):
     keys = list(range(start, min(n, start + _READ_CHUNK)))
-    for i, example in zip(keys, _get_items(source, keys)):
+    for i, example in zip(keys, get_items(source, keys)):
       image = np.asarray(example["image"])
       if image.shape != spec.image_shape:
         raise ValueError(f"{name}[{split}] example {i} has image shape {image.shape}, "

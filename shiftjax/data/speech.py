@@ -37,12 +37,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 
 from shiftjax import audio
@@ -221,38 +219,16 @@ def how_to_prepare(name: str, data_dir: str | os.PathLike | None) -> str:
           f"DIR/{name} there.")
 
 
-def _data_source(name: str, split: str, data_dir):
-  data_dir = None if data_dir is None else os.fspath(data_dir)
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # tfds gives no clear error for a dataset that is not there.
-    try:
-      prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
-    except Exception:  # pylint: disable=broad-except
-      prepared = False
-    if not prepared:
-      raise FileNotFoundError(how_to_prepare(name, data_dir)) from e
-    raise
-
-
-def _get_items(source, keys: list[int]) -> list[dict[str, Any]]:
-  try:
-    return source.__getitems__(keys)
-  except TypeError:
-    # tfds.testing.mock_data installs a __getitems__ that cannot be called (tfds 4.9.10).
-    return [source[k] for k in keys]
-
-
 def read_audio(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
                label_key: str = "label") -> tuple[list[np.ndarray], np.ndarray]:
   """All waveforms (int16 arrays) and int32 labels of a tfds split, in stored order."""
-  source = _data_source(name, split, data_dir)
+  source = pipeline.data_source(name, split, data_dir, how_to_prepare)
   n = len(source)
   waves: list[np.ndarray] = []
   labels = np.empty((n,), np.int32)
   for start in range(0, n, _READ_CHUNK):
     keys = list(range(start, min(n, start + _READ_CHUNK)))
-    for i, ex in zip(keys, _get_items(source, keys)):
+    for i, ex in zip(keys, pipeline.get_items(source, keys)):
       w = np.asarray(ex["audio"])
       if w.dtype != np.int16:
         # Mock data and other writers may give other integer types.
