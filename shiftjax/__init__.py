@@ -2,8 +2,10 @@
 
 ``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
 ``sj.DeepShiftQ``, ``sj.DeepShiftPS``), the code format (``sj.codes``), layers
-(``sj.layers``), models (``sj.models``), packed export (``sj.export``) and the kernels
-(``sj.kernels``, also ``import shiftjax.kernels``).
+(``sj.layers``), models (``sj.models``), packed export (``sj.export``), the kernels
+(``sj.kernels``, also ``import shiftjax.kernels``), data pipelines (``sj.data``), the
+log-mel frontend (``sj.audio``), training (``sj.train``, ``sj.metrics``) and
+float-to-shift conversion (``sj.transfer``).
 """
 
 from shiftjax import codes
@@ -14,7 +16,10 @@ from shiftjax import layers
 from shiftjax import models
 from shiftjax import kernels
 from shiftjax import export
+from shiftjax import audio
 from shiftjax import data
+from shiftjax import metrics
 from shiftjax import train
+from shiftjax import transfer
 
 __version__ = "0.1.0"
