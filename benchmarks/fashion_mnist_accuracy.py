@@ -42,7 +42,7 @@ def main(argv):
     config.export_packed = False
     workdir = os.path.join(FLAGS.workdir, name.split()[0].lower())
     summary = train.train_and_evaluate(config, workdir)
-    rows.append((name, summary["test_accuracy"], summary["steps"], summary["wall_seconds"]))
+    rows.append((name, summary["test_accuracy"], summary["steps"], summary["training_wall_seconds"]))
   base = FLAGS.config
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")

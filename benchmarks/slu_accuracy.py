@@ -52,8 +52,8 @@ def main(argv):
     config.export_packed = False
     workdir = os.path.join(FLAGS.workdir, name.split()[0].lower())
     summary = train.train_and_evaluate(config, workdir)
-    rows.append((name, summary["test_accuracy"], summary["steps"], summary["wall_seconds"],
-                 summary["packed_weight_bytes"]))
+    rows.append((name, summary["test_accuracy"], summary["steps"],
+                 summary["training_wall_seconds"], summary["packed_weight_bytes"]))
   print(f"\n{base.dataset}, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")
   print(f"{'method':<18} {'test accuracy':>13} {'steps':>6} {'wall s':>7} {'packed KiB':>10}")

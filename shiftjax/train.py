@@ -509,11 +509,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.close()
   manager.close()
   summary["wall_seconds"] = time.time() - start_time
+  # Evaluating a finished run again keeps the wall time of the invocation that trained it.
+  previous = read_summary(workdir) if start_step >= total_steps else None
+  summary["training_wall_seconds"] = (
+      previous.get("training_wall_seconds", previous["wall_seconds"]) if previous
+      else summary["wall_seconds"])
   if jax.process_index() == 0:
     metrics_lib.plot_curves(workdir)
     if "test_accuracy" in summary:
       write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary
+
+
+def read_summary(workdir: str) -> dict | None:
+  """The ``summary.json`` of a finished run in ``workdir``, None when there is none."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def export_packed(config, workdir: str) -> dict:

@@ -96,6 +96,14 @@ def test_outputs_of_a_run(tmp_path):
   assert any("test_accuracy" in r for r in records)
   assert os.path.getsize(tmp_path / "training_curves.png") > 1000
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  assert on_disk["training_wall_seconds"] == on_disk["wall_seconds"]
+  # Run again: evaluates the finished run and keeps the wall time of its training.
+  with mocked():
+    again = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert again["test_accuracy"] == summary["test_accuracy"]
+  assert again["training_wall_seconds"] == on_disk["wall_seconds"]
+  assert json.load(open(tmp_path / "summary.json"))["training_wall_seconds"] == (
+      on_disk["wall_seconds"])
 
 
 def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path):
