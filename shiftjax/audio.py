@@ -76,20 +76,24 @@ class LogMel:
 
   @property
   def win_length(self) -> int:
+    """Window length in samples."""
     return int(round(self.sample_rate * self.window_ms / 1000))
 
   @property
   def hop_length(self) -> int:
+    """Hop between frames in samples."""
     return int(round(self.sample_rate * self.hop_ms / 1000))
 
   @property
   def fft_size(self) -> int:
+    """FFT size: ``n_fft`` if set, else the window length rounded up to a power of two."""
     if self.n_fft is not None:
       return self.n_fft
     return 1 << max(0, math.ceil(math.log2(self.win_length)))
 
   @property
   def fmax(self) -> float:
+    """Upper edge of the mel filterbank in Hz (``f_max`` or Nyquist)."""
     return self.sample_rate / 2 if self.f_max is None else float(self.f_max)
 
   def num_frames(self, num_samples: int) -> int:

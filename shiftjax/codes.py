@@ -31,10 +31,12 @@ class FloatLayout:
 
   @property
   def bias(self) -> int:
+    """Exponent bias: ``2**(exponent_bits - 1) - 1``."""
     return (1 << (self.exponent_bits - 1)) - 1
 
   @property
   def min_normal_exponent(self) -> int:
+    """Smallest normal exponent, ``1 - bias``."""
     return 1 - self.bias
 
   @property
@@ -92,6 +94,7 @@ class CodeFormat:
 
   @property
   def max_exponent(self) -> int:
+    """Exponent of the largest magnitude: ``e0 + num_exponents - 1``."""
     return self.e0 + self.num_exponents - 1
 
   def values(self) -> np.ndarray:

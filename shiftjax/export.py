@@ -155,6 +155,7 @@ class Layer:
   window: tuple[int, ...] = ()
 
   def to_json(self) -> dict:
+    """The layer as a JSON-serializable dict (the packed file's header)."""
     padding = (self.padding if isinstance(self.padding, str)
                else [list(p) for p in self.padding])
     return {"op": self.op, "name": self.name, "input": self.input,
@@ -425,6 +426,7 @@ class PackedModel:
 
   @property
   def code_format(self) -> codes_lib.CodeFormat | None:
+    """The code format of the packed kernels (None for a float model)."""
     return None if self.quantizer is None else self.quantizer.code_format
 
   @property

@@ -50,6 +50,7 @@ class MetricWriter:
         self._tb.add_scalar(key, float(value), int(step))
 
   def close(self) -> None:
+    """Flushes and closes the JSONL and TensorBoard writers."""
     if self._tb is not None:
       self._tb.close()
 
@@ -91,6 +92,7 @@ class Progress:
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def update(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Shows progress at ``step`` with ``scalars`` (bar on a terminal, a line otherwise)."""
     shown = {k: f"{v:.4g}" for k, v in scalars.items()
              if k in ("train_loss", "train_accuracy", "test_accuracy", "learning_rate")}
     if self._bar is not None:
@@ -106,6 +108,7 @@ class Progress:
             + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
 
   def close(self) -> None:
+    """Closes the progress bar."""
     if self._bar is not None:
       self._bar.close()
 

@@ -298,6 +298,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
+  """``tree`` placed on every device of ``mesh`` (replicated)."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
@@ -542,6 +543,7 @@ def export_packed(config, workdir: str) -> dict:
 
 
 def write_json_atomic(path: str, obj) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically, replacing it."""
   export_lib.write_atomic(path, json.dumps(obj, indent=2).encode(), overwrite=True)
 
 

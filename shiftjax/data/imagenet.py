@@ -153,6 +153,10 @@ class RandomResizedCrop:
     return (left, top, left + w, top + h)
 
   def transform(self, image: Any, uniform: np.ndarray, flip: bool) -> np.ndarray:
+    """One image: the box ``uniform`` selects, resized to ``size``, maybe flipped.
+
+    Returns uint8 ``[size, size, 3]``.
+    """
     pil = _open(image)
     out = pil.resize((self.size, self.size), _RESAMPLE,
                      box=self.box(pil.width, pil.height, uniform))
@@ -203,6 +207,7 @@ class ImageSource:
     return image, int(example["label"])
 
   def get(self, indices: np.ndarray) -> pipeline.Batch:
+    """``{"image": uint8 [n, S, S, 3], "label": int32 [n]}`` of examples ``indices``."""
     results = list(self._pool.map(self._read, np.asarray(indices).tolist()))
     labels = np.asarray([label for _, label in results], np.int32)
     if self.transform is not None:
@@ -214,6 +219,7 @@ class ImageSource:
     return {"image": images, "label": labels}
 
   def close(self) -> None:
+    """Stops the reader threads."""
     self._pool.shutdown(wait=False)
 
 

@@ -220,6 +220,7 @@ class Prefetcher:
     return item
 
   def close(self) -> None:
+    """Stops the background thread; batches not yet taken are dropped."""
     self._stop.set()
 
   def __enter__(self) -> Prefetcher:
@@ -345,6 +346,7 @@ class EvalPipeline:
     return batch
 
   def iterator(self, *, prefetch: int | None = None) -> Iterator[Batch]:
+    """Every batch once, in order, the last one padded (``mask`` False on padding)."""
     produce = (self.batch(i) for i in range(self.num_batches))
     prefetch = self.prefetch if prefetch is None else prefetch
     return _maybe_prefetch(produce, prefetch)

@@ -86,6 +86,7 @@ class SpecAugment:
             "f_width": rng.integers(0, self.max_freq + 1, size=(n, self.freq_masks))}
 
   def apply(self, images: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """uint8 features ``[B, T, F, C]`` with ``sample``'s time and frequency bands masked."""
     _, t, f, _ = images.shape
     t_width = np.minimum(params["t_width"], t)
     f_width = np.minimum(params["f_width"], f)
@@ -117,6 +118,7 @@ class SpeechDatasetSpec(datasets.DatasetSpec):
 
   @property
   def max_samples(self) -> int:
+    """Utterance length in samples (``max_seconds`` at the frontend's rate)."""
     return int(round(self.max_seconds * self.frontend.sample_rate))
 
   def load(self, split: str, data_dir: str | os.PathLike | None = None

@@ -124,6 +124,7 @@ class Speaker:
 
   @property
   def speaker_id(self) -> str:
+    """A stable name of this voice: ``engine/voice`` (flite: ``#preset`` appended)."""
     suffix = f"#{self.preset}" if self.engine == "flite" else ""
     return f"{self.engine}/{self.voice}{suffix}"
 
