@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from shiftjax import train
+import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),
@@ -34,21 +34,14 @@ METHODS = {"float": {"quantizer": "float"},
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  rows = []
-  for name, overrides in METHODS.items():
-    config = FLAGS.config.copy_and_resolve_references()
-    config.unlock()
-    config.update(overrides)
-    config.export_packed = False
-    workdir = os.path.join(FLAGS.workdir, name.split()[0].lower())
-    summary = train.train_and_evaluate(config, workdir)
-    rows.append((name, summary["test_accuracy"], summary["steps"], summary["training_wall_seconds"]))
   base = FLAGS.config
+  summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir)
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")
   print(f"{'method':<18} {'test accuracy':>13} {'steps':>6} {'wall s':>7}")
-  for name, acc, steps, wall in rows:
-    print(f"{name:<18} {acc:>13.4f} {steps:>6d} {wall:>7.0f}")
+  for name, s in summaries.items():
+    print(f"{name:<18} {s['test_accuracy']:>13.4f} {s['steps']:>6d} "
+          f"{s['training_wall_seconds']:>7.0f}")
 
 
 if __name__ == "__main__":

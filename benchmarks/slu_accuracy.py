@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from shiftjax import train
+import method_comparison  # benchmarks/, the directory of this script
 from shiftjax.data.slu import synthetic
 
 FLAGS = flags.FLAGS
@@ -44,21 +44,13 @@ def main(argv):
       data_dir=data_dir).is_prepared():
     print(f"Building synthetic_slu in {data_dir or 'the tfds default data_dir'} ...")
     synthetic.prepare_synthetic_slu(data_dir)
-  rows = []
-  for name, overrides in METHODS.items():
-    config = base.copy_and_resolve_references()
-    config.unlock()
-    config.update(overrides)
-    config.export_packed = False
-    workdir = os.path.join(FLAGS.workdir, name.split()[0].lower())
-    summary = train.train_and_evaluate(config, workdir)
-    rows.append((name, summary["test_accuracy"], summary["steps"],
-                 summary["training_wall_seconds"], summary["packed_weight_bytes"]))
+  summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir)
   print(f"\n{base.dataset}, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")
   print(f"{'method':<18} {'test accuracy':>13} {'steps':>6} {'wall s':>7} {'packed KiB':>10}")
-  for name, acc, steps, wall, packed in rows:
-    print(f"{name:<18} {acc:>13.4f} {steps:>6d} {wall:>7.0f} {packed / 1024:>10.1f}")
+  for name, s in summaries.items():
+    print(f"{name:<18} {s['test_accuracy']:>13.4f} {s['steps']:>6d} "
+          f"{s['training_wall_seconds']:>7.0f} {s['packed_weight_bytes'] / 1024:>10.1f}")
 
 
 if __name__ == "__main__":

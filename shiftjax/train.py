@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -369,6 +369,19 @@ def weight_bytes(params, batch_stats, quantizer: qz.Quantizer | None) -> dict[st
 # --------------------------------------------------------------------------------- loop
 
 
+def make_eval_dataset(config):
+  """The full test split of ``config.dataset``, every example once (padded, masked)."""
+  return data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
+                               train=False, data_dir=config.data_dir or None,
+                               image_size=config.get("image_size"))
+
+
+def jit_eval_step(config) -> Callable:
+  """``eval_step`` for ``config.dataset``, jitted with the step's compiler options."""
+  return jax.jit(functools.partial(eval_step, dataset=config.dataset),
+                 compiler_options=step_compiler_options(config))
+
+
 def evaluate(state, eval_ds, mesh, p_eval_step) -> dict[str, float]:
   """Loss and accuracy over every example of ``eval_ds`` (``test_loss``, ...)."""
   totals = None
@@ -418,9 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    seed=config.seed, data_dir=data_dir,
                                    augment=config.augment,
                                    image_size=config.get("image_size"))
-  eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
-                                  train=False, data_dir=data_dir,
-                                  image_size=config.get("image_size"))
+  eval_ds = make_eval_dataset(config)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = total_train_steps(config, steps_per_epoch)
   quantizer = create_quantizer(config)
@@ -438,13 +449,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
 
   s3_alpha = config.s3_regularizer if isinstance(quantizer, qz.S3) else 0.0
-  compile_options = step_compiler_options(config)
   p_train_step = jax.jit(functools.partial(
       train_step, dataset=config.dataset, s3_alpha=s3_alpha,
       rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
-      compiler_options=compile_options)
-  p_eval_step = jax.jit(functools.partial(eval_step, dataset=config.dataset),
-                        compiler_options=compile_options)
+      compiler_options=step_compiler_options(config))
+  p_eval_step = jit_eval_step(config)
   p_codes = jax.jit(functools.partial(all_codes, quantizer=quantizer)) if quantizer else None
   p_changes = (jax.jit(functools.partial(code_changes, fmt=quantizer.code_format))
                if quantizer else None)
@@ -551,17 +560,14 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Restores a checkpoint of ``workdir`` and evaluates it on the full test split."""
   validate_config(config)
   spec = data_lib.get_spec(config.dataset)
-  eval_ds = data_lib.make_dataset(config.dataset, batch_size=config.eval_batch_size,
-                                  train=False, data_dir=config.data_dir or None,
-                                  image_size=config.get("image_size"))
+  eval_ds = make_eval_dataset(config)
   model = create_model(config, spec.num_classes)
   mesh = create_mesh()
   lr_fn = create_learning_rate_fn(config, 1, 1)
   state = replicate(create_train_state(init_key(config.seed), config, model,
                                        spec.image_shape, lr_fn), mesh)
   state = restore_for_eval(workdir, config, state, step)
-  results = evaluate(state, eval_ds, mesh, jax.jit(functools.partial(
-      eval_step, dataset=config.dataset), compiler_options=step_compiler_options(config)))
+  results = evaluate(state, eval_ds, mesh, jit_eval_step(config))
   results["step"] = int(state.step)
   return results
 
