@@ -197,6 +197,8 @@ def main():
           ("DenseShift / float, plain", "DenseShift3 plain", "float plain", "< 1.05")]
   rows.append(("DenseShift fast grad only / plain", "DenseShift3 fast grad",
                "DenseShift3 plain", ""))
+  rows.append(("Eigen convs: DenseShift fast / fast grad", "DenseShift3 fast",
+               "DenseShift3 fast grad", ""))
   for name in torch_steps:
     rows += [(f"ours float fast / {name}", "float fast", name, "<= 1.0"),
              (f"ours DenseShift fast / {name}", "DenseShift3 fast", name, "<= 1.0")]

@@ -35,7 +35,8 @@ grad); ``vmap`` is untested.
 the jitted step: XLA:CPU (jaxlib 0.10) hands f32 convolutions with more than 16 channels
 to YNNPACK, which ran each on one thread here, while its Eigen convolutions use every
 core. Keeping YNNPACK for reductions only (its default list minus convolutions) made the
-ResNet-20 step 0.82x the time (also adding YNNPACK's dots: 0.85x; eltwise: 1.0x).
+ResNet-20 step 0.86-0.87x the time (``benchmarks/train_step.py``); in a one-off comparison
+keeping YNNPACK's dots as well, or its elementwise fusions, was slower than reductions only.
 """
 
 from __future__ import annotations
