@@ -183,14 +183,19 @@ def _kernel_grad(x, g, k_hw, strides, pads):
   # Step t takes images t, t + steps, t + 2*steps, ...: the loop runs over the minor factor
   # of the batch, so a batch sharded over devices stays sharded (with contiguous chunks,
   # XLA all-gathered x and g and every device summed the whole batch).
-  xs = x.reshape(n // steps, steps, *x.shape[1:])
-  gs = g.reshape(n // steps, steps, *g.shape[1:])
+  def images(a, t):
+    return lax.dynamic_index_in_dim(a.reshape(n // steps, steps, *a.shape[1:]), t, 1,
+                                    keepdims=False)
 
-  def body(t, acc):  # a loop, not unrolled: XLA cannot fuse x's producers into it
-    return acc + step(lax.dynamic_index_in_dim(xs, t, 1, keepdims=False),
-                      lax.dynamic_index_in_dim(gs, t, 1, keepdims=False))
+  # x and g ride in the loop carry whole and are reshaped inside the body: reshaped
+  # outside, XLA fused the reshape with x's producers and recomputed them (BatchNorm, ReLU
+  # and the residual adds of several blocks) instead of reading the buffer the forward
+  # conv had read. A loop, not unrolled, for the same reason.
+  def body(t, carry):
+    acc, x, g = carry
+    return acc + step(images(x, t), images(g, t)), x, g
   zeros = jnp.zeros((*k_hw, x.shape[-1], g.shape[-1]), jnp.float32)
-  return lax.fori_loop(0, steps, body, zeros)
+  return lax.fori_loop(0, steps, body, (zeros, x, g))[0]
 
 
 def _loop_steps(n, image_bytes):
