@@ -2,7 +2,7 @@
 
 ``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
 ``sj.DeepShiftQ``, ``sj.DeepShiftPS``), the code format (``sj.codes``), layers
-(``sj.layers``), models (``sj.models``), packed export (``sj.export``), the kernels
+(``sj.layers``, ``sj.conv`` and ``sj.batch_norm`` with CPU-fast gradients), models (``sj.models``), packed export (``sj.export``), the kernels
 (``sj.kernels``, also ``import shiftjax.kernels``), data pipelines (``sj.data``), the
 log-mel frontend (``sj.audio``), training (``sj.train``, ``sj.metrics``) and
 float-to-shift conversion (``sj.transfer``).
@@ -12,6 +12,7 @@ from shiftjax import codes
 from shiftjax import quantizers
 from shiftjax.quantizers import DeepShiftPS, DeepShiftQ, DenseShift, S3, s3_regularizer
 from shiftjax import conv
+from shiftjax import batch_norm
 from shiftjax import layers
 from shiftjax import models
 from shiftjax import kernels

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_method = ""              # '' = the method's default ('low_variance' / 'he')
   c.rounding = "deterministic"    # DeepShift: or 'stochastic'
   c.s3_regularizer = 1e-5         # alpha of S3's dense-weight regularizer (S3 only)
-  c.fast_grad = "auto"            # CPU-fast conv weight gradients: 'auto', 'on', 'off'
+  c.fast_grad = "auto"            # CPU-fast conv and BatchNorm gradients: 'auto', 'on', 'off'
   c.eigen_convs = "auto"          # CPU convs on XLA's Eigen (all cores): 'auto', 'off'
   # Data.
   c.dataset = "cifar10"

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shiftjax import batch_norm
+from shiftjax import conv as conv_lib
 from shiftjax import layers
 
 ModuleDef = Any
@@ -20,10 +22,18 @@ ModuleDef = Any
 
 def conv_and_norm(policy: layers.LayerPolicy, train: bool, *, fast_grad=None,
                   dtype=jnp.float32) -> tuple[ModuleDef, ModuleDef]:
-  """Conv and BatchNorm constructors for a model (BN as in the reference PyTorch code)."""
+  """Conv and BatchNorm constructors for a model (BN as in the reference PyTorch code).
+
+  ``fast_grad`` (None: on when the default backend is the CPU) gives the convs their
+  CPU-fast gradients and swaps flax's BatchNorm for ``shiftjax.batch_norm.BatchNorm``:
+  the same variables and outputs, a gradient that streams fewer activations.
+  """
+  if fast_grad is None:
+    fast_grad = conv_lib.default_fast_grad()
   conv = functools.partial(layers.ShiftConv, policy=policy, fast_grad=fast_grad, dtype=dtype)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype)
+  norm = functools.partial(batch_norm.BatchNorm if fast_grad else nn.BatchNorm,
+                           use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=dtype)
   return conv, norm
 
 
