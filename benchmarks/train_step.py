@@ -9,8 +9,9 @@ device, SGD momentum 0.9 + coupled weight decay 1e-4, BatchNorm statistics updat
 jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (32x32x3,
 10 classes). Variants: float and DenseShift 3-bit (stem and head float, as the recipe),
 each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
-``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv
-gradients, ``shiftjax.conv``, and convolutions on Eigen, ``conv.eigen_conv_options``);
+``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv and
+BatchNorm gradients, ``shiftjax.conv`` and ``shiftjax.batch_norm``, and convolutions on
+Eigen, ``conv.eigen_conv_options``);
 "DenseShift3 fast grad" has our gradients on XLA's default libraries, to show each
 part's share. The PyTorch step is the same architecture (3x3 stem
 16, three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts,
