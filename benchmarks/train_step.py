@@ -30,6 +30,7 @@ steadier of the two, wall time is what a user waits for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import time
@@ -42,6 +43,7 @@ import shiftjax as sj
 from shiftjax import conv
 from shiftjax import models
 from shiftjax import train
+from shiftjax.kernels import native
 
 BATCH_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -63,16 +65,20 @@ def _batch(batch: int, seed: int = 0) -> dict:
 class JaxStep:
   """The jitted ``train.train_step`` of one model variant, carrying its own state."""
 
-  def __init__(self, quantizer, fast_grad: bool, batch: dict, compiler_options=None):
+  def __init__(self, quantizer, fast_grad: bool, batch: dict, compiler_options=None,
+               native_kernels: bool = True):
     model = models.resnet20(num_classes=NUM_CLASSES, quantizer=quantizer, fast_grad=fast_grad)
     key = jax.random.key(0)
     self.state = train.create_train_state(key, _optimizer_config(), model, BATCH_SHAPE,
                                           lambda step: 0.1)
     self.batch = jax.device_put(batch)
-    self.step = jax.jit(functools.partial(
+    step = jax.jit(functools.partial(
         train.train_step, dataset="cifar10", s3_alpha=0.0,
         rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
         compiler_options=compiler_options)
+    # Compiled here: whether the native kernels are used is decided when tracing.
+    with contextlib.nullcontext() if native_kernels else native.disabled():
+      self.step = step.lower(self.state, self.batch).compile()
 
   def __call__(self):
     self.state, metrics = self.step(self.state, self.batch)
@@ -177,6 +183,9 @@ def main():
     fns[f"{qname} plain"] = JaxStep(quantizer, False, batch)
     fns[f"{qname} fast"] = JaxStep(quantizer, True, batch, eigen)
   fns["DenseShift3 fast grad"] = JaxStep(sj.DenseShift(bits=3), True, batch)
+  if native.available():
+    fns["DenseShift3 fast XLA kgrad"] = JaxStep(sj.DenseShift(bits=3), True, batch, eigen,
+                                                native_kernels=False)
   torch_steps = {} if args.no_torch else _torch_steps(batch)
   if torch_steps:
     import torch
@@ -200,6 +209,9 @@ def main():
                "DenseShift3 plain", ""))
   rows.append(("Eigen convs: DenseShift fast / fast grad", "DenseShift3 fast",
                "DenseShift3 fast grad", ""))
+  if "DenseShift3 fast XLA kgrad" in t:
+    rows.append(("native kernel grad: DenseShift fast / XLA kgrad", "DenseShift3 fast",
+                 "DenseShift3 fast XLA kgrad", ""))
   for name in torch_steps:
     rows += [(f"ours float fast / {name}", "float fast", name, "<= 1.0"),
              (f"ours DenseShift fast / {name}", "DenseShift3 fast", name, "<= 1.0")]

@@ -206,7 +206,14 @@ def _phase(p, s, k, lo, size, g_size):
 
 
 def _kernel_grad(x, g, k_hw, strides, pads):
-  """sum_{n,h,w} xpad[n, s*h + i, s*w + j, :]^T g[n, h, w, :] -> float32 [kh, kw, Ci, Co]."""
+  """sum_{n,h,w} xpad[n, s*h + i, s*w + j, :]^T g[n, h, w, :] -> float32 [kh, kw, Ci, Co].
+
+  The native C++ kernel where it applies (2-3x faster: it reads x and g in place), else
+  matrix products of gathered taps, looped over the batch.
+  """
+  from shiftjax.kernels import native  # pylint: disable=g-import-not-at-top  # import cycle
+  if native.supports_conv_kernel_grad(x, g):
+    return native.conv_kernel_grad(x, g, k_hw, strides, pads)
   n = x.shape[0]
   steps = _loop_steps(n, x[0].size * x.dtype.itemsize)
   step = functools.partial(_kernel_grad_chunk, k_hw=k_hw, strides=strides, pads=pads)
