@@ -1,14 +1,18 @@
 """Times conv gradients on CPU: XLA's autodiff against ``shiftjax.conv``'s fast path (issue 7).
 
-    python benchmarks/conv_grad.py               # all three parts, batch 128
+    python benchmarks/conv_grad.py               # all four parts, batch 128
     python benchmarks/conv_grad.py --parts convs --reps 21
+    python benchmarks/conv_grad.py --parts kgrad
 
 1. convs: each ResNet-20 conv shape alone (inputs already in memory): the forward, XLA's
    gradient (input + kernel, ``jax.vjp`` of ``lax.conv_general_dilated``) and the fast
    gradient (``conv2d(..., fast_grad=True)``).
 2. scan: the same gradient summed over 2 micro-batches in ``lax.scan`` (gradient
    accumulation), 32x32x16 layer.
-3. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
+3. kgrad: the kernel gradient alone, per conv shape: the native C++ kernel
+   (``shiftjax.kernels.native``, what the fast gradient uses on CPU), the XLA matmul loop
+   it replaced (``native.disabled()``) and XLA's autodiff, with GFLOP/s.
+4. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
    ``fast_grad`` off and on.
 
 Repetitions alternate between the variants of a row and each number is a median, so the
@@ -31,6 +35,7 @@ import optax
 import shiftjax as sj
 from shiftjax import conv as sc
 from shiftjax import models
+from shiftjax.kernels import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -116,6 +121,37 @@ def _print_row(name, t):
         f"{ratio(t[1], t[0]):>12s} {ratio(t[2], t[0]):>12s} {ratio(t[2], t[1]):>12s}")
 
 
+def bench_kernel_grad(batch, reps):
+  print(f"\n3. kernel gradient alone, batch {batch}: median ms wall (GFLOP/s)")
+  if not native.available():
+    print("native kernels not available (no C++ compiler, SHIFTJAX_NATIVE=0 or not CPU)")
+    return
+  print(f"{'shape':22s} {'native':>16s} {'XLA loop':>16s} {'XLA autodiff':>16s} "
+        f"{'native/loop':>12s}")
+  total = np.zeros(3)
+  for name, h, ci, co, k, s in SHAPES:
+    x, kernel, g, padding = _data(batch, h, ci, co, k, s)
+    pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
+    kgrad = lambda x, g: sc._kernel_grad(x, g, (k, k), (s, s), pads)  # pylint: disable=protected-access
+    autodiff = jax.jit(lambda x, k_, g: jax.vjp(
+        lambda k_: _conv(s, padding, None)(x, k_), k_)[1](g)[0])
+    fns = {"native": (jax.jit(kgrad), (x, g))}
+    with native.disabled():  # traced (and compiled) here: the XLA loop
+      fns["loop"] = (jax.jit(kgrad).lower(x, g).compile(), (x, g))
+    fns["autodiff"] = (autodiff, (x, kernel, g))
+    want = fns["autodiff"][0](x, kernel, g)
+    for label in ("native", "loop"):
+      _check([fns[label][0](x, g)], [want], f"{name} {label}")
+    t = np.array([v[0] for v in _interleaved(fns, reps).values()]) * 1e3
+    total += t
+    flops = 2 * batch * (-(-h // s)) ** 2 * k * k * ci * co
+    cell = lambda ms: f"{ms:6.2f} ({flops / ms / 1e6:4.0f})"
+    print(f"{name:22s} {cell(t[0]):>16s} {cell(t[1]):>16s} {cell(t[2]):>16s} "
+          f"{t[0] / t[1]:12.2f}")
+  print(f"{'sum':22s} {total[0]:16.2f} {total[1]:16.2f} {total[2]:16.2f} "
+        f"{total[0] / total[1]:12.2f}")
+
+
 def bench_scan(batch, reps):
   print(f"\n2. gradient in lax.scan over 2 micro-batches of {batch // 2}, 3x3 s1 32x32x16: "
         "median ms wall (cpu)")
@@ -140,7 +176,7 @@ def bench_scan(batch, reps):
 
 
 def bench_step(batch, reps):
-  print(f"\n3. ResNet-20 train step, batch {batch}, 32x32x3, SGD momentum: median ms wall (cpu)")
+  print(f"\n4. ResNet-20 train step, batch {batch}, 32x32x3, SGD momentum: median ms wall (cpu)")
   x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
   labels = jnp.arange(batch) % 10
   tx = optax.sgd(0.1, momentum=0.9)
@@ -178,7 +214,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--reps", type=int, default=11, help="repetitions per variant")
-  parser.add_argument("--parts", default="convs,scan,step", help="comma-separated subset")
+  parser.add_argument("--parts", default="convs,scan,kgrad,step", help="comma-separated subset")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"shiftjax {sj.__version__}")
@@ -187,6 +223,8 @@ def main():
     bench_convs(args.batch, args.reps)
   if "scan" in parts:
     bench_scan(args.batch, max(3, args.reps // 3))
+  if "kgrad" in parts:
+    bench_kernel_grad(args.batch, args.reps)
   if "step" in parts:
     bench_step(args.batch, args.reps)
 

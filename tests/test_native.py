@@ -1,0 +1,159 @@
+"""The native C++ CPU kernel gradient (shiftjax.kernels.native) against XLA's gradient."""
+
+import warnings
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shiftjax import conv as sc
+from shiftjax.kernels import native
+
+DN = ("NHWC", "HWIO", "NHWC")
+TARGET = "shiftjax_conv_kernel_grad"
+
+# batch, H, W, Ci, Co, kernel (kh, kw), strides, padding; Co a multiple of 16
+CASES = {
+    "3x3_s1_same": (3, 8, 8, 16, 16, (3, 3), (1, 1), "SAME"),
+    "3x3_s1_same_odd": (2, 7, 9, 5, 32, (3, 3), (1, 1), "SAME"),
+    "3x3_s2_same": (3, 8, 8, 16, 32, (3, 3), (2, 2), "SAME"),
+    "3x3_s2_same_odd": (2, 7, 7, 3, 16, (3, 3), (2, 2), "SAME"),
+    "3x3_s1_valid": (2, 7, 7, 13, 16, (3, 3), (1, 1), "VALID"),
+    "3x3_s2_valid": (2, 8, 8, 3, 48, (3, 3), (2, 2), "VALID"),
+    "1x1_s1": (2, 7, 7, 40, 64, (1, 1), (1, 1), "VALID"),
+    "1x1_s2": (3, 8, 8, 16, 32, (1, 1), (2, 2), "SAME"),
+    "explicit_pads": (2, 8, 7, 3, 16, (3, 3), (2, 2), ((0, 1), (2, 1))),
+    "negative_pads": (2, 8, 8, 2, 16, (3, 3), (1, 1), ((-1, 2), (2, -1))),
+    "5x3_mixed_strides": (2, 9, 8, 2, 16, (5, 3), (1, 2), "SAME"),
+    "one_image_wide": (1, 5, 6, 70, 80, (3, 3), (1, 1), "SAME"),  # odd row blocks of ci
+}
+
+needs_native = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the native kernels are CPU kernels")
+
+
+def _data(case, seed=0):
+  n, h, w, ci, co, k, s, p = case
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((n, h, w, ci)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((*k, ci, co)) / np.sqrt(k[0] * k[1] * ci),
+                       jnp.float32)
+  y = lax.conv_general_dilated(x, kernel, s, p, dimension_numbers=DN)
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  return x, kernel, g, s, p
+
+
+def _kernel_grad(conv, x, kernel, g):
+  return jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])(x, kernel, g)
+
+
+def _uses_native(conv, x, kernel, g) -> bool:
+  jaxpr = jax.make_jaxpr(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g))(x, kernel, g)
+  return TARGET in str(jaxpr)
+
+
+@needs_native
+def test_native_kernels_build_here():
+  # CI machines have g++ (the README's commands install it): a silent fallback would leave
+  # the other tests here checking the XLA path twice.
+  assert native.available()
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_kernel_grad_equals_xla(name):
+  x, kernel, g, s, p = _data(CASES[name])
+  fast = lambda x, k: sc.conv2d(x, k, s, p, fast_grad=True)
+  assert _uses_native(fast, x, kernel, g)
+  want = _kernel_grad(lambda x, k: lax.conv_general_dilated(x, k, s, p, dimension_numbers=DN),
+                      x, kernel, g)
+  got = _kernel_grad(fast, x, kernel, g)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  with native.disabled():  # the XLA path it replaces computes the same
+    assert not _uses_native(fast, x, kernel, g)
+    xla_path = _kernel_grad(fast, x, kernel, g)
+  np.testing.assert_allclose(got, xla_path, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_native
+def test_exact_on_integers():
+  # Small integers: every product and partial sum is exact in float32, so any order of
+  # summation gives the exact answer, which numpy computes in int64.
+  n, h, w, ci, co, (kh, kw), (sh, sw), pads = 2, 7, 6, 3, 16, (3, 3), (2, 1), ((1, 1), (1, 0))
+  rng = np.random.default_rng(1)
+  x = rng.integers(-4, 5, (n, h, w, ci))
+  ho, wo = (h + 2 - kh) // sh + 1, (w + 1 - kw) // sw + 1
+  g = rng.integers(-4, 5, (n, ho, wo, co))
+  xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  want = np.zeros((kh, kw, ci, co), np.int64)
+  for i in range(kh):
+    for j in range(kw):
+      taps = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      want[i, j] = np.einsum("nhwc,nhwo->co", taps, g)
+  got = jax.jit(lambda x, g: native.conv_kernel_grad(x, g, (kh, kw), (sh, sw), pads))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+@needs_native
+def test_deterministic():
+  x, kernel, g, s, p = _data((16, 8, 8, 16, 32, (3, 3), (1, 1), "SAME"), seed=2)
+  f = jax.jit(lambda x, g: native.conv_kernel_grad(x, g, (3, 3), s, ((1, 1), (1, 1))))
+  first = np.asarray(f(x, g))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(x, g)), first)
+
+
+@needs_native
+def test_vmap():
+  x, kernel, g, s, p = _data(CASES["3x3_s2_same"])
+  pads = tuple(lax.padtype_to_pads(x.shape[1:3], (3, 3), s, p))
+  one = lambda x, g: native.conv_kernel_grad(x, g, (3, 3), s, pads)
+  batched = jax.vmap(one)(jnp.stack([x, 2 * x]), jnp.stack([g, g]))
+  np.testing.assert_allclose(batched[1], 2 * one(x, g), rtol=1e-6)
+  np.testing.assert_allclose(batched[0], one(x, g), rtol=1e-6)
+
+
+@needs_native
+def test_unsupported_operands_take_the_xla_path():
+  x, kernel, g, s, p = _data((2, 8, 8, 4, 12, (3, 3), (1, 1), "SAME"))  # Co = 12
+  fast = lambda x, k: sc.conv2d(x, k, s, p, fast_grad=True)
+  assert not _uses_native(fast, x, kernel, g)
+  assert not native.supports_conv_kernel_grad(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"multiple of 16.*\(2, 8, 8, 12\)"):
+    native.conv_kernel_grad(x, g, (3, 3), s, ((1, 1), (1, 1)))
+
+
+def test_disabled_context_restores():
+  before = native.available()
+  with native.disabled():
+    assert not native.available()
+  assert native.available() == before
+
+
+def test_no_compiler_warns_and_falls_back(monkeypatch):
+  monkeypatch.setattr(native, "_compiler", lambda: None)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lib = native._library.__wrapped__()  # uncached: the real library stays registered
+  if jax.default_backend() == "cpu":
+    assert lib is None
+    assert any("no C++ compiler" in str(w.message) for w in caught)
+
+
+@needs_native
+def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+  monkeypatch.setenv("SHIFTJAX_CACHE_DIR", str(tmp_path))
+  compiler = native._compiler()
+  first = native.build(compiler)
+  assert first.parent == tmp_path and first.exists()
+  mtime = first.stat().st_mtime_ns
+  assert native.build(compiler) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+  source = tmp_path / "changed.cc"
+  source.write_text(native._SOURCE.read_text() + "\n// changed\n")
+  monkeypatch.setattr(native, "_SOURCE", source)
+  assert native.build(compiler) != first  # a changed source never loads a stale library
+  assert [p.suffix for p in tmp_path.iterdir()].count(".so") == 2  # no temporary left over
