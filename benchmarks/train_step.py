@@ -10,10 +10,11 @@ jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (3
 10 classes). Variants: float and DenseShift 3-bit (stem and head float, as the recipe),
 each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
 ``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv and
-BatchNorm gradients, ``shiftjax.conv`` and ``shiftjax.batch_norm``, and convolutions on
-Eigen, ``conv.eigen_conv_options``);
-"DenseShift3 fast grad" has our gradients on XLA's default libraries, to show each
-part's share. The PyTorch step is the same architecture (3x3 stem
+BatchNorm gradients, ``shiftjax.conv`` and ``shiftjax.batch_norm``, convs and kernel
+gradients on the native C++ kernels, ``shiftjax.kernels.native``, and the remaining XLA
+convolutions on Eigen, ``conv.eigen_conv_options``);
+"DenseShift3 fast grad" has our gradients on XLA's default libraries and "DenseShift3
+fast no native" everything but the native kernels, to show each part's share. The PyTorch step is the same architecture (3x3 stem
 16, three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts,
 global average pool, fc), float, SGD momentum + weight decay, run with
 ``torch.set_num_threads(2)`` and (1): on a machine loaded by other jobs, PyTorch's OpenMP
@@ -184,8 +185,8 @@ def main():
     fns[f"{qname} fast"] = JaxStep(quantizer, True, batch, eigen)
   fns["DenseShift3 fast grad"] = JaxStep(sj.DenseShift(bits=3), True, batch)
   if native.available():
-    fns["DenseShift3 fast XLA kgrad"] = JaxStep(sj.DenseShift(bits=3), True, batch, eigen,
-                                                native_kernels=False)
+    fns["DenseShift3 fast no native"] = JaxStep(sj.DenseShift(bits=3), True, batch, eigen,
+                                                 native_kernels=False)
   torch_steps = {} if args.no_torch else _torch_steps(batch)
   if torch_steps:
     import torch
@@ -209,9 +210,9 @@ def main():
                "DenseShift3 plain", ""))
   rows.append(("Eigen convs: DenseShift fast / fast grad", "DenseShift3 fast",
                "DenseShift3 fast grad", ""))
-  if "DenseShift3 fast XLA kgrad" in t:
-    rows.append(("native kernel grad: DenseShift fast / XLA kgrad", "DenseShift3 fast",
-                 "DenseShift3 fast XLA kgrad", ""))
+  if "DenseShift3 fast no native" in t:
+    rows.append(("native kernels: DenseShift fast / without", "DenseShift3 fast",
+                 "DenseShift3 fast no native", ""))
   for name in torch_steps:
     rows += [(f"ours float fast / {name}", "float fast", name, "<= 1.0"),
              (f"ours DenseShift fast / {name}", "DenseShift3 fast", name, "<= 1.0")]

@@ -26,12 +26,13 @@ import tempfile
 import warnings
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu_conv_kernel_grad.cc")
+_SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI targets the library defines: {name registered with XLA: exported symbol}
-_TARGETS = {"shiftjax_conv_kernel_grad": "ShiftjaxConvKernelGrad"}
+_TARGETS = {"shiftjax_conv": "ShiftjaxConv", "shiftjax_conv_kernel_grad": "ShiftjaxConvKernelGrad"}
 
 _enabled = os.environ.get("SHIFTJAX_NATIVE", "1") != "0"
 
@@ -101,8 +102,9 @@ def _library() -> ctypes.CDLL | None:
     return None
   compiler = _compiler()
   if compiler is None:
-    warnings.warn("shiftjax: no C++ compiler (g++ or $CXX) found; CPU convolution kernel "
-                  "gradients use the slower XLA path. Install g++ to enable the native kernel.")
+    warnings.warn("shiftjax: no C++ compiler (g++ or $CXX) found; CPU convolutions and "
+                  "their gradients use the slower XLA path. Install g++ to enable the "
+                  "native kernels.")
     return None
   try:
     lib = ctypes.cdll.LoadLibrary(str(build(compiler)))
@@ -117,20 +119,51 @@ def _library() -> ctypes.CDLL | None:
   return lib
 
 
-# ------------------------------------------------------------- convolution kernel gradient
+# ------------------------------------------------------------------------ convolutions
 
-# The kernel's widest register vector (AVX-512) holds 16 float32 output channels.
+# The kernels' widest register vector (AVX-512) holds 16 float32 output channels.
 _CO_MULTIPLE = 16
+_MAX_CI = 4096  # the conv kernel's row of zeros for padding taps
 
 
-def supports_conv_kernel_grad(x: jax.Array, g: jax.Array) -> bool:
-  """Whether :func:`conv_kernel_grad` takes these operands.
+def supports_conv(x: jax.Array, kernel_or_g: jax.Array) -> bool:
+  """Whether :func:`conv` (x, kernel) and :func:`conv_kernel_grad` (x, g) take these.
 
-  float32, output channels a multiple of 16, one device: an FFI call has no sharding rule,
-  so under data parallelism XLA would gather the whole batch on every device.
+  float32, output channels (the last axis of the second operand) a multiple of 16, one
+  device: an FFI call has no sharding rule, so under data parallelism XLA would gather the
+  whole batch on every device.
   """
-  return (x.dtype == g.dtype == jax.numpy.float32 and g.shape[-1] % _CO_MULTIPLE == 0
+  return (x.dtype == kernel_or_g.dtype == jnp.float32 and x.ndim == kernel_or_g.ndim == 4
+          and kernel_or_g.shape[-1] % _CO_MULTIPLE == 0 and x.shape[-1] <= _MAX_CI
           and jax.device_count() == 1 and available())
+
+
+def _check(x, other, what):
+  if not supports_conv(x, other):
+    raise ValueError(
+        f"native {what} takes 4-D float32 operands with output channels a multiple of "
+        f"{_CO_MULTIPLE} (and at most {_MAX_CI} input channels) on one CPU device; got "
+        f"{x.dtype} {x.shape} and {other.dtype} {other.shape} on {jax.device_count()} "
+        f"device(s) (native kernels available: {available()})")
+
+
+def _attrs(strides, pads) -> dict:
+  return dict(sh=int(strides[0]), sw=int(strides[1]), pt=int(pads[0][0]), pl=int(pads[1][0]))
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
+  """NHWC/HWIO conv, x [N, H, W, Ci], kernel [kh, kw, Ci, Co], explicit ((lo, hi), (lo, hi))
+  pads (negative ones crop) -> float32 [N, Ho, Wo, Co]. Check :func:`supports_conv` first."""
+  _check(x, kernel, "conv")
+  (kh, kw), (sh, sw) = kernel.shape[:2], strides
+  ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
+  wo = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
+  if ho < 1 or wo < 1:
+    raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
+                     f"pads {pads} has an empty output ({ho} x {wo})")
+  out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[-1]), jnp.float32)
+  call = jax.ffi.ffi_call("shiftjax_conv", out, vmap_method="sequential")
+  return call(x, kernel, **_attrs(strides, pads))
 
 
 def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
@@ -138,14 +171,9 @@ def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
   """Kernel gradient of an NHWC/HWIO conv: x [N, H, W, Ci], cotangent g [N, Ho, Wo, Co].
 
   ``pads`` are the conv's explicit ((lo, hi), (lo, hi)); the high pads follow from the
-  shapes. Returns float32 [kh, kw, Ci, Co]. Check :func:`supports_conv_kernel_grad` first.
+  shapes. Returns float32 [kh, kw, Ci, Co]. Check :func:`supports_conv` first.
   """
-  if not supports_conv_kernel_grad(x, g):
-    raise ValueError(f"native conv_kernel_grad takes float32 operands with output channels "
-                     f"a multiple of {_CO_MULTIPLE} on one CPU device; got {x.dtype} "
-                     f"{x.shape} and {g.dtype} {g.shape} on {jax.device_count()} device(s) "
-                     f"(native kernels available: {available()})")
-  out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], g.shape[-1]), jax.numpy.float32)
+  _check(x, g, "conv_kernel_grad")
+  out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], g.shape[-1]), jnp.float32)
   call = jax.ffi.ffi_call("shiftjax_conv_kernel_grad", out, vmap_method="sequential")
-  return call(x, g, sh=int(strides[0]), sw=int(strides[1]), pt=int(pads[0][0]),
-              pl=int(pads[1][0]))
+  return call(x, g, **_attrs(strides, pads))

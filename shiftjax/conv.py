@@ -138,22 +138,37 @@ def _plain(x, kernel, strides, padding):
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
+def _explicit(padding, x_shape, k_hw, strides):
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(x_shape[1:3], k_hw, strides, padding))
+  return padding
+
+
+def _forward(x, kernel, strides, pads):
+  """The conv on the native CPU kernel where it applies, else XLA's."""
+  from shiftjax.kernels import native  # pylint: disable=g-import-not-at-top  # import cycle
+  if native.supports_conv(x, kernel):
+    return native.conv(x, kernel, strides, pads)
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+
+
+def _fast_forward(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, _explicit(padding, x.shape, kernel.shape[:2], strides))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _fast(x, kernel, strides, padding):
-  return _plain(x, kernel, strides, padding)
+  return _fast_forward(x, kernel, strides, padding)
 
 
 def _fast_fwd(x, kernel, strides, padding):
-  return _plain(x, kernel, strides, padding), (x, kernel)
+  return _fast_forward(x, kernel, strides, padding), (x, kernel)
 
 
 def _fast_bwd(strides, padding, res, g):
   x, kernel = res
   k_hw = kernel.shape[:2]
-  if isinstance(padding, str):
-    pads = tuple(lax.padtype_to_pads(x.shape[1:3], k_hw, strides, padding))
-  else:
-    pads = padding
+  pads = _explicit(padding, x.shape, k_hw, strides)
   dx = _input_grad(g, kernel, x.shape, strides, pads)
   dk = _kernel_grad(x, g, k_hw, strides, pads)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
@@ -186,8 +201,7 @@ def _input_grad(g, kernel, x_shape, strides, pads):
         cols.append(jnp.zeros((n, a, b, ci), g.dtype))
         continue
       flipped = jnp.flip(taps, (0, 1)).swapaxes(2, 3)
-      cols.append(lax.conv_general_dilated(g, flipped, (1, 1), (pads_h, pads_w),
-                                           dimension_numbers=_DN))
+      cols.append(_forward(g, flipped, (1, 1), (pads_h, pads_w)))
     rows.append(jnp.stack(cols, axis=3))  # [n, a, b, sw, ci]
   dx = jnp.stack(rows, axis=2)  # [n, a, sh, b, sw, ci]
   return dx.reshape(n, a * sh, b * sw, ci)[:, :h, :w]
@@ -212,7 +226,7 @@ def _kernel_grad(x, g, k_hw, strides, pads):
   matrix products of gathered taps, looped over the batch.
   """
   from shiftjax.kernels import native  # pylint: disable=g-import-not-at-top  # import cycle
-  if native.supports_conv_kernel_grad(x, g):
+  if native.supports_conv(x, g):
     return native.conv_kernel_grad(x, g, k_hw, strides, pads)
   n = x.shape[0]
   steps = _loop_steps(n, x[0].size * x.dtype.itemsize)

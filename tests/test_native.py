@@ -1,4 +1,4 @@
-"""The native C++ CPU kernel gradient (shiftjax.kernels.native) against XLA's gradient."""
+"""The native C++ CPU conv and kernel gradient (shiftjax.kernels.native) against XLA."""
 
 import warnings
 
@@ -13,6 +13,7 @@ from shiftjax.kernels import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 TARGET = "shiftjax_conv_kernel_grad"
+CONV_TARGET = "shiftjax_conv"
 
 # batch, H, W, Ci, Co, kernel (kh, kw), strides, padding; Co a multiple of 16
 CASES = {
@@ -79,6 +80,24 @@ def test_native_kernel_grad_equals_xla(name):
 
 
 @needs_native
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_conv_equals_xla(name):
+  x, kernel, g, s, p = _data(CASES[name])
+  fast = lambda x, k: sc.conv2d(x, k, s, p, fast_grad=True)
+  assert CONV_TARGET in str(jax.make_jaxpr(fast)(x, kernel))
+  want = lax.conv_general_dilated(x, kernel, s, p, dimension_numbers=DN)
+  got = jax.jit(fast)(x, kernel)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # the input gradient: one native conv per output phase of g
+  dx = jax.jit(lambda x, k, g: jax.vjp(fast, x, k)[1](g)[0])(x, kernel, g)
+  dx_xla = jax.jit(lambda x, k, g: jax.vjp(
+      lambda x: lax.conv_general_dilated(x, k, s, p, dimension_numbers=DN), x)[1](g)[0])(
+          x, kernel, g)
+  np.testing.assert_allclose(dx, dx_xla, rtol=1e-5, atol=1e-5 * np.abs(dx_xla).max())
+
+
+@needs_native
 def test_exact_on_integers():
   # Small integers: every product and partial sum is exact in float32, so any order of
   # summation gives the exact answer, which numpy computes in int64.
@@ -96,6 +115,15 @@ def test_exact_on_integers():
   got = jax.jit(lambda x, g: native.conv_kernel_grad(x, g, (kh, kw), (sh, sw), pads))(
       jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32))
   np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+  kernel = rng.integers(-4, 5, (kh, kw, ci, co))
+  y_want = np.zeros((n, ho, wo, co), np.int64)
+  for i in range(kh):
+    for j in range(kw):
+      taps = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      y_want += np.einsum("nhwc,co->nhwo", taps, kernel[i, j])
+  y = jax.jit(lambda x, k: native.conv(x, k, (sh, sw), pads))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(y), y_want.astype(np.float32))
 
 
 @needs_native
@@ -122,9 +150,20 @@ def test_unsupported_operands_take_the_xla_path():
   x, kernel, g, s, p = _data((2, 8, 8, 4, 12, (3, 3), (1, 1), "SAME"))  # Co = 12
   fast = lambda x, k: sc.conv2d(x, k, s, p, fast_grad=True)
   assert not _uses_native(fast, x, kernel, g)
-  assert not native.supports_conv_kernel_grad(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16))
+  assert not native.supports_conv(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match=r"multiple of 16.*\(2, 8, 8, 12\)"):
     native.conv_kernel_grad(x, g, (3, 3), s, ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match=r"multiple of 16.*\(3, 3, 4, 12\)"):
+    native.conv(x, kernel, s, ((1, 1), (1, 1)))
+  jaxpr = str(jax.make_jaxpr(fast)(x, kernel))
+  assert CONV_TARGET not in jaxpr
+
+
+@needs_native
+def test_conv_empty_output_raises():
+  x = jnp.zeros((1, 2, 2, 3), jnp.float32)
+  with pytest.raises(ValueError, match="empty output"):
+    native.conv(x, jnp.zeros((3, 3, 3, 16), jnp.float32), (1, 1), ((0, 0), (0, 0)))
 
 
 def test_disabled_context_restores():

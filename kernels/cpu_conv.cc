@@ -1,0 +1,279 @@
+// 2-D NHWC convolution and its kernel (weight) gradient on the CPU, as XLA FFI handlers.
+//
+//   conv:        y[n, h, w, co]    = sum_{i, j, ci} x[n, h*sh + i - pt, w*sw + j - pl, ci] * k[i, j, ci, co]
+//   kernel grad: dk[i, j, ci, co] = sum_{n, h, w} x[n, h*sh + i - pt, w*sw + j - pl, ci] * g[n, h, w, co]
+//
+// Both read x in place: taps that fall in the padding are skipped (kernel gradient) or read
+// from a zero row (conv), never materialized. XLA:CPU computes the kernel gradient as a
+// convolution with batch and feature swapped (transposes of x and g); shiftjax.conv's XLA
+// path as matrix products of gathered taps (copies). Each kernel is a register tile of
+// accumulators, R rows by C vectors of co, updated with one vector load and R broadcasts
+// per step. Built by shiftjax.kernels.native for the machine it runs on (-march=native):
+// float32, co a multiple of 16 (the widest vector).
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kAccumulators = 24;  // of 32 vector registers
+#else
+constexpr int kLanes = 8;
+constexpr int kAccumulators = 12;  // of 16
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+Vec Load(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+void Store(float* p, const Vec& v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
+
+// x [n, h, w, ci] convolved to [n, ho, wo, co] with kernel taps kh x kw.
+struct Geometry {
+  int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pl;
+};
+
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Output positions o with 0 <= o*s + tap - pad < size, as [lo, hi).
+void ValidRange(int64_t tap, int64_t pad, int64_t s, int64_t size, int64_t out,
+                int64_t* lo, int64_t* hi) {
+  *lo = std::max<int64_t>(0, FloorDiv(pad - tap + s - 1, s));
+  *hi = std::min<int64_t>(out, FloorDiv(size - 1 - tap + pad, s) + 1);
+}
+
+// The widest register tile for `vectors` vectors of co: (C, largest R).
+std::pair<int, int> TileShape(int64_t vectors) {
+  const int cols = vectors % 4 == 0 ? 4 : vectors % 2 == 0 ? 2 : 1;
+  return {cols, kAccumulators / cols};
+}
+
+// Runs task(0) ... task(count - 1) on the calling thread and the XLA intra-op pool.
+// Tasks are claimed one by one; the call returns when all have finished. The state is
+// shared with the scheduled helpers, which may start after the caller has finished all
+// tasks (the pool was busy): they then find nothing to do and touch nothing else.
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> task) {
+  struct State {
+    std::function<void(int64_t)> task;
+    int64_t count;
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int active = 0;
+    bool closed = false;
+    void Run() {
+      for (int64_t t; (t = next.fetch_add(1)) < count;) task(t);
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->task = std::move(task);
+  state->count = count;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([state] {
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->closed) return;
+        ++state->active;
+      }
+      state->Run();
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (--state->active == 0) state->cv.notify_all();
+    });
+  }
+  state->Run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->closed = true;
+  state->cv.wait(lock, [&] { return state->active == 0; });
+}
+
+// Instantiations Fn<1, C> ... Fn<N, C> of a tile template, indexed by R - 1.
+template <typename Fn, template <int, int> class Tile, int C, int... R>
+constexpr std::array<Fn, sizeof...(R)> Tiles(std::integer_sequence<int, R...>) {
+  return {&Tile<R + 1, C>::Run...};
+}
+
+template <typename Fn, template <int, int> class Tile>
+Fn TileFor(int rows, int cols) {
+  static const auto one = Tiles<Fn, Tile, 1>(std::make_integer_sequence<int, kAccumulators>());
+  static const auto two = Tiles<Fn, Tile, 2>(std::make_integer_sequence<int, kAccumulators / 2>());
+  static const auto four = Tiles<Fn, Tile, 4>(std::make_integer_sequence<int, kAccumulators / 4>());
+  return cols == 4 ? four[rows - 1] : cols == 2 ? two[rows - 1] : one[rows - 1];
+}
+
+// Splits `total` into ceil(total / max_rows) nearly equal blocks: fn(start, rows).
+template <typename F>
+void Blocks(int64_t total, int max_rows, F fn) {
+  const int64_t blocks = (total + max_rows - 1) / max_rows;
+  for (int64_t b = 0, start = 0; b < blocks; ++b) {
+    const int64_t rows = (total - start) / (blocks - b);
+    fn(start, static_cast<int>(rows));
+    start += rows;
+  }
+}
+
+// ------------------------------------------------------------------------------- conv
+
+// Zeros read by taps in the padding (ci <= kMaxZeroRow, checked by the handler).
+constexpr int64_t kMaxZeroRow = 4096;
+alignas(64) const float kZeroRow[kMaxZeroRow] = {};
+
+// y[R consecutive output positions of one image, C vectors of co from o0].
+template <int R, int C>
+struct ConvTile {
+  static void Run(const Geometry& d, const float* x, const float* k, int64_t p0, int64_t o0,
+                  float* y) {
+    int64_t oh[R], ow[R];
+    for (int r = 0; r < R; ++r) oh[r] = (p0 + r) / d.wo, ow[r] = (p0 + r) % d.wo;
+    Vec acc[R][C] = {};
+    for (int64_t i = 0; i < d.kh; ++i)
+      for (int64_t j = 0; j < d.kw; ++j) {
+        const float* xp[R];
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = oh[r] * d.sh + i - d.pt, col = ow[r] * d.sw + j - d.pl;
+          const bool inside = row >= 0 && row < d.h && col >= 0 && col < d.w;
+          xp[r] = inside ? x + (row * d.w + col) * d.ci : kZeroRow;
+        }
+        const float* kp = k + (i * d.kw + j) * d.ci * d.co + o0;
+        for (int64_t c = 0; c < d.ci; ++c) {
+          Vec kv[C];
+          for (int v = 0; v < C; ++v) kv[v] = Load(kp + c * d.co + v * kLanes);
+          for (int r = 0; r < R; ++r) {
+            const float xv = xp[r][c];
+            for (int v = 0; v < C; ++v) acc[r][v] += xv * kv[v];
+          }
+        }
+      }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < C; ++v) Store(y + (p0 + r) * d.co + o0 + v * kLanes, acc[r][v]);
+  }
+};
+using ConvTileFn = void (*)(const Geometry&, const float*, const float*, int64_t, int64_t,
+                            float*);
+
+void ConvImage(const Geometry& d, const float* x, const float* k, float* y) {
+  const auto [cols, max_rows] = TileShape(d.co / kLanes);
+  Blocks(d.ho * d.wo, max_rows, [&](int64_t p0, int rows) {
+    const ConvTileFn tile = TileFor<ConvTileFn, ConvTile>(rows, cols);
+    for (int64_t o0 = 0; o0 < d.co; o0 += cols * kLanes) tile(d, x, k, p0, o0, y);
+  });
+}
+
+ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
+      kd[2] != xd[3] || kd[3] != yd[3] || yd[3] % kLanes != 0 || xd[3] > kMaxZeroRow)
+    return ffi::Error::InvalidArgument("shiftjax conv: inconsistent shapes");
+  const Geometry d{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1],
+                   sh, sw, pt, pl};
+  const float *xs = x.typed_data(), *ks = k.typed_data();
+  float* ys = y->typed_data();
+  ParallelFor(pool, d.n, [&d, xs, ks, ys](int64_t n) {
+    ConvImage(d, xs + n * d.h * d.w * d.ci, ks, ys + n * d.ho * d.wo * d.co);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------- kernel gradient
+
+// dk[tap (i, j), R rows of ci from c0, C vectors of co from o0] += one image's products.
+template <int R, int C>
+struct KernelGradTile {
+  static void Run(const Geometry& d, const float* x, const float* g, int64_t i, int64_t j,
+                  int64_t c0, int64_t o0, float* dk) {
+    int64_t h_lo, h_hi, w_lo, w_hi;
+    ValidRange(i, d.pt, d.sh, d.h, d.ho, &h_lo, &h_hi);
+    ValidRange(j, d.pl, d.sw, d.w, d.wo, &w_lo, &w_hi);
+    float* out = dk + ((i * d.kw + j) * d.ci + c0) * d.co + o0;
+    Vec acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < C; ++v) acc[r][v] = Load(out + r * d.co + v * kLanes);
+    for (int64_t h = h_lo; h < h_hi; ++h) {
+      const float* x_row = x + ((h * d.sh + i - d.pt) * d.w) * d.ci + c0;
+      const float* g_row = g + (h * d.wo) * d.co + o0;
+      for (int64_t w = w_lo; w < w_hi; ++w) {
+        const float* xp = x_row + (w * d.sw + j - d.pl) * d.ci;
+        Vec gv[C];
+        for (int v = 0; v < C; ++v) gv[v] = Load(g_row + w * d.co + v * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const float xv = xp[r];
+          for (int v = 0; v < C; ++v) acc[r][v] += xv * gv[v];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < C; ++v) Store(out + r * d.co + v * kLanes, acc[r][v]);
+  }
+};
+using KernelGradTileFn = void (*)(const Geometry&, const float*, const float*, int64_t,
+                                  int64_t, int64_t, int64_t, float*);
+
+void KernelGradImage(const Geometry& d, const float* x, const float* g, float* dk) {
+  const auto [cols, max_rows] = TileShape(d.co / kLanes);
+  for (int64_t i = 0; i < d.kh; ++i)
+    for (int64_t j = 0; j < d.kw; ++j)
+      Blocks(d.ci, max_rows, [&](int64_t c0, int rows) {
+        const KernelGradTileFn tile = TileFor<KernelGradTileFn, KernelGradTile>(rows, cols);
+        for (int64_t o0 = 0; o0 < d.co; o0 += cols * kLanes) tile(d, x, g, i, j, c0, o0, dk);
+      });
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::F32> g, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pl, ffi::ResultBuffer<ffi::F32> dk) {
+  auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4 || gd[0] != xd[0] ||
+      kd[2] != xd[3] || kd[3] != gd[3] || gd[3] % kLanes != 0)
+    return ffi::Error::InvalidArgument("shiftjax conv_kernel_grad: inconsistent shapes");
+  const Geometry d{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], kd[0], kd[1],
+                   sh, sw, pt, pl};
+  // The images split into `parts` fixed ranges, each summed into its own buffer, and the
+  // buffers added in order: the result does not depend on which thread ran which part.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), d.n));
+  std::vector<std::vector<float>> sums(parts, std::vector<float>(dk->element_count(), 0.0f));
+  const float *xs = x.typed_data(), *gs = g.typed_data();
+  ParallelFor(pool, parts, [&d, &sums, xs, gs, parts](int64_t p) {
+    for (int64_t n = p * d.n / parts; n < (p + 1) * d.n / parts; ++n)
+      KernelGradImage(d, xs + n * d.h * d.w * d.ci, gs + n * d.ho * d.wo * d.co,
+                      sums[p].data());
+  });
+  float* out = dk->typed_data();
+  std::copy(sums[0].begin(), sums[0].end(), out);
+  for (int64_t p = 1; p < parts; ++p)
+    for (size_t e = 0; e < sums[p].size(); ++e) out[e] += sums[p][e];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define SHIFTJAX_CONV_BINDING                                                     \
+  ffi::Ffi::Bind()                                                                \
+      .Ctx<ffi::ThreadPool>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                               \
+      .Arg<ffi::Buffer<ffi::F32>>()                                               \
+      .Attr<int64_t>("sh")                                                        \
+      .Attr<int64_t>("sw")                                                        \
+      .Attr<int64_t>("pt")                                                        \
+      .Attr<int64_t>("pl")                                                        \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxConv, Conv, SHIFTJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxConvKernelGrad, KernelGrad, SHIFTJAX_CONV_BINDING);
