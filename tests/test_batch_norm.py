@@ -118,7 +118,8 @@ def test_bfloat16_input():
 
 def test_model_fast_path_equals_plain_path():
   """A ResNet with fast_grad (our convs and BatchNorm) against flax/XLA: same params, same
-  loss, same updated batch_stats, gradients equal to 1e-4 of each leaf's largest entry."""
+  loss, updated batch_stats equal to 1e-5 and gradients to 1e-4 of each leaf's largest
+  entry."""
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 12, 12, 3)), jnp.float32)
   fast, plain = (sj.models.resnet20(num_classes=10, quantizer=sj.DenseShift(bits=3),
                                     fast_grad=flag) for flag in (True, False))
@@ -136,7 +137,9 @@ def test_model_fast_path_equals_plain_path():
   (l_fast, s_fast), g_fast = loss_and_grads(fast)
   (l_plain, s_plain), g_plain = loss_and_grads(plain)
   np.testing.assert_allclose(l_fast, l_plain, rtol=1e-5)
+  # On CPU the fast path's convs are the native kernels, not XLA's: the forward differs in
+  # rounding, layer after layer, so statistics agree to 1e-5 of each leaf's largest entry.
   for a, b in zip(jax.tree.leaves(s_fast), jax.tree.leaves(s_plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_close(a, b, 1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
     _assert_close(a, b, 1e-4)
