@@ -132,12 +132,14 @@ def bench_kernel_grad(batch, reps):
   for name, h, ci, co, k, s in SHAPES:
     x, kernel, g, padding = _data(batch, h, ci, co, k, s)
     pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
-    kgrad = lambda x, g: sc._kernel_grad(x, g, (k, k), (s, s), pads)  # pylint: disable=protected-access
+    # One function per variant: jit caches traces by function, and the choice between
+    # the native kernel and the loop is made when tracing.
+    kgrad = lambda: lambda x, g: sc._kernel_grad(x, g, (k, k), (s, s), pads)  # pylint: disable=protected-access
     autodiff = jax.jit(lambda x, k_, g: jax.vjp(
         lambda k_: _conv(s, padding, None)(x, k_), k_)[1](g)[0])
-    fns = {"native": (jax.jit(kgrad), (x, g))}
+    fns = {"native": (jax.jit(kgrad()).lower(x, g).compile(), (x, g))}
     with native.disabled():  # traced (and compiled) here: the XLA loop
-      fns["loop"] = (jax.jit(kgrad).lower(x, g).compile(), (x, g))
+      fns["loop"] = (jax.jit(kgrad()).lower(x, g).compile(), (x, g))
     fns["autodiff"] = (autodiff, (x, kernel, g))
     want = fns["autodiff"][0](x, kernel, g)
     for label in ("native", "loop"):

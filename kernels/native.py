@@ -39,7 +39,11 @@ _enabled = os.environ.get("SHIFTJAX_NATIVE", "1") != "0"
 
 @contextlib.contextmanager
 def disabled():
-  """Within the block, :func:`available` is False: code traced here takes the XLA path."""
+  """Within the block, :func:`available` is False: code traced here takes the XLA path.
+
+  The choice is made when tracing, and ``jax.jit`` caches traces by function: a function
+  already traced outside the block keeps the native kernels; trace a new one inside.
+  """
   global _enabled
   before, _enabled = _enabled, False
   try:
