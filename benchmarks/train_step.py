@@ -80,6 +80,9 @@ class JaxStep:
     # Compiled here: whether the native kernels are used is decided when tracing.
     with contextlib.nullcontext() if native_kernels else native.disabled():
       self.step = step.lower(self.state, self.batch).compile()
+    self.native = "shiftjax_conv" in self.step.as_text()  # the native kernels' FFI targets
+    if self.native and not native_kernels:
+      raise RuntimeError("the step traced without native kernels still calls them")
 
   def __call__(self):
     self.state, metrics = self.step(self.state, self.batch)
@@ -199,8 +202,9 @@ def main():
   print(f"\nResNet-20 train step, batch {args.batch}, {args.reps} interleaved repetitions: "
         "median ms wall (cpu)")
   for name, (wall, cpu) in t.items():
-    print(f"  {name:20s} {wall * 1e3:7.0f} ({cpu * 1e3:6.0f})  {args.batch / wall:6.1f} img/s"
-          f"  cores busy {cpu / wall:4.2f}")
+    uses = " native kernels" if getattr(fns[name], "native", False) else ""
+    print(f"  {name:26s} {wall * 1e3:7.0f} ({cpu * 1e3:6.0f})  {args.batch / wall:6.1f} img/s"
+          f"  cores busy {cpu / wall:4.2f}{uses}")
 
   rows = [("DenseShift fast / DenseShift plain", "DenseShift3 fast", "DenseShift3 plain", "<= 0.5"),
           ("float fast / float plain", "float fast", "float plain", ""),
