@@ -48,6 +48,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from shiftjax.kernels import native
+
 # flax's nn.Conv with a 4-D input
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -107,7 +109,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
     fast_grad = default_fast_grad()
   if not fast_grad:
     return _plain(x, kernel, strides, padding)
-  return _fast(x, kernel, strides, padding)
+  return _fast(x, kernel, strides, _explicit(padding, x.shape, kernel.shape[:2], strides))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -146,29 +148,23 @@ def _explicit(padding, x_shape, k_hw, strides):
 
 def _forward(x, kernel, strides, pads):
   """The conv on the native CPU kernel where it applies, else XLA's."""
-  from shiftjax.kernels import native  # pylint: disable=g-import-not-at-top  # import cycle
   if native.supports_conv(x, kernel):
     return native.conv(x, kernel, strides, pads)
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
 
 
-def _fast_forward(x, kernel, strides, padding):
-  return _forward(x, kernel, strides, _explicit(padding, x.shape, kernel.shape[:2], strides))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fast(x, kernel, strides, padding):
-  return _fast_forward(x, kernel, strides, padding)
+def _fast(x, kernel, strides, pads):
+  return _forward(x, kernel, strides, pads)
 
 
-def _fast_fwd(x, kernel, strides, padding):
-  return _fast_forward(x, kernel, strides, padding), (x, kernel)
+def _fast_fwd(x, kernel, strides, pads):
+  return _forward(x, kernel, strides, pads), (x, kernel)
 
 
-def _fast_bwd(strides, padding, res, g):
+def _fast_bwd(strides, pads, res, g):
   x, kernel = res
   k_hw = kernel.shape[:2]
-  pads = _explicit(padding, x.shape, k_hw, strides)
   dx = _input_grad(g, kernel, x.shape, strides, pads)
   dk = _kernel_grad(x, g, k_hw, strides, pads)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
@@ -225,7 +221,6 @@ def _kernel_grad(x, g, k_hw, strides, pads):
   The native C++ kernel where it applies (2-3x faster: it reads x and g in place), else
   matrix products of gathered taps, looped over the batch.
   """
-  from shiftjax.kernels import native  # pylint: disable=g-import-not-at-top  # import cycle
   if native.supports_conv(x, g):
     return native.conv_kernel_grad(x, g, k_hw, strides, pads)
   n = x.shape[0]
