@@ -39,6 +39,8 @@ def _category(op: str) -> str:
     return "convolution (launch only)"
   if kind.startswith("dot"):
     return "dot (launch only)"
+  if kind.startswith(("custom-call", "ffi_call")):
+    return "native kernel (shiftjax FFI call)"
   if kind.startswith(("while", "call", "conditional")):
     return "loop/control"
   if "ynn" in kind or "reduce" in kind:
@@ -82,7 +84,7 @@ def main():
   step = train_step.JaxStep(quantizer, not args.plain, train_step._batch(128), options)
   for _ in range(3):  # compile, then steps on donated state
     step()
-  op_names = _hlo_op_names(step.step.lower(step.state, step.batch).compile().as_text())
+  op_names = _hlo_op_names(step.step.as_text())
 
   wall, cpu = time.perf_counter(), time.process_time()
   with tempfile.TemporaryDirectory() as trace_dir:
