@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from shiftjax import host_memory
 import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
@@ -33,6 +34,7 @@ METHODS = {"float": {"quantizer": "float"},
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
   base = FLAGS.config
   summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir)

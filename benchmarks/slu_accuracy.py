@@ -20,8 +20,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import method_comparison  # benchmarks/, the directory of this script
+from shiftjax import host_memory
 from shiftjax.data.slu import synthetic
+import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "slu_accuracy"),
@@ -37,6 +38,7 @@ METHODS = {"float": {"quantizer": "float"},
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
   base = FLAGS.config
   data_dir = base.data_dir or None

@@ -14,7 +14,12 @@ BatchNorm gradients, ``shiftjax.conv`` and ``shiftjax.batch_norm``, convs and ke
 gradients on the native C++ kernels, ``shiftjax.kernels.native``, and the remaining XLA
 convolutions on Eigen, ``conv.eigen_conv_options``);
 "DenseShift3 fast grad" has our gradients on XLA's default libraries and "DenseShift3
-fast no native" everything but the native kernels, to show each part's share. The PyTorch step is the same architecture (3x3 stem
+fast no native" everything but the native kernels, to show each part's share. This process
+keeps freed host memory for reuse as the launcher does (``shiftjax.host_memory``, off with
+``--no-reuse-freed-memory``); "DenseShift3 fast malloc default" runs in a child process
+that does not, stepped in turn with the others, to show what that saves (the page faults
+column counts the kernel mapping XLA's scratch buffer in again). The PyTorch step is the
+same architecture (3x3 stem
 16, three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts,
 global average pool, fc), float, SGD momentum + weight decay, run with
 ``torch.set_num_threads(2)`` and (1): on a machine loaded by other jobs, PyTorch's OpenMP
@@ -34,6 +39,9 @@ import argparse
 import contextlib
 import functools
 import os
+import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -42,6 +50,7 @@ import numpy as np
 
 import shiftjax as sj
 from shiftjax import conv
+from shiftjax import host_memory
 from shiftjax import models
 from shiftjax import train
 from shiftjax.kernels import native
@@ -88,6 +97,46 @@ class JaxStep:
     self.state, metrics = self.step(self.state, self.batch)
     jax.block_until_ready(metrics)
     return float(metrics["loss_sum"]) / float(metrics["count"])
+
+
+class WorkerStep:
+  """``DenseShift3 fast`` in a child process started without
+  ``host_memory.reuse_freed_memory()`` (glibc's default malloc), stepped on demand so it
+  interleaves with the steps of this process; reports the child's CPU time and faults."""
+
+  reports_own_usage = True
+
+  def __init__(self, batch_size: int):
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch_size)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.native = self._read() == "native"
+
+  def _read(self) -> str:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError("the train_step.py --worker child exited")
+    return line.strip()
+
+  def __call__(self) -> tuple[float, int]:
+    self.process.stdin.write("step\n")
+    self.process.stdin.flush()
+    cpu, faults = self._read().split()
+    return float(cpu), int(faults)
+
+  def close(self):
+    self.process.stdin.close()
+    self.process.wait()
+
+
+def _serve_worker(batch_size: int):
+  """The child of WorkerStep: one step per "step" line on stdin."""
+  step = JaxStep(sj.DenseShift(bits=3), True, _batch(batch_size), conv.eigen_conv_options())
+  print("native" if step.native else "xla", flush=True)
+  for _ in sys.stdin:
+    cpu, faults = time.process_time(), _minor_faults()
+    step()
+    print(time.process_time() - cpu, _minor_faults() - faults, flush=True)
 
 
 def _torch_steps(batch: dict, threads=(2, 1)) -> dict:
@@ -151,14 +200,22 @@ def _torch_steps(batch: dict, threads=(2, 1)) -> dict:
   return {f"PyTorch float {n}t": functools.partial(step, n) for n in threads}
 
 
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _time_once(fn):
-  wall, cpu = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
+  """(wall s, CPU s, minor page faults) of one call, CPU and faults of whoever ran it."""
+  wall, cpu, faults = time.perf_counter(), time.process_time(), _minor_faults()
+  result = fn()
+  wall = time.perf_counter() - wall
+  if getattr(fn, "reports_own_usage", False):
+    return (wall, *result)
+  return wall, time.process_time() - cpu, _minor_faults() - faults
 
 
 def _interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-  """{name: fn} -> {name: (median wall s, median cpu s)}, repetitions alternating."""
+  """{name: fn} -> {name: (median wall s, median cpu s, median faults)}, alternating."""
   for fn in fns.values():
     for _ in range(warmup):  # compile, then one step on a donated state
       fn()
@@ -175,10 +232,17 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--reps", type=int, default=15, help="repetitions per variant")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
+  parser.add_argument("--no-reuse-freed-memory", action="store_true",
+                      help="leave glibc's malloc as it is (see shiftjax.host_memory)")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    return _serve_worker(args.batch)
+  # As experiments/train.py does, before JAX's first computation.
+  reused = not args.no_reuse_freed_memory and host_memory.reuse_freed_memory()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
         f"device(s), {os.cpu_count()} CPUs, shiftjax {sj.__version__}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, freed host memory reused: {reused}")
   batch = _batch(args.batch)
   fns = {}
   eigen = conv.eigen_conv_options()
@@ -190,6 +254,8 @@ def main():
   if native.available():
     fns["DenseShift3 fast no native"] = JaxStep(sj.DenseShift(bits=3), True, batch, eigen,
                                                  native_kernels=False)
+  if reused:
+    fns["DenseShift3 fast malloc default"] = WorkerStep(args.batch)
   torch_steps = {} if args.no_torch else _torch_steps(batch)
   if torch_steps:
     import torch
@@ -199,12 +265,15 @@ def main():
     print("torch is not installed (pip install -e .[bench]): PyTorch step skipped")
 
   t = _interleaved(fns, args.reps)
+  for fn in fns.values():
+    if isinstance(fn, WorkerStep):
+      fn.close()
   print(f"\nResNet-20 train step, batch {args.batch}, {args.reps} interleaved repetitions: "
-        "median ms wall (cpu)")
-  for name, (wall, cpu) in t.items():
+        "median ms wall (cpu), page faults")
+  for name, (wall, cpu, faults) in t.items():
     uses = " native kernels" if getattr(fns[name], "native", False) else ""
-    print(f"  {name:26s} {wall * 1e3:7.0f} ({cpu * 1e3:6.0f})  {args.batch / wall:6.1f} img/s"
-          f"  cores busy {cpu / wall:4.2f}{uses}")
+    print(f"  {name:31s} {wall * 1e3:5.0f} ({cpu * 1e3:4.0f}) {faults:6.0f}  "
+          f"{args.batch / wall:5.1f} img/s  cores busy {cpu / wall:4.2f}{uses}")
 
   rows = [("DenseShift fast / DenseShift plain", "DenseShift3 fast", "DenseShift3 plain", "<= 0.5"),
           ("float fast / float plain", "float fast", "float plain", ""),
@@ -217,6 +286,9 @@ def main():
   if "DenseShift3 fast no native" in t:
     rows.append(("native kernels: DenseShift fast / without", "DenseShift3 fast",
                  "DenseShift3 fast no native", ""))
+  if "DenseShift3 fast malloc default" in t:
+    rows.append(("freed memory reused: DenseShift fast / not", "DenseShift3 fast",
+                 "DenseShift3 fast malloc default", ""))
   for name in torch_steps:
     rows += [(f"ours float fast / {name}", "float fast", name, "<= 1.0"),
              (f"ours DenseShift fast / {name}", "DenseShift3 fast", name, "<= 1.0")]

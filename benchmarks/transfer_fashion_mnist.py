@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shiftjax as sj  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import default  # pylint: disable=wrong-import-position
 from shiftjax import data as data_lib  # pylint: disable=wrong-import-position
+from shiftjax import host_memory  # pylint: disable=wrong-import-position
 from shiftjax import models  # pylint: disable=wrong-import-position
 from shiftjax import train  # pylint: disable=wrong-import-position
 from shiftjax import transfer  # pylint: disable=wrong-import-position
@@ -79,6 +80,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="default: a temporary directory")
   args = parser.parse_args()
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
 
   root = args.workdir or tempfile.mkdtemp(prefix="transfer_fashion_mnist_")
   data_dir = os.path.join(root, "tfds")

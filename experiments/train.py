@@ -10,12 +10,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from shiftjax import host_memory
 from shiftjax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+flags.DEFINE_bool("reuse_freed_memory", True,
+                  "Keep freed host memory for reuse (shiftjax.host_memory): on CPU, spares "
+                  "every step from faulting in XLA's scratch buffer again.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +28,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # absl's INFO default floods the terminal
     logging.set_verbosity(logging.WARNING)
+  if FLAGS.reuse_freed_memory:  # before JAX starts its threads
+    host_memory.reuse_freed_memory()
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(train.format_summary(summary, FLAGS.workdir))
 

@@ -5,7 +5,9 @@
 (``sj.layers``, ``sj.conv`` and ``sj.batch_norm`` with CPU-fast gradients), models (``sj.models``), packed export (``sj.export``), the kernels
 (``sj.kernels``, also ``import shiftjax.kernels``), data pipelines (``sj.data``), the
 log-mel frontend (``sj.audio``), training (``sj.train``, ``sj.metrics``) and
-float-to-shift conversion (``sj.transfer``).
+float-to-shift conversion (``sj.transfer``); ``sj.host_memory.reuse_freed_memory()`` at
+the start of a CPU training program spares each step from faulting in XLA's scratch
+memory again.
 """
 
 from shiftjax import codes
@@ -22,5 +24,6 @@ from shiftjax import data
 from shiftjax import metrics
 from shiftjax import train
 from shiftjax import transfer
+from shiftjax import host_memory
 
 __version__ = "0.1.0"
