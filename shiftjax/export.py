@@ -1,7 +1,7 @@
 """Trained shift ResNets -> packed models: BatchNorm folded, N-bit codes in uint32 words.
 
-``export(variables, model)`` turns a trained CIFAR or ImageNet ResNet into a
-``PackedModel``: a list of layers (``Layer``: conv, max_pool, mean_pool, dense), rebuilt
+``export(variables, model)`` turns a trained CIFAR, ImageNet or speech ResNet into a
+``PackedModel``: a list of layers (``Layer``: conv, pools, dense), rebuilt
 from the architecture's name and config, plus named numpy arrays:
 
   * a quantized conv keeps its codes (``quantizer.codes``), the HWIO kernel flattened to
@@ -84,6 +84,8 @@ from shiftjax import layers as layers_lib
 from shiftjax import quantizers as qz
 from shiftjax.models.resnet_cifar import CifarResNet
 from shiftjax.models.resnet_imagenet import ImageNetResNet
+from shiftjax.models import resnet_speech
+from shiftjax.models.resnet_speech import SpeechResNet
 
 MAGIC = b"SHIFTJAX"
 FORMAT_VERSION = 1
@@ -105,7 +107,7 @@ ARRAY_DTYPES = {
 }
 FLOAT_DTYPES = ("float32", "bfloat16")
 
-ARCHITECTURES = ("CifarResNet", "ImageNetResNet")
+ARCHITECTURES = ("CifarResNet", "ImageNetResNet", "SpeechResNet")
 BLOCKS = ("basic", "bottleneck")
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
@@ -116,6 +118,8 @@ _MAX_CLASSES = 1 << 20
 _MAX_CHANNELS = 4096
 _MAX_WIDTH_MULTIPLIER = 64.0
 _MAX_PATTERNS = 64
+_MAX_STAGES = 8
+_MAX_STRIDE = 8
 
 
 class PackedModelError(ValueError):
@@ -131,7 +135,9 @@ class Layer:
 
   Attributes:
     op: ``'conv'`` (NHWC conv, then ``* scale + bias``, ``+ residual``, relu),
-      ``'max_pool'``, ``'mean_pool'`` (global mean over H and W) or ``'dense'``.
+      ``'max_pool'``, ``'mean_pool'`` (global mean over H and W), ``'dense'``, or a
+      SpeechResNet's pooling of ``[N, time, frequency, C]``: ``'speech_<how>_pool'``
+      with ``<how>`` one of ``resnet_speech.POOLINGS`` (``resnet_speech.pool``).
     name: the layer's path in the flax model (``'stage1_block0/conv1'``); its arrays are
       ``'<name>/kernel'``, ``'<name>/scale'`` (quantized convs), ``'<name>/bias'``.
     input: name of the layer whose output it reads, or ``'input'`` (the images).
@@ -166,17 +172,17 @@ class Layer:
 
 def _conv(name, src, shape, strides=1, *, padding="SAME", relu=False, residual=None,
           quantized=False) -> Layer:
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
   return Layer("conv", name, src, residual=residual, relu=relu, quantized=quantized,
-               shape=tuple(int(d) for d in shape), strides=(strides, strides),
-               padding=padding)
+               shape=tuple(int(d) for d in shape), strides=strides, padding=padding)
 
 
 def _residual_stages(out: list[Layer], src: str, cin: int, stage_sizes, widths,
-                     block: str, quantized) -> tuple[str, int]:
+                     block: str, quantized, first_stride: int = 1) -> tuple[str, int]:
   """Appends the blocks of ``blocks.residual_stages``; returns (last output, channels)."""
   for i, (num_blocks, width) in enumerate(zip(stage_sizes, widths)):
     for j in range(num_blocks):
-      stride = 2 if i > 0 and j == 0 else 1
+      stride = (first_stride if i == 0 else 2) if j == 0 else 1
       p = f"stage{i + 1}_block{j}"
       if block == "basic":
         cout = width
@@ -234,12 +240,23 @@ def build_layers(architecture: str, config: Mapping[str, Any],
     src, cin = _residual_stages(out, "stem_pool", IMAGENET_WIDTHS[0],
                                 config["stage_sizes"], IMAGENET_WIDTHS, config["block"],
                                 quantized)
+  elif architecture == "SpeechResNet":
+    widths = config["widths"]
+    out.append(_conv("stem", "input", (3, 3, cin, widths[0]), config["stem_strides"],
+                     relu=True, quantized=quantized("stem")))
+    src, cin = _residual_stages(out, "stem", widths[0], config["stage_sizes"], widths,
+                                "basic", quantized, first_stride=config["first_stride"])
   else:
     raise PackedModelError(f"unknown architecture {architecture!r}; "
                            f"known: {', '.join(ARCHITECTURES)}")
-  out.append(Layer("mean_pool", "pool", src))
+  if architecture == "SpeechResNet":
+    pool_op = f"speech_{config['pooling']}_pool"
+    features = 2 * cin if config["pooling"] == "meanmax" else cin
+  else:
+    pool_op, features = "mean_pool", cin
+  out.append(Layer(pool_op, "pool", src))
   out.append(Layer("dense", "head", "pool", quantized=quantized("head"),
-                   shape=(cin, config["num_classes"])))
+                   shape=(features, config["num_classes"])))
   return tuple(out)
 
 
@@ -284,8 +301,11 @@ def check_architecture(name: Any, config: Any) -> dict:
                            f"{', '.join(ARCHITECTURES)}")
   if not isinstance(config, Mapping):
     raise PackedModelError(f"architecture config must be a JSON object, got {config!r}")
-  keys = {"num_classes", "in_channels", "full_precision"} | (
-      {"depth", "width_multiplier"} if name == "CifarResNet" else {"stage_sizes", "block"})
+  keys = {"num_classes", "in_channels", "full_precision"} | {
+      "CifarResNet": {"depth", "width_multiplier"},
+      "ImageNetResNet": {"stage_sizes", "block"},
+      "SpeechResNet": {"stage_sizes", "widths", "stem_strides", "first_stride", "pooling"},
+  }[name]
   if set(config) != keys:
     raise PackedModelError(
         f"{name} config must have exactly the fields {sorted(keys)}, got {sorted(config)}")
@@ -318,6 +338,24 @@ def check_architecture(name: Any, config: Any) -> dict:
       raise PackedModelError(f"CifarResNet width_multiplier {wm} gives stage widths "
                              f"{cifar_widths(wm)}; every stage needs a channel")
     out.update(depth=depth, width_multiplier=float(wm))
+  elif name == "SpeechResNet":
+    sizes, widths, stem = config["stage_sizes"], config["widths"], config["stem_strides"]
+    if (not isinstance(sizes, (list, tuple)) or not isinstance(widths, (list, tuple))
+        or not 1 <= len(sizes) <= _MAX_STAGES or len(widths) != len(sizes)):
+      raise PackedModelError(f"SpeechResNet stage_sizes and widths must be lists of "
+                             f"1..{_MAX_STAGES} equal lengths, got {sizes!r} and {widths!r}")
+    if not isinstance(stem, (list, tuple)) or len(stem) != 2:
+      raise PackedModelError(f"SpeechResNet stem_strides must be [time, frequency], got "
+                             f"{stem!r}")
+    if config["pooling"] not in resnet_speech.POOLINGS:
+      raise PackedModelError(f"SpeechResNet pooling must be one of "
+                             f"{resnet_speech.POOLINGS}, got {config['pooling']!r}")
+    out.update(
+        stage_sizes=[bounded_int("stage_sizes", 1, _MAX_BLOCKS_PER_STAGE, s) for s in sizes],
+        widths=[bounded_int("widths", 1, _MAX_CHANNELS, w) for w in widths],
+        stem_strides=[bounded_int("stem_strides", 1, _MAX_STRIDE, s) for s in stem],
+        first_stride=bounded_int("first_stride", 1, _MAX_STRIDE),
+        pooling=config["pooling"])
   else:
     sizes = config["stage_sizes"]
     if not isinstance(sizes, (list, tuple)) or not 1 <= len(sizes) <= len(IMAGENET_WIDTHS):
@@ -338,8 +376,8 @@ def _leaf_shape(tree) -> tuple[int, ...]:
 
 def architecture_of(model: nn.Module, params) -> tuple[str, dict]:
   """(name, config) of a shiftjax ResNet module; ``params`` give the input channels."""
-  if not isinstance(model, (CifarResNet, ImageNetResNet)):
-    raise PackedModelError(f"export supports CifarResNet and ImageNetResNet modules, got "
+  if not isinstance(model, (CifarResNet, ImageNetResNet, SpeechResNet)):
+    raise PackedModelError(f"export supports {', '.join(ARCHITECTURES)} modules, got "
                            f"{type(model).__name__}")
   try:
     stem = params["stem"]["kernel"]
@@ -353,6 +391,12 @@ def architecture_of(model: nn.Module, params) -> tuple[str, dict]:
   if isinstance(model, CifarResNet):
     name, config = "CifarResNet", dict(common, depth=int(model.depth),
                                        width_multiplier=float(model.width_multiplier))
+  elif isinstance(model, SpeechResNet):
+    name, config = "SpeechResNet", dict(
+        common, stage_sizes=list(model.stage_sizes),
+        widths=resnet_speech.stage_widths(model.widths, model.width_multiplier),
+        stem_strides=list(model.stem_strides), first_stride=int(model.first_stride),
+        pooling=model.pooling)
   else:
     name, config = "ImageNetResNet", dict(common, stage_sizes=list(model.stage_sizes),
                                           block=model.block)
@@ -407,7 +451,7 @@ class PackedModel:
   ``packed_apply``; write it with ``save``.
 
   Attributes:
-    architecture: ``'CifarResNet'`` or ``'ImageNetResNet'``.
+    architecture: one of ``ARCHITECTURES``.
     config: the architecture's fields (``check_architecture``), including
       ``in_channels`` and the ``full_precision`` layer patterns.
     quantizer: the spec whose codes the packed kernels hold (None: a float model).
@@ -470,6 +514,10 @@ class PackedModel:
                   full_precision=tuple(c["full_precision"]))
     if self.architecture == "CifarResNet":
       return CifarResNet(depth=c["depth"], width_multiplier=c["width_multiplier"], **common)
+    if self.architecture == "SpeechResNet":
+      return SpeechResNet(stage_sizes=tuple(c["stage_sizes"]), widths=tuple(c["widths"]),
+                          stem_strides=tuple(c["stem_strides"]),
+                          first_stride=c["first_stride"], pooling=c["pooling"], **common)
     return ImageNetResNet(stage_sizes=tuple(c["stage_sizes"]), block=c["block"], **common)
 
   def size_report(self) -> dict[str, Any]:
@@ -869,8 +917,9 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
 
   Args:
     variables: ``{'params': ..., 'batch_stats': ...}`` of ``model`` (jax or numpy).
-    model: the ``CifarResNet`` / ``ImageNetResNet`` module the variables belong to; its
-      fields give the architecture, the quantizer and the full-precision layers.
+    model: the ``CifarResNet``, ``ImageNetResNet`` or ``SpeechResNet`` module the
+      variables belong to; its fields give the architecture, the quantizer and the
+      full-precision layers.
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
   Returns:
@@ -1047,6 +1096,10 @@ def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
   return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
 
 
+# Layer op -> how (resnet_speech.POOLINGS) of the SpeechResNet's pooling.
+_SPEECH_POOLS = {f"speech_{how}_pool": how for how in resnet_speech.POOLINGS}
+
+
 def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
             backend: str | None = None, platform: str | None = None) -> jax.Array:
   """The packed forward pass (traceable); ``plan`` is ``PackedModel.plan``."""
@@ -1062,6 +1115,8 @@ def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
       y = nn.max_pool(x, layer.window, strides=layer.strides, padding=layer.padding)
     elif layer.op == "mean_pool":
       y = jnp.mean(x, axis=(1, 2))
+    elif layer.op in _SPEECH_POOLS:
+      y = resnet_speech.pool(x, _SPEECH_POOLS[layer.op])
     elif layer.op == "dense":
       y = _dense_layer(layer, arrays, x, fmt, backend, platform)
     else:

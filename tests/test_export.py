@@ -226,6 +226,16 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
     ("imagenet_bottleneck_4bit", lambda: models.ImageNetResNet(
         stage_sizes=(1, 1), block="bottleneck", num_classes=5,
         quantizer=sj.DenseShift(bits=4, init_method="he")), (32, 32, 3)),
+    # Speech ResNets over [time, mels, 1]: each pooling, uneven stem strides, a stride-1
+    # first stage, and S3's zero code (decoded in XLA, not the pow2 kernel).
+    ("speech_denseshift3_max", lambda: models.speech_resnet(
+        num_classes=7, width_multiplier=0.5, quantizer=sj.DenseShift(bits=3)), (41, 24, 1)),
+    ("speech_s3_meanmax_uneven_stem", lambda: models.SpeechResNet(
+        num_classes=5, stage_sizes=(1, 2), widths=(8, 16), stem_strides=(2, 1),
+        pooling="meanmax", quantizer=sj.S3(bits=3)), (37, 20, 1)),
+    ("speech_float_mean_first_stride_1", lambda: models.SpeechResNet(
+        num_classes=4, stage_sizes=(1,), widths=(8,), first_stride=1, pooling="mean"),
+     (19, 16, 1)),
 ])
 def test_packed_matches_model_for_each_architecture(name, make, image_shape):
   del name
@@ -240,6 +250,43 @@ def test_packed_matches_model_for_each_architecture(name, make, image_shape):
   assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
   reloaded = ex.from_bytes(packed.to_bytes())
   np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+
+
+def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
+  model = models.SpeechResNet(num_classes=6, stage_sizes=(1, 1), widths=(16, 32),
+                              width_multiplier=0.5, stem_strides=(2, 1), first_stride=1,
+                              pooling="meanmax", quantizer=sj.DenseShift(bits=3))
+  variables = random_variables(model, (29, 16, 1))
+  path = tmp_path / "speech.shiftjax"
+  ex.export(variables, model).save(path)
+  loaded = ex.load(path)
+  assert loaded.architecture == "SpeechResNet"
+  assert loaded.config == {"num_classes": 6, "in_channels": 1,
+                           "full_precision": ["stem", "head"], "stage_sizes": [1, 1],
+                           "widths": [8, 16], "stem_strides": [2, 1], "first_stride": 1,
+                           "pooling": "meanmax"}
+  assert [l.op for l in loaded.layers][-2:] == ["speech_meanmax_pool", "dense"]
+  assert loaded.layers[-1].shape == (32, 6)  # mean and max of 16 channels
+  module = loaded.flax_module()
+  features = jax.random.normal(rbg_key(3), (2, 29, 16, 1))
+  np.testing.assert_array_equal(model.apply(variables, features, train=False),
+                                module.apply(variables, features, train=False))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pooling", "median", "pooling must be one of ('mean', 'max', 'meanmax'), got 'median'"),
+    ("widths", [8], "stage_sizes and widths must be lists of 1..8 equal lengths"),
+    ("stem_strides", [2], "stem_strides must be [time, frequency], got [2]"),
+    ("first_stride", 0, "first_stride must be an integer in 1..8, got 0"),
+    ("widths", [8, 10**6], "widths must be an integer in 1..4096, got 1000000"),
+])
+def test_bad_speech_resnet_config_is_refused(field, value, message):
+  config = {"num_classes": 6, "in_channels": 1, "full_precision": ["stem"],
+            "stage_sizes": [1, 1], "widths": [8, 16], "stem_strides": [2, 2],
+            "first_stride": 2, "pooling": "max"}
+  ex.check_architecture("SpeechResNet", config)
+  with pytest.raises(ex.PackedModelError, match=re.escape(message)):
+    ex.check_architecture("SpeechResNet", dict(config, **{field: value}))
 
 
 def test_batch_norm_folding_is_exact():
@@ -391,6 +438,8 @@ def _entry(header, name):
      "unknown architecture 'VisionTransformer'"),
     (lambda h: h["architecture"]["config"].update(depth=10**9),
      "depth must be an integer in 8..1202"),
+    (lambda h: h["architecture"].update(name="SpeechResNet"),
+     "SpeechResNet config must have exactly the fields"),
 ])
 def test_inconsistent_header_is_refused_with_a_clear_message(model_file, tmp_path, edit,
                                                              message):
@@ -451,7 +500,7 @@ def test_export_names_a_parameter_the_architecture_lacks(trained):
   del variables["params"]["stage1_block0"]["conv2"]
   with pytest.raises(ex.PackedModelError, match="no 'stage1_block0/conv2/kernel'"):
     ex.export(variables, model)
-  with pytest.raises(ex.PackedModelError, match="supports CifarResNet and ImageNetResNet"):
+  with pytest.raises(ex.PackedModelError, match="supports CifarResNet, ImageNetResNet, SpeechResNet modules, got Dense"):
     ex.export(trained["variables"], nn.Dense(3))
 
 

@@ -270,3 +270,36 @@ def test_speech_resnet_forward_and_gradients_with_a_shift_quantizer():
   # Any utterance length: global pooling.
   out = jax.jit(model.apply)(variables, jnp.zeros((1, 77, 40, 1)))
   assert out.shape == (1, 31)
+
+
+# --------------------------------------------------------------------- recipe and export
+
+
+def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tmp_path):
+  from experiments.configs import slu_denseshift3  # pylint: disable=g-import-not-at-top
+  from shiftjax import export  # pylint: disable=g-import-not-at-top
+  config = slu_denseshift3.get_config()
+  config.data_dir = str(tiny_synthetic)
+  config.num_epochs = 0.0
+  config.num_train_steps = 4
+  config.batch_size = 4
+  config.eval_batch_size = 3
+  config.progress_bar = False
+  summary = sj.train.train_and_evaluate(config, str(tmp_path))
+  packed = export.load(summary["packed_file"])
+  assert packed.architecture == "SpeechResNet"
+  assert packed.config["widths"] == [16, 32, 64] and packed.config["pooling"] == "max"
+  assert packed.quantizer == sj.DenseShift(bits=3)
+  # The packed network computes what the trained checkpoint's flax model does.
+  spec = sj.data.get_spec("synthetic_slu")
+  model = sj.train.create_model(config, spec.num_classes)
+  state = sj.train.restore_for_eval(str(tmp_path), config, sj.train.create_train_state(
+      jax.random.key(0), config, model, spec.image_shape, lambda step: 0.0))
+  test = speech.load_split("synthetic_slu", "test", data_dir=tiny_synthetic)
+  features = sj.data.normalize(test.images, "synthetic_slu")
+  expected = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         features, train=False)
+  logits = export.packed_apply(packed, features)
+  assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
+  accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
+  assert accuracy == pytest.approx(summary["test_accuracy"])

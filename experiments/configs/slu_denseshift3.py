@@ -31,4 +31,5 @@ def get_config():
   c.num_epochs = 40.0             # 7,480 steps (24 epochs: 96.9-97.6 %, too close to 97)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
+  c.export_packed = True          # <workdir>/model.shiftjax: the packed speech ResNet
   return c

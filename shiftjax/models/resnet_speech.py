@@ -31,6 +31,11 @@ from shiftjax.models import blocks
 POOLINGS = ("mean", "max", "meanmax")
 
 
+def stage_widths(widths: Sequence[int], width_multiplier: float) -> list[int]:
+  """Channels of the stages: ``widths`` scaled by ``width_multiplier``, at least 1."""
+  return [max(1, int(round(w * width_multiplier))) for w in widths]
+
+
 def pool(x: jax.Array, how: str) -> jax.Array:
   """``[B, T, F, C]`` -> ``[B, C]`` (``[B, 2C]`` for ``'meanmax'``); see ``SpeechResNet``."""
   over_freq = jnp.mean(x, axis=2)
@@ -88,7 +93,7 @@ class SpeechResNet(nn.Module):
     policy = layers.LayerPolicy(self.quantizer, tuple(self.full_precision))
     conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
                                       dtype=self.dtype)
-    widths = [max(1, int(round(w * self.width_multiplier))) for w in self.widths]
+    widths = stage_widths(self.widths, self.width_multiplier)
     x = conv(widths[0], (3, 3), tuple(self.stem_strides), name="stem")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     x = blocks.residual_stages(x, blocks.BasicBlock, self.stage_sizes, widths, conv, norm,
