@@ -28,6 +28,7 @@ import jax
 
 import shiftjax as sj
 from shiftjax import conv
+from shiftjax import host_memory
 
 import train_step  # benchmarks/ is on sys.path when this file runs as a script
 
@@ -79,6 +80,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=15, help="also list the N slowest ops")
   args = parser.parse_args()
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
   quantizer = None if args.float else sj.DenseShift(bits=3)
   options = None if args.plain else conv.eigen_conv_options()
   step = train_step.JaxStep(quantizer, not args.plain, train_step._batch(128), options)

@@ -18,9 +18,11 @@ a while the next step's buffer no longer fits in it and the heap grows by one bu
 it settles after a few steps (ResNet-20: 915 MB resident from step 10 to step 120,
 against 710-785 MB without). The main job (``experiments/train.py`` on
 Fashion-MNIST) peaked at 1.45 GB resident instead of 0.93 GB, and ran in 186 s instead of
-252 s, with 7 s of system time instead of 115 s. It changes the whole process and only takes hold for threads that have
-not yet allocated, so call it before JAX's first computation; the launchers in
-``experiments/`` do (``--noreuse_freed_memory`` turns it off).
+252 s, with 7 s of system time instead of 115 s.
+
+It changes the whole process and only takes hold for threads that have not yet
+allocated, so call it before JAX's first computation, as ``experiments/train.py`` does
+(``--noreuse_freed_memory`` turns it off there).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from __future__ import annotations
 import ctypes
 import platform
 import warnings
-
-from jax._src import xla_bridge
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -45,6 +45,15 @@ def is_supported() -> bool:
   return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def _jax_started() -> bool:
+  """Whether JAX has created its backends (and with them its threads)."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # private API moved: the settings are harmless
+    return False
+
+
 def reuse_freed_memory() -> bool:
   """Makes malloc keep and reuse freed memory; returns whether the settings were applied.
 
@@ -55,11 +64,12 @@ def reuse_freed_memory() -> bool:
   """
   if not is_supported():
     return False
-  if xla_bridge.backends_are_initialized():
+  if _jax_started():
     warnings.warn("shiftjax.host_memory.reuse_freed_memory() was called after JAX's first "
                   "computation; it changes nothing then. Call it at the start of the "
                   "program.")
     return False
   libc = ctypes.CDLL(None)
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _MAX_TRIM_THRESHOLD))
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  applied = [libc.mallopt(param, value) == 1 for param, value in settings]
+  return all(applied)
