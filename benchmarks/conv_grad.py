@@ -1,6 +1,6 @@
 """Times conv gradients on CPU: XLA's autodiff against ``shiftjax.conv``'s fast path (issue 7).
 
-    python benchmarks/conv_grad.py               # all four parts, batch 128
+    python benchmarks/conv_grad.py               # all five parts, batch 128
     python benchmarks/conv_grad.py --parts convs --reps 21
     python benchmarks/conv_grad.py --parts kgrad
 
@@ -14,6 +14,8 @@
    it replaced (``native.disabled()``) and XLA's autodiff, with GFLOP/s.
 4. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
    ``fast_grad`` off and on.
+5. fwd: the forward conv alone, per conv shape: the native C++ kernel (what the fast path
+   runs on CPU), XLA's conv with its default libraries and with ``eigen_conv_options``.
 
 Repetitions alternate between the variants of a row and each number is a median, so the
 ratios hold on a machine shared with other jobs; the absolute times do not. Both wall time
@@ -154,6 +156,32 @@ def bench_kernel_grad(batch, reps):
         f"{total[0] / total[1]:12.2f}")
 
 
+def bench_forward(batch, reps):
+  print(f"\n5. forward conv alone, batch {batch}: median ms wall (GFLOP/s)")
+  if not native.available():
+    print("native kernels not available (no C++ compiler, SHIFTJAX_NATIVE=0 or not CPU)")
+    return
+  print(f"{'shape':22s} {'native':>16s} {'XLA':>16s} {'XLA on Eigen':>16s} "
+        f"{'native/XLA':>12s}")
+  total = np.zeros(3)
+  for name, h, ci, co, k, s in SHAPES:
+    x, kernel, _, padding = _data(batch, h, ci, co, k, s)
+    pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
+    xla = _conv(s, padding, None)
+    fns = {"native": (jax.jit(lambda x, k_: native.conv(x, k_, (s, s), pads)), (x, kernel)),
+           "xla": (jax.jit(xla), (x, kernel)),
+           "eigen": (jax.jit(xla, compiler_options=sc.eigen_conv_options()), (x, kernel))}
+    _check([fns["native"][0](x, kernel)], [fns["xla"][0](x, kernel)], f"{name} native")
+    t = np.array([v[0] for v in _interleaved(fns, reps).values()]) * 1e3
+    total += t
+    flops = 2 * batch * (-(-h // s)) ** 2 * k * k * ci * co
+    cell = lambda ms: f"{ms:6.2f} ({flops / ms / 1e6:4.0f})"
+    print(f"{name:22s} {cell(t[0]):>16s} {cell(t[1]):>16s} {cell(t[2]):>16s} "
+          f"{t[0] / t[1]:12.2f}")
+  print(f"{'sum':22s} {total[0]:16.2f} {total[1]:16.2f} {total[2]:16.2f} "
+        f"{total[0] / total[1]:12.2f}")
+
+
 def bench_scan(batch, reps):
   print(f"\n2. gradient in lax.scan over 2 micro-batches of {batch // 2}, 3x3 s1 32x32x16: "
         "median ms wall (cpu)")
@@ -216,7 +244,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--reps", type=int, default=11, help="repetitions per variant")
-  parser.add_argument("--parts", default="convs,scan,kgrad,step", help="comma-separated subset")
+  parser.add_argument("--parts", default="convs,scan,kgrad,step,fwd",
+                      help="comma-separated subset")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"shiftjax {sj.__version__}")
@@ -229,6 +258,8 @@ def main():
     bench_kernel_grad(args.batch, args.reps)
   if "step" in parts:
     bench_step(args.batch, args.reps)
+  if "fwd" in parts:
+    bench_forward(args.batch, args.reps)
 
 
 if __name__ == "__main__":
