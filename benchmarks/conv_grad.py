@@ -123,63 +123,66 @@ def _print_row(name, t):
         f"{ratio(t[1], t[0]):>12s} {ratio(t[2], t[0]):>12s} {ratio(t[2], t[1]):>12s}")
 
 
-def bench_kernel_grad(batch, reps):
-  print(f"\n3. kernel gradient alone, batch {batch}: median ms wall (GFLOP/s)")
+def _native_table(title: str, columns: tuple[str, str, str], ratio: str, variants,
+                  batch: int, reps: int):
+  """One row per ResNet-20 conv shape: three variants' median ms (GFLOP/s), the first
+  (the native kernel) over the second, and the sums. ``variants(batch, h, ci, co, k, s)``
+  gives ``{label: (fn, args)}`` for a shape, its results already checked."""
+  print(f"\n{title}, batch {batch}: median ms wall (GFLOP/s)")
   if not native.available():
     print("native kernels not available (no C++ compiler, SHIFTJAX_NATIVE=0 or not CPU)")
     return
-  print(f"{'shape':22s} {'native':>16s} {'XLA loop':>16s} {'XLA autodiff':>16s} "
-        f"{'native/loop':>12s}")
+  print(f"{'shape':22s} " + " ".join(f"{c:>16s}" for c in columns) + f" {ratio:>12s}")
   total = np.zeros(3)
   for name, h, ci, co, k, s in SHAPES:
-    x, kernel, g, padding = _data(batch, h, ci, co, k, s)
-    pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
-    # One function per variant: jit caches traces by function, and the choice between
-    # the native kernel and the loop is made when tracing.
-    kgrad = lambda: lambda x, g: sc._kernel_grad(x, g, (k, k), (s, s), pads)  # pylint: disable=protected-access
-    autodiff = jax.jit(lambda x, k_, g: jax.vjp(
-        lambda k_: _conv(s, padding, None)(x, k_), k_)[1](g)[0])
-    fns = {"native": (jax.jit(kgrad()).lower(x, g).compile(), (x, g))}
-    with native.disabled():  # traced (and compiled) here: the XLA loop
-      fns["loop"] = (jax.jit(kgrad()).lower(x, g).compile(), (x, g))
-    fns["autodiff"] = (autodiff, (x, kernel, g))
-    want = fns["autodiff"][0](x, kernel, g)
-    for label in ("native", "loop"):
-      _check([fns[label][0](x, g)], [want], f"{name} {label}")
+    fns = variants(batch, h, ci, co, k, s)
     t = np.array([v[0] for v in _interleaved(fns, reps).values()]) * 1e3
     total += t
     flops = 2 * batch * (-(-h // s)) ** 2 * k * k * ci * co
     cell = lambda ms: f"{ms:6.2f} ({flops / ms / 1e6:4.0f})"
-    print(f"{name:22s} {cell(t[0]):>16s} {cell(t[1]):>16s} {cell(t[2]):>16s} "
-          f"{t[0] / t[1]:12.2f}")
-  print(f"{'sum':22s} {total[0]:16.2f} {total[1]:16.2f} {total[2]:16.2f} "
-        f"{total[0] / total[1]:12.2f}")
+    print(f"{name:22s} " + " ".join(f"{cell(ms):>16s}" for ms in t) + f" {t[0] / t[1]:12.2f}")
+  print(f"{'sum':22s} " + " ".join(f"{ms:16.2f}" for ms in total)
+        + f" {total[0] / total[1]:12.2f}")
+
+
+def _kernel_grad_variants(batch, h, ci, co, k, s):
+  x, kernel, g, padding = _data(batch, h, ci, co, k, s)
+  pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
+  # One function per variant: jit caches traces by function, and the choice between
+  # the native kernel and the loop is made when tracing.
+  kgrad = lambda: lambda x, g: sc._kernel_grad(x, g, (k, k), (s, s), pads)  # pylint: disable=protected-access
+  autodiff = jax.jit(lambda x, k_, g: jax.vjp(
+      lambda k_: _conv(s, padding, None)(x, k_), k_)[1](g)[0])
+  fns = {"native": (jax.jit(kgrad()).lower(x, g).compile(), (x, g))}
+  with native.disabled():  # traced (and compiled) here: the XLA loop
+    fns["loop"] = (jax.jit(kgrad()).lower(x, g).compile(), (x, g))
+  fns["autodiff"] = (autodiff, (x, kernel, g))
+  want = autodiff(x, kernel, g)
+  for label in ("native", "loop"):
+    _check([fns[label][0](x, g)], [want], f"{h}x{h}x{ci}->{co} k{k} s{s} {label}")
+  return fns
+
+
+def _forward_variants(batch, h, ci, co, k, s):
+  x, kernel, _, padding = _data(batch, h, ci, co, k, s)
+  pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
+  xla = _conv(s, padding, None)
+  fns = {"native": (jax.jit(lambda x, k_: native.conv(x, k_, (s, s), pads)), (x, kernel)),
+         "xla": (jax.jit(xla), (x, kernel)),
+         "eigen": (jax.jit(xla, compiler_options=sc.eigen_conv_options()), (x, kernel))}
+  _check([fns["native"][0](x, kernel)], [fns["xla"][0](x, kernel)],
+         f"{h}x{h}x{ci}->{co} k{k} s{s} native")
+  return fns
+
+
+def bench_kernel_grad(batch, reps):
+  _native_table("3. kernel gradient alone", ("native", "XLA loop", "XLA autodiff"),
+                "native/loop", _kernel_grad_variants, batch, reps)
 
 
 def bench_forward(batch, reps):
-  print(f"\n5. forward conv alone, batch {batch}: median ms wall (GFLOP/s)")
-  if not native.available():
-    print("native kernels not available (no C++ compiler, SHIFTJAX_NATIVE=0 or not CPU)")
-    return
-  print(f"{'shape':22s} {'native':>16s} {'XLA':>16s} {'XLA on Eigen':>16s} "
-        f"{'native/XLA':>12s}")
-  total = np.zeros(3)
-  for name, h, ci, co, k, s in SHAPES:
-    x, kernel, _, padding = _data(batch, h, ci, co, k, s)
-    pads = tuple(lax.padtype_to_pads((h, h), (k, k), (s, s), padding))
-    xla = _conv(s, padding, None)
-    fns = {"native": (jax.jit(lambda x, k_: native.conv(x, k_, (s, s), pads)), (x, kernel)),
-           "xla": (jax.jit(xla), (x, kernel)),
-           "eigen": (jax.jit(xla, compiler_options=sc.eigen_conv_options()), (x, kernel))}
-    _check([fns["native"][0](x, kernel)], [fns["xla"][0](x, kernel)], f"{name} native")
-    t = np.array([v[0] for v in _interleaved(fns, reps).values()]) * 1e3
-    total += t
-    flops = 2 * batch * (-(-h // s)) ** 2 * k * k * ci * co
-    cell = lambda ms: f"{ms:6.2f} ({flops / ms / 1e6:4.0f})"
-    print(f"{name:22s} {cell(t[0]):>16s} {cell(t[1]):>16s} {cell(t[2]):>16s} "
-          f"{t[0] / t[1]:12.2f}")
-  print(f"{'sum':22s} {total[0]:16.2f} {total[1]:16.2f} {total[2]:16.2f} "
-        f"{total[0] / total[1]:12.2f}")
+  _native_table("5. forward conv alone", ("native", "XLA", "XLA on Eigen"), "native/XLA",
+                _forward_variants, batch, reps)
 
 
 def bench_scan(batch, reps):
