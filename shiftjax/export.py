@@ -170,6 +170,15 @@ class Layer:
             "window": list(self.window)}
 
 
+def _speech_pool_op(how: str) -> str:
+  """The layer op of a SpeechResNet's pooling ``how`` (``resnet_speech.POOLINGS``)."""
+  return f"speech_{how}_pool"
+
+
+# Layer op -> how, the inverse of _speech_pool_op.
+_SPEECH_POOLS = {_speech_pool_op(how): how for how in resnet_speech.POOLINGS}
+
+
 def _conv(name, src, shape, strides=1, *, padding="SAME", relu=False, residual=None,
           quantized=False) -> Layer:
   strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
@@ -225,6 +234,7 @@ def build_layers(architecture: str, config: Mapping[str, Any],
 
   cin = config["in_channels"]
   out: list[Layer] = []
+  pool_op = "mean_pool"
   if architecture == "CifarResNet":
     widths = cifar_widths(config["width_multiplier"])
     n = (config["depth"] - 2) // 6
@@ -246,17 +256,15 @@ def build_layers(architecture: str, config: Mapping[str, Any],
                      relu=True, quantized=quantized("stem")))
     src, cin = _residual_stages(out, "stem", widths[0], config["stage_sizes"], widths,
                                 "basic", quantized, first_stride=config["first_stride"])
+    pool_op = _speech_pool_op(config["pooling"])
+    if config["pooling"] == "meanmax":  # mean and max side by side
+      cin *= 2
   else:
     raise PackedModelError(f"unknown architecture {architecture!r}; "
                            f"known: {', '.join(ARCHITECTURES)}")
-  if architecture == "SpeechResNet":
-    pool_op = f"speech_{config['pooling']}_pool"
-    features = 2 * cin if config["pooling"] == "meanmax" else cin
-  else:
-    pool_op, features = "mean_pool", cin
   out.append(Layer(pool_op, "pool", src))
   out.append(Layer("dense", "head", "pool", quantized=quantized("head"),
-                   shape=(features, config["num_classes"])))
+                   shape=(cin, config["num_classes"])))
   return tuple(out)
 
 
@@ -1094,10 +1102,6 @@ def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
   w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
        else kernel.astype(jnp.float32))
   return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
-
-
-# Layer op -> how (resnet_speech.POOLINGS) of the SpeechResNet's pooling.
-_SPEECH_POOLS = {f"speech_{how}_pool": how for how in resnet_speech.POOLINGS}
 
 
 def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
