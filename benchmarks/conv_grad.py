@@ -1,4 +1,4 @@
-"""Times conv gradients on CPU: XLA's autodiff against ``shiftjax.conv``'s fast path (issue 7).
+"""Times conv gradients on CPU: XLA's autodiff against ``shiftjax.kernels.training.conv``'s fast path (issue 7).
 
     python benchmarks/conv_grad.py               # all five parts, batch 128
     python benchmarks/conv_grad.py --parts convs --reps 21
@@ -10,7 +10,7 @@
 2. scan: the same gradient summed over 2 micro-batches in ``lax.scan`` (gradient
    accumulation), 32x32x16 layer.
 3. kgrad: the kernel gradient alone, per conv shape: the native C++ kernel
-   (``shiftjax.kernels.native``, what the fast gradient uses on CPU), the XLA matmul loop
+   (``shiftjax.kernels.training.native``, what the fast gradient uses on CPU), the XLA matmul loop
    it replaced (``native.disabled()``) and XLA's autodiff, with GFLOP/s.
 4. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
    ``fast_grad`` off and on.
@@ -35,9 +35,9 @@ import numpy as np
 import optax
 
 import shiftjax as sj
-from shiftjax import conv as sc
+from shiftjax.kernels.training import conv as sc
 from shiftjax import models
-from shiftjax.kernels import native
+from shiftjax.kernels.training import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -27,7 +27,7 @@ import time
 import jax
 
 import shiftjax as sj
-from shiftjax import conv
+from shiftjax.kernels.training import conv
 from shiftjax import host_memory
 
 import train_step  # benchmarks/ is on sys.path when this file runs as a script

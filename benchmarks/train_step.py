@@ -10,8 +10,8 @@ jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (3
 10 classes). Variants: float and DenseShift 3-bit (stem and head float, as the recipe),
 each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
 ``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv and
-BatchNorm gradients, ``shiftjax.conv`` and ``shiftjax.batch_norm``, convs and kernel
-gradients on the native C++ kernels, ``shiftjax.kernels.native``, and the remaining XLA
+BatchNorm gradients, ``shiftjax.kernels.training.conv`` and ``shiftjax.batch_norm``, convs and kernel
+gradients on the native C++ kernels, ``shiftjax.kernels.training.native``, and the remaining XLA
 convolutions on Eigen, ``conv.eigen_conv_options``);
 "DenseShift3 fast grad" has our gradients on XLA's default libraries and "DenseShift3
 fast no native" everything but the native kernels, to show each part's share. This process
@@ -49,11 +49,11 @@ import ml_collections
 import numpy as np
 
 import shiftjax as sj
-from shiftjax import conv
+from shiftjax.kernels.training import conv
 from shiftjax import host_memory
 from shiftjax import models
 from shiftjax import train
-from shiftjax.kernels import native
+from shiftjax.kernels.training import native
 
 BATCH_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10

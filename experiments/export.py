@@ -4,7 +4,7 @@
 
 Writes ``<workdir>/model.shiftjax`` (or ``--output``) and prints its size against the
 float32 weights. An existing file is kept unless ``--overwrite``. Load it with
-``shiftjax.export.load`` and run it with ``shiftjax.export.packed_apply``.
+``shiftjax.deploy.load`` and run it with ``shiftjax.deploy.packed_apply``.
 """
 
 import sys
@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from shiftjax import export
+from shiftjax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the training run.")
@@ -33,12 +33,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   try:
-    report = export.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
-                                      overwrite=FLAGS.overwrite, step=FLAGS.step,
-                                      float_dtype=FLAGS.float_dtype)
+    report = train.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
+                                     overwrite=FLAGS.overwrite, step=FLAGS.step,
+                                     float_dtype=FLAGS.float_dtype)
   except FileExistsError as e:
     sys.exit(f"error: {e}")
-  print(export.format_size_report(report))
+  print(train.format_export_report(report))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""Kernels for packed power-of-two weights, imported as ``shiftjax.kernels``.
+"""shiftjax's kernels, imported as ``shiftjax.kernels``; two folders by purpose.
 
-``pow2_matmul`` multiplies by packed zero-free N-bit power-of-two weights (Pallas on
-GPU/TPU, XLA on CPU); ``pow2_conv`` is the NHWC convolution built on it.
+* ``shiftjax.kernels.inference``: run packed N-bit power-of-two codes, no gradients.
+  ``pow2_matmul`` multiplies by packed zero-free weights (Pallas on GPU/TPU, XLA on CPU);
+  ``pow2_conv`` is the NHWC convolution built on it. Re-exported here: this is the
+  deployment API (``shiftjax.deploy`` runs packed models on it).
+* ``shiftjax.kernels.training``: the differentiable float convolution that training's
+  layers call (``conv2d`` with its CPU-fast custom VJP) and the native C++ CPU kernels it
+  runs on (``native``, ``cpu_conv.cc``). Not imported here: deployment does not need it.
 """
 
-from shiftjax.kernels.conv import pow2_conv
-from shiftjax.kernels.matmul import BACKENDS
-from shiftjax.kernels.matmul import Blocks
-from shiftjax.kernels.matmul import codes_per_word
-from shiftjax.kernels.matmul import decode_slot
-from shiftjax.kernels.matmul import default_blocks
-from shiftjax.kernels.matmul import pow2_matmul
-from shiftjax.kernels.matmul import SUPPORTED_BITS
-from shiftjax.kernels.matmul import unpack_codes
+from shiftjax.kernels.inference.conv import pow2_conv
+from shiftjax.kernels.inference.matmul import BACKENDS
+from shiftjax.kernels.inference.matmul import Blocks
+from shiftjax.kernels.inference.matmul import codes_per_word
+from shiftjax.kernels.inference.matmul import decode_slot
+from shiftjax.kernels.inference.matmul import default_blocks
+from shiftjax.kernels.inference.matmul import pow2_matmul
+from shiftjax.kernels.inference.matmul import SUPPORTED_BITS
+from shiftjax.kernels.inference.matmul import unpack_codes
 
 __all__ = [
     "BACKENDS", "Blocks", "SUPPORTED_BITS", "codes_per_word", "decode_slot",

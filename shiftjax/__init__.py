@@ -2,28 +2,39 @@
 
 ``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
 ``sj.DeepShiftQ``, ``sj.DeepShiftPS``), the code format (``sj.codes``), layers
-(``sj.layers``, ``sj.conv`` and ``sj.batch_norm`` with CPU-fast gradients), models (``sj.models``), packed export (``sj.export``), the kernels
-(``sj.kernels``, also ``import shiftjax.kernels``), data pipelines (``sj.data``), the
-log-mel frontend (``sj.audio``), training (``sj.train``, ``sj.metrics``) and
-float-to-shift conversion (``sj.transfer``); ``sj.host_memory.reuse_freed_memory()`` at
-the start of a CPU training program spares each step from faulting in XLA's scratch
-memory again.
+(``sj.layers``, ``sj.batch_norm``), models (``sj.models``), deployment of packed models
+(``sj.deploy``: the file format, BatchNorm folding, packed apply), export of trained flax
+models (``sj.export``), the kernels (``sj.kernels``: inference on packed codes;
+``shiftjax.kernels.training``: the differentiable CPU-fast convolution), data pipelines
+(``sj.data``), the log-mel frontend (``sj.audio``), training (``sj.train``,
+``sj.metrics``) and float-to-shift conversion (``sj.transfer``);
+``sj.host_memory.reuse_freed_memory()`` at the start of a CPU training program spares
+each step from faulting in XLA's scratch memory again.
+
+Only the quantizers and the code format are imported with the package; every other
+module is imported on first use (``sj.train``, ``from shiftjax import train``). So a program that only loads and runs a packed model
+needs jax and numpy, not flax, optax, orbax, tensorflow-datasets or ml_collections.
 """
+
+import importlib
 
 from shiftjax import codes
 from shiftjax import quantizers
 from shiftjax.quantizers import DeepShiftPS, DeepShiftQ, DenseShift, S3, s3_regularizer
-from shiftjax import conv
-from shiftjax import batch_norm
-from shiftjax import layers
-from shiftjax import models
-from shiftjax import kernels
-from shiftjax import export
-from shiftjax import audio
-from shiftjax import data
-from shiftjax import metrics
-from shiftjax import train
-from shiftjax import transfer
-from shiftjax import host_memory
 
 __version__ = "0.1.0"
+
+# Imported on first attribute access (PEP 562): these pull in flax, optax, orbax,
+# tensorflow-datasets and ml_collections, which deployment does not need.
+_LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "export", "host_memory",
+                 "kernels", "layers", "metrics", "models", "policy", "train", "transfer")
+
+
+def __getattr__(name):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"shiftjax.{name}")
+  raise AttributeError(f"module 'shiftjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_MODULES))

@@ -21,7 +21,7 @@ memory. The reductions above read only g and x, which exist anyway, and dx is on
 elementwise pass. ``sum_gx - mean * sum_g`` is the centered sum computed the
 way flax computes the variance, with the same cancellation when ``|mean| >> std``.
 
-The custom gradient has no forward mode (``jax.jvp``, grad of grad), like ``shiftjax.conv``.
+The custom gradient has no forward mode (``jax.jvp``, grad of grad), like ``shiftjax.kernels.training.conv``.
 """
 
 from __future__ import annotations

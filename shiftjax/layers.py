@@ -11,44 +11,18 @@ layer with a policy resolves its quantizer from its own path when it is first ca
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shiftjax import conv as conv_lib
+from shiftjax.kernels.training import conv as conv_lib
 from shiftjax import quantizers as qz
+# The policy lives apart so that deployment can use it without flax; re-exported here.
+from shiftjax.policy import DEFAULT_FULL_PRECISION, LayerPolicy, is_latent_kernel  # pylint: disable=unused-import
 
 Dtype = Any
-
-# The reference code keeps the stem conv and the classifier in full precision.
-DEFAULT_FULL_PRECISION = ("stem", "head")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerPolicy:
-  """Which layers get ``quantizer``: all but those whose path matches a pattern.
-
-  Paths are module names joined by ``/`` below the model (``'stage1_block0/conv1'``);
-  patterns are ``fnmatch`` globs matched against the whole path.
-  """
-  quantizer: qz.Quantizer | None = None
-  full_precision: tuple[str, ...] = DEFAULT_FULL_PRECISION
-
-  def __post_init__(self):
-    if isinstance(self.full_precision, str):
-      raise ValueError(
-          f"full_precision must be a tuple of patterns, got the string {self.full_precision!r}")
-
-  def quantizer_for(self, path: Sequence[str]) -> qz.Quantizer | None:
-    """The quantizer of the layer at ``path`` (None: kept full precision)."""
-    name = "/".join(path)
-    if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.full_precision):
-      return None
-    return self.quantizer
 
 
 def he_fan_out_init() -> nn.initializers.Initializer:
@@ -83,7 +57,7 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
     padding: 'SAME', 'VALID' or explicit ((lo, hi), (lo, hi)).
     quantizer: spec of the kernel, or None for a float kernel.
     policy: if given, overrides ``quantizer`` by the layer's path.
-    fast_grad: CPU-fast kernel gradient (``shiftjax.conv``); None = on for CPU only.
+    fast_grad: CPU-fast kernel gradient (``shiftjax.kernels.training.conv``); None = on for CPU only.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -128,7 +102,3 @@ class ShiftDense(_QuantizedKernelMixin, nn.Module):
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return y
 
-
-def is_latent_kernel(kernel: Any) -> bool:
-  """Whether a ``'kernel'`` param holds quantizer latents (a dict) or float weights."""
-  return isinstance(kernel, dict) or hasattr(kernel, "keys")

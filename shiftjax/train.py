@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shiftjax import codes as codes_lib
-from shiftjax import conv
+from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
 from shiftjax import export as export_lib
 from shiftjax import layers
@@ -547,8 +547,72 @@ def export_packed(config, workdir: str) -> dict:
   """
   path = os.path.join(workdir, "model" + export_lib.FILE_SUFFIX)
   if jax.process_index() == 0 and not os.path.exists(path):
-    export_lib.export_checkpoint(config, workdir, path)
+    export_checkpoint(config, workdir, path)
   return {"packed_file": path, "packed_file_bytes": os.path.getsize(path)}
+
+
+def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
+                    float_dtype=jnp.float32) -> export_lib.PackedModel:
+  """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``.
+
+  ``config`` is the run's config; the dataset's input normalization is kept in the
+  metadata (``packed_apply`` takes normalized images, as the flax model does).
+  """
+  validate_config(config)
+  spec = data_lib.get_spec(config.dataset)
+  model = create_model(config, spec.num_classes)
+  lr_fn = create_learning_rate_fn(config, 1, 1)
+  # Shapes only (eval_shape compiles nothing): the restore target of this module's layout.
+  abstract = jax.eval_shape(lambda: create_train_state(
+      jax.random.key(config.seed), config, model, spec.image_shape, lr_fn))
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(
+                                         jax.devices()[0])), abstract)
+  state = restore_for_eval(os.fspath(workdir), config, abstract, step)
+  metadata = {
+      "source": {"model": config.model, "dataset": config.dataset,
+                 "step": int(state.step)},
+      "input": {"image_shape": list(spec.image_shape), "dtype": "uint8",
+                "normalization": "(image / 255 - mean) / std",
+                "mean": list(spec.mean), "std": list(spec.std)},
+  }
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return export_lib.export(jax.device_get(variables), model, float_dtype=float_dtype,
+                metadata=metadata)
+
+
+def export_checkpoint(config, workdir: str | os.PathLike, output: str | None = None, *,
+                      overwrite: bool = False, step: int | None = None,
+                      float_dtype=jnp.float32) -> dict[str, Any]:
+  """``packed_from_checkpoint`` then ``save`` to ``output`` (default ``<workdir>/model.shiftjax``).
+
+  Returns ``size_report()`` plus ``path`` and ``file_bytes``. Refuses (FileExistsError)
+  to replace an existing file unless ``overwrite``, before reading the checkpoint.
+  """
+  output = os.fspath(output or os.path.join(os.fspath(workdir),
+                                            "model" + export_lib.FILE_SUFFIX))
+  if not overwrite and os.path.lexists(output):
+    raise FileExistsError(f"{output} already exists; pass overwrite=True "
+                          "(--overwrite) to replace it")
+  packed = packed_from_checkpoint(config, workdir, step=step, float_dtype=float_dtype)
+  packed.save(output, overwrite=overwrite)
+  report = packed.size_report()
+  report.update(path=output, file_bytes=os.path.getsize(output),
+                step=packed.metadata["source"]["step"])
+  return report
+
+
+def format_export_report(report: Mapping[str, Any]) -> str:
+  """Human-readable lines of an ``export_checkpoint`` report."""
+  lines = [f"wrote                      {report['path']} (checkpoint step {report['step']})",
+           f"file size                  {report['file_bytes'] / 1024:.1f} KiB",
+           f"float32 weights            {report['float32_weight_bytes'] / 1024:.1f} KiB "
+           f"({report['float32_weight_bytes'] / report['file_bytes']:.1f}x smaller)"]
+  if report["quantized_weights"]:
+    lines.append(f"bits per quantized weight  {report['bits_per_quantized_weight']:.2f} "
+                 f"({report['quantized_weights']} quantized weights)")
+  return "\n".join(lines)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,4 +1,4 @@
-"""Tests of shiftjax.conv: conv2d's fast gradients equal XLA's own (autodiff of lax.conv)."""
+"""Tests of shiftjax.kernels.training.conv: conv2d's fast gradients equal XLA's own (autodiff of lax.conv)."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shiftjax import conv as sc
+from shiftjax.kernels.training import conv as sc
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -156,7 +156,7 @@ def test_data_parallel_stays_sharded():
       import re, jax, jax.numpy as jnp, numpy as np
       from jax import lax
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from shiftjax import conv as sc
+      from shiftjax.kernels.training import conv as sc
       mesh = Mesh(np.array(jax.devices()), ("data",))
       rng = np.random.default_rng(0)
       x = jax.device_put(jnp.asarray(rng.standard_normal((32, 16, 16, 32)), jnp.float32),

@@ -1,10 +1,14 @@
 """Data: offline Fashion-MNIST for tfds, resumable training batches, exact evaluation."""
 
+import ast
 import collections
+import dataclasses
+import importlib.util
 import io
 import itertools
 import json
 import os
+import pkgutil
 import sys
 
 import numpy as np
@@ -12,7 +16,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from shiftjax import data as sjd
+from shiftjax.data import datasets
 from shiftjax.data import fashion_mnist
+from shiftjax.data import imagenet
+from shiftjax.data import pipeline
+from shiftjax.data import readers
 
 SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 requires_debian_files = pytest.mark.skipif(
@@ -303,3 +311,161 @@ def test_unknown_and_unprepared_datasets(tmp_path):
     sjd.make_dataset("mnist", batch_size=8, train=True, data_dir=tmp_path)
   with pytest.raises(FileNotFoundError, match="prepare_fashion_mnist"):
     sjd.make_dataset("fashion_mnist", batch_size=8, train=False, data_dir=tmp_path)
+
+
+# Module structure: readers chosen by the spec, no import cycles.
+
+
+def data_modules() -> dict[str, str]:
+  """``{module name: source file}`` of ``shiftjax.data`` and every module below it."""
+  modules = {sjd.__name__: sjd.__file__}
+  for info in pkgutil.walk_packages(sjd.__path__, sjd.__name__ + "."):
+    modules[info.name] = importlib.util.find_spec(info.name).origin
+  return modules
+
+
+def imported_modules(source: str, module: str, is_package: bool, known: set[str]) -> set[str]:
+  """The modules of ``known`` that ``source`` (module ``module``) imports, at any depth.
+
+  Imports inside functions count: they close a cycle as surely as top-level ones, only
+  later. ``from P import x`` imports module ``P.x`` when there is one, else package ``P``.
+  """
+  package = module if is_package else module.rpartition(".")[0]
+  found = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative: ``from . import x``, ``from ..pipeline import y``
+        parts = package.split(".")
+        anchor = ".".join(parts[:len(parts) - node.level + 1])
+        base = f"{anchor}.{base}" if base else anchor
+      for alias in node.names:
+        name = f"{base}.{alias.name}"
+        found.add(name if name in known else base)
+  return found & known
+
+
+def import_graph() -> dict[str, set[str]]:
+  modules = data_modules()
+  graph = {}
+  for module, path in modules.items():
+    with open(path, encoding="utf-8") as f:
+      source = f.read()
+    graph[module] = imported_modules(source, module, path.endswith("__init__.py"),
+                                     set(modules))
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """A cycle of ``graph`` as ``[a, b, ..., a]``, None when it has none (depth first)."""
+  done, path = set(), []
+
+  def visit(node):
+    if node in path:
+      return path[path.index(node):] + [node]
+    if node in done:
+      return None
+    path.append(node)
+    for successor in sorted(graph.get(node, ())):
+      cycle = visit(successor)
+      if cycle:
+        return cycle
+    path.pop()
+    done.add(node)
+    return None
+
+  for node in sorted(graph):
+    cycle = visit(node)
+    if cycle:
+      return cycle
+  return None
+
+
+def test_find_cycle_and_imported_modules():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+  assert find_cycle({"a": {"a"}}) == ["a", "a"]
+  known = {"shiftjax.data", "shiftjax.data.pipeline", "shiftjax.data.imagenet",
+           "shiftjax.data.slu", "shiftjax.data.slu.fsc"}
+  # The old circle: pipeline importing imagenet inside make_dataset.
+  source = ("import numpy\n"
+            "def make_dataset():\n"
+            "  from shiftjax.data import imagenet  # pylint: disable=g-import-not-at-top\n")
+  assert imported_modules(source, "shiftjax.data.pipeline", False, known) == {
+      "shiftjax.data.imagenet"}
+  source = ("import shiftjax.data.pipeline as p\nfrom shiftjax.data import SPECS\n"
+            "from . import fsc\nfrom ..imagenet import NAME\n")
+  assert imported_modules(source, "shiftjax.data.slu", True, known) == {
+      "shiftjax.data.pipeline", "shiftjax.data", "shiftjax.data.slu.fsc",
+      "shiftjax.data.imagenet"}
+
+
+def test_data_modules_import_no_cycle():
+  graph = import_graph()
+  # The walk saw the readers and their imports (an empty graph has no cycle either).
+  assert {"shiftjax.data.readers", "shiftjax.data.slu.synthetic"} <= set(graph)
+  assert "shiftjax.data.pipeline" in graph["shiftjax.data.imagenet"]
+  assert "shiftjax.data.imagenet" in graph["shiftjax.data.readers"]
+  cycle = find_cycle(graph)
+  assert cycle is None, f"import cycle in shiftjax.data: {' -> '.join(cycle)}"
+
+
+def test_every_reader_has_a_factory():
+  assert set(readers.FACTORIES) == set(datasets.READERS)
+  for name, spec in sjd.SPECS.items():
+    expected = (imagenet.make_dataset if name == imagenet.NAME
+                else pipeline.make_in_memory_dataset)
+    assert readers.factory(spec) is expected, name
+  assert sjd.get_spec(imagenet.NAME).reader == "streaming"
+
+
+def test_the_reader_field_chooses_the_reader(monkeypatch):
+  calls = []
+  for reader in datasets.READERS:
+    monkeypatch.setitem(readers.FACTORIES, reader,
+                        lambda name, split, reader=reader, **kw: calls.append((reader, name,
+                                                                               kw)))
+  # Swapping the field swaps the reader, whatever the dataset or its max_bytes.
+  cifar = sjd.get_spec("cifar10")
+  monkeypatch.setitem(sjd.SPECS, "cifar10", dataclasses.replace(cifar, reader="streaming"))
+  in_memory_imagenet = dataclasses.replace(imagenet.SPEC, reader="in_memory", max_bytes=0)
+  monkeypatch.setitem(sjd.SPECS, imagenet.NAME, in_memory_imagenet)
+  sjd.make_dataset("cifar10", batch_size=8, train=True)
+  sjd.make_dataset(imagenet.NAME, batch_size=8, train=False, prefetch=0)
+  assert [c[:2] for c in calls] == [("streaming", "cifar10"), ("in_memory", imagenet.NAME)]
+  # prefetch reaches the reader only when given: each keeps its own default otherwise.
+  assert "prefetch" not in calls[0][2] and calls[1][2]["prefetch"] == 0
+
+
+def test_max_bytes_limits_memory_but_does_not_choose_the_reader(monkeypatch):
+  spec = dataclasses.replace(sjd.get_spec("cifar10"), max_bytes=0)
+  monkeypatch.setitem(sjd.SPECS, "cifar10", spec)
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match="over the 0 MiB read into memory"):
+      sjd.make_dataset("cifar10", batch_size=4, train=False)
+
+
+def test_imagenet_is_streamed_by_its_reader():
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    evaluation = sjd.make_dataset(imagenet.NAME, batch_size=4, train=False, image_size=16)
+    unfetched = sjd.make_dataset(imagenet.NAME, batch_size=4, train=False, image_size=16,
+                                 prefetch=0)
+  try:
+    assert isinstance(evaluation.source, imagenet.ImageSource)
+    assert evaluation.prefetch == 4 and unfetched.prefetch == 0
+    batch = evaluation.batch(1)
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["mask"].tolist() == [
+        True, True, False, False]
+  finally:
+    evaluation.source.close()
+    unfetched.source.close()
+
+
+def test_bad_reader_is_rejected_by_name():
+  with pytest.raises(ValueError, match="dataset 'x': unknown reader 'streamed'; allowed: "
+                                       "in_memory, streaming"):
+    sjd.DatasetSpec("x", (2, 2, 1), 2, (0.5,), (0.5,), reader="streamed")
+  with pytest.raises(ValueError, match="unknown reader 'disk'"):
+    dataclasses.replace(sjd.get_spec("synthetic_slu"), reader="disk")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
-from shiftjax.kernels import matmul as mm_lib
+from shiftjax.kernels.inference import matmul as mm_lib
 
 
 # Interpret-mode kernels are XLA:CPU while loops whose compile time dominates this file;

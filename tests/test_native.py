@@ -1,4 +1,4 @@
-"""The native C++ CPU conv and kernel gradient (shiftjax.kernels.native) against XLA."""
+"""The native C++ CPU conv and kernel gradient (shiftjax.kernels.training.native) against XLA."""
 
 import warnings
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shiftjax import conv as sc
-from shiftjax.kernels import native
+from shiftjax.kernels.training import conv as sc
+from shiftjax.kernels.training import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 TARGET = "shiftjax_conv_kernel_grad"

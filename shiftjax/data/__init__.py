@@ -6,12 +6,14 @@ from shiftjax.data.datasets import (
     IMAGENET_STD, MNIST_MEAN, MNIST_STD, SPECS, DatasetSpec, get_spec, normalize)
 from shiftjax.data.fashion_mnist import prepare_fashion_mnist, read_idx
 from shiftjax.data.pipeline import (
-    ArraySource, EvalPipeline, Prefetcher, TrainPipeline, load_split, make_dataset)
+    ArraySource, EvalPipeline, Prefetcher, TrainPipeline, load_split)
 from shiftjax.data import imagenet
+from shiftjax.data.readers import make_dataset
 from shiftjax.data import speech
 from shiftjax.data.speech import SpecAugment, SpeechDatasetSpec
 
-# Datasets with their own readers register here: ImageNet is streamed from disk, the
-# speech sets are waveforms turned into log-mel "images" (``SpeechDatasetSpec.load``).
+# Datasets specified beside their own reading code register here: ImageNet is streamed
+# from disk (``reader="streaming"``), the speech sets are waveforms turned into log-mel
+# "images" (``SpeechDatasetSpec.load``).
 SPECS[imagenet.NAME] = imagenet.SPEC
 SPECS.update(speech.SPECS)

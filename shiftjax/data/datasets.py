@@ -1,7 +1,8 @@
 """What the pipeline knows about each dataset: shapes, classes, splits, statistics.
 
-Adding a dataset (``imagenet2012`` next) is one ``DatasetSpec`` in ``SPECS`` plus, when
-it does not fit in memory, a random-access source in ``pipeline.py`` (see there).
+Adding a dataset that fits in memory is one ``DatasetSpec`` in ``SPECS``. One that does
+not (``imagenet2012``) names another ``DatasetSpec.reader``, whose factory
+``readers.py`` maps it to (see ``pipeline.py``'s docstring).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# How a split is read (``DatasetSpec.reader``): decoded into memory whole
+# (``pipeline.make_in_memory_dataset``), or example by example from disk
+# (``imagenet.make_dataset``). ``readers.FACTORIES`` maps each to its factory; the names
+# live here so a spec can be checked without importing the readers.
+IN_MEMORY = "in_memory"
+STREAMING = "streaming"
+READERS = (IN_MEMORY, STREAMING)
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -34,7 +43,11 @@ class DatasetSpec:
     mean, std: per-channel statistics for ``(image / 255 - mean) / std``.
     train_split, eval_split: the tfds splits a run trains and evaluates on.
     augment: training augmentation, None for none.
-    max_bytes: decoded size of a split up to which it is read into memory whole.
+    max_bytes: decoded size of a split up to which ``pipeline.load_split`` reads it into
+      memory whole (it refuses larger ones).
+    reader: one of ``READERS``: ``"in_memory"`` (the split decoded once, then batches
+      gathered from memory) or ``"streaming"`` (each example read and decoded when a
+      batch needs it, for datasets too big for memory).
   """
   name: str
   image_shape: tuple[int, int, int]
@@ -45,6 +58,13 @@ class DatasetSpec:
   eval_split: str = "test"
   augment: CropFlip | None = None
   max_bytes: int = 1 << 29
+  reader: str = IN_MEMORY
+
+  def __post_init__(self):
+    # A typo would otherwise surface only when a pipeline is made, far from the spec.
+    if self.reader not in READERS:
+      raise ValueError(f"dataset {self.name!r}: unknown reader {self.reader!r}; allowed: "
+                       f"{', '.join(READERS)}")
 
 
 SPECS: dict[str, DatasetSpec] = {

@@ -43,13 +43,15 @@ import numpy as np
 import PIL.Image
 
 from shiftjax.data import pipeline
-from shiftjax.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
+from shiftjax.data.datasets import IMAGENET_MEAN, IMAGENET_STD, STREAMING, DatasetSpec
 
 NAME = "imagenet2012"
 # What ``shiftjax.data.datasets.SPECS`` holds for it (the sizes are those served by
-# default; ``make_dataset(image_size=...)`` changes them).
+# default; ``make_dataset(image_size=...)`` changes them). Its splits are far over
+# ``max_bytes``, so it is streamed: ``readers.make_dataset`` sends it to ``make_dataset``.
 SPEC = DatasetSpec(NAME, (224, 224, 3), 1000, IMAGENET_MEAN, IMAGENET_STD,
-                   train_split="train", eval_split="validation", augment=None, max_bytes=0)
+                   train_split="train", eval_split="validation", augment=None,
+                   reader=STREAMING)
 IMAGE_SIZE = 224
 RESIZE_SIZE = 256
 DEFAULT_THREADS = 16
@@ -230,7 +232,9 @@ def make_dataset(name: str = NAME, split: str | None = None, *, batch_size: int,
                  image_size: int | None = None, resize_size: int | None = None,
                  num_threads: int = DEFAULT_THREADS
                  ) -> pipeline.TrainPipeline | pipeline.EvalPipeline:
-  """An ImageNet training or evaluation pipeline (``pipeline.make_dataset``'s contract).
+  """The ``"streaming"`` reader: ImageNet batches read and decoded per example.
+
+  ``readers.make_dataset``'s contract, with ImageNet's own knobs.
 
   Args:
     name, split: the tfds dataset and split (None: ``'train'`` / ``'validation'``).
@@ -243,9 +247,10 @@ def make_dataset(name: str = NAME, split: str | None = None, *, batch_size: int,
       ``image_size * 256 / 224``, i.e. 256 for 224).
     num_threads: threads reading and decoding examples.
   """
-  pipeline._host_slice(batch_size, process_index, process_count)  # pylint: disable=protected-access
+  # Fail before opening any file.
+  pipeline.host_slice(batch_size, process_index, process_count)
   if train:
-    pipeline._check_seed(seed)  # pylint: disable=protected-access
+    pipeline.check_seed(seed)
   image_size = IMAGE_SIZE if image_size is None else int(image_size)
   if image_size <= 0:
     raise ValueError(f"image_size must be positive, got {image_size}")

@@ -20,11 +20,13 @@ Multi-host: every process computes the same *global* batch (indices and augmenta
 parameters) and keeps its ``process_index``-th slice of ``batch_size // process_count``
 examples; assemble the global array with ``jax.make_array_from_process_local_data``.
 
-Adding a dataset that does not fit in memory (``imagenet2012``): write a source with the
+This module is the bottom of the reading stack: it imports no other reader. A dataset
+that does not fit in memory (``imagenet.py``) builds on it: a source with the
 ``ArraySource`` interface (``__len__``, ``get(indices) -> {'image', 'label'}``) that
-reads ``tfds.data_source`` records and decodes/resizes each (a thread pool), give
-``make_dataset`` a branch choosing it by ``DatasetSpec.max_bytes``, and an augmentation
-with the ``sample``/``apply`` interface. The samplers and the host split stay as they are.
+reads ``tfds.data_source`` records and decodes/resizes each (a thread pool), an
+augmentation with the ``sample``/``apply`` interface, and a factory with
+``make_in_memory_dataset``'s signature that ``readers.py`` selects by the spec's
+``DatasetSpec.reader``. The samplers and the host split (``host_slice``) stay as they are.
 
 Batches are dicts of numpy arrays: ``image`` uint8 ``[B, H, W, C]``, ``label`` int32
 ``[B]``, and for evaluation ``mask`` bool ``[B]`` (False on padding). Normalization is
@@ -144,8 +146,8 @@ def load_split(name: str, split: str, *,
   return ArraySource(images, labels)
 
 
-def _host_slice(batch_size: int, process_index: int | None,
-                process_count: int | None) -> slice:
+def host_slice(batch_size: int, process_index: int | None,
+               process_count: int | None) -> slice:
   """This process's part of a global batch; ValueError if it cannot be split evenly."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -160,7 +162,8 @@ def _host_slice(batch_size: int, process_index: int | None,
   return slice(index * local, (index + 1) * local)
 
 
-def _check_seed(seed) -> None:
+def check_seed(seed) -> None:
+  """ValueError unless ``seed`` is a non-negative integer (bools excluded)."""
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
@@ -249,8 +252,8 @@ class TrainPipeline:
   def __init__(self, source: ArraySource, *, batch_size: int, seed: int,
                augment: CropFlip | None = None, process_index: int | None = None,
                process_count: int | None = None, prefetch: int = 2):
-    self._host = _host_slice(batch_size, process_index, process_count)
-    _check_seed(seed)
+    self._host = host_slice(batch_size, process_index, process_count)
+    check_seed(seed)
     if len(source) < batch_size:
       raise ValueError(f"batch_size {batch_size} is larger than the split "
                        f"({len(source)} examples)")
@@ -321,7 +324,7 @@ class EvalPipeline:
   def __init__(self, source: ArraySource, *, batch_size: int,
                process_index: int | None = None, process_count: int | None = None,
                prefetch: int = 2):
-    self._host = _host_slice(batch_size, process_index, process_count)
+    self._host = host_slice(batch_size, process_index, process_count)
     self.source = source
     self.batch_size = batch_size
     self.local_batch_size = self._host.stop - self._host.start
@@ -355,46 +358,26 @@ class EvalPipeline:
     return self.iterator()
 
 
-def make_dataset(name: str, split: str | None = None, *, batch_size: int, train: bool,
-                 seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 augment: bool = True, prefetch: int = 2,
-                 process_index: int | None = None,
-                 process_count: int | None = None,
-                 image_size: int | None = None) -> TrainPipeline | EvalPipeline:
-  """A training or evaluation pipeline over tfds dataset ``name``.
+def make_in_memory_dataset(name: str, split: str | None = None, *, batch_size: int,
+                           train: bool, seed: int = 0,
+                           data_dir: str | os.PathLike | None = None, augment: bool = True,
+                           prefetch: int = 2, process_index: int | None = None,
+                           process_count: int | None = None,
+                           image_size: int | None = None) -> TrainPipeline | EvalPipeline:
+  """The ``"in_memory"`` reader: the split decoded once, batches gathered from memory.
 
-  Args:
-    name: a key of ``shiftjax.data.SPECS`` (``fashion_mnist``, ``mnist``, ``cifar10``,
-      ``imagenet2012``, ``synthetic_slu``, ``fluent_speech_commands``,
-      ``speech_commands``).
-    split: a tfds split (``"train"``, ``"test"``, ``"train[:90%]"``...); None: the
-      spec's train split when ``train``, its eval split otherwise.
-    batch_size: the global batch size, divisible by the number of processes.
-    train: True gives a ``TrainPipeline`` (shuffled, augmented, drop remainder),
-      False an ``EvalPipeline`` (in order, every example once, padded and masked).
-    seed: non-negative seed of shuffling and augmentation (training only).
-    data_dir: tfds data directory, None for the tfds default.
-    augment: apply the dataset's standard training augmentation.
-    prefetch: batches built ahead in a background thread (0: none).
-    process_index, process_count: this host's place; default ``jax.process_index()``
-      and ``jax.process_count()``.
-    image_size: ``imagenet2012``: side of the served crops (default 224); other
-      datasets have one fixed size and accept only that (or None).
+  Arguments as ``readers.make_dataset``'s; speech specs decode their waveforms with their
+  own ``load``, the others go through ``load_split``. ``image_size`` must be unset or the
+  spec's one size.
   """
   spec: DatasetSpec = get_spec(name)
-  if spec.max_bytes == 0:  # too big for memory: streamed by its own reader
-    from shiftjax.data import imagenet  # pylint: disable=g-import-not-at-top
-    return imagenet.make_dataset(
-        name, split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
-        augment=augment, process_index=process_index, process_count=process_count,
-        image_size=image_size)
   if image_size is not None and image_size != spec.image_shape[0]:
     raise ValueError(f"{name} has {spec.image_shape[0]}x{spec.image_shape[1]} images; "
                      f"image_size={image_size} is not available (leave it unset)")
   # Fail before reading any data.
-  _host_slice(batch_size, process_index, process_count)
+  host_slice(batch_size, process_index, process_count)
   if train:
-    _check_seed(seed)
+    check_seed(seed)
   if split is None:
     split = spec.train_split if train else spec.eval_split
   load = getattr(spec, "load", None)  # speech specs decode waveforms into features
@@ -406,4 +389,3 @@ def make_dataset(name: str, split: str | None = None, *, batch_size: int, train:
     return TrainPipeline(source, batch_size=batch_size, seed=seed,
                          augment=spec.augment if augment else None, **hosts)
   return EvalPipeline(source, batch_size=batch_size, **hosts)
-

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from shiftjax import batch_norm
-from shiftjax import conv as conv_lib
+from shiftjax.kernels.training import conv as conv_lib
 from shiftjax import layers
 
 ModuleDef = Any

@@ -24,26 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from shiftjax import layers
+from shiftjax import pooling
 from shiftjax import quantizers as qz
 from shiftjax.models import blocks
-
-
-POOLINGS = ("mean", "max", "meanmax")
 
 
 def stage_widths(widths: Sequence[int], width_multiplier: float) -> list[int]:
   """Channels of the stages: ``widths`` scaled by ``width_multiplier``, at least 1."""
   return [max(1, int(round(w * width_multiplier))) for w in widths]
-
-
-def pool(x: jax.Array, how: str) -> jax.Array:
-  """``[B, T, F, C]`` -> ``[B, C]`` (``[B, 2C]`` for ``'meanmax'``); see ``SpeechResNet``."""
-  over_freq = jnp.mean(x, axis=2)
-  if how == "mean":
-    return jnp.mean(over_freq, axis=1)
-  if how == "max":
-    return jnp.max(over_freq, axis=1)
-  return jnp.concatenate([jnp.mean(over_freq, axis=1), jnp.max(over_freq, axis=1)], -1)
 
 
 class SpeechResNet(nn.Module):
@@ -80,8 +68,8 @@ class SpeechResNet(nn.Module):
     if len(self.stage_sizes) != len(self.widths) or not self.stage_sizes:
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must be non-empty and of equal length")
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+    if self.pooling not in pooling.POOLINGS:
+      raise ValueError(f"pooling must be one of {pooling.POOLINGS}, got {self.pooling!r}")
     if any(n < 1 for n in self.stage_sizes):
       raise ValueError(f"every stage needs at least one block, got {tuple(self.stage_sizes)}")
     super().__post_init__()
@@ -98,7 +86,7 @@ class SpeechResNet(nn.Module):
     x = nn.relu(norm(name="stem_bn")(x))
     x = blocks.residual_stages(x, blocks.BasicBlock, self.stage_sizes, widths, conv, norm,
                                first_stride=self.first_stride)
-    x = pool(x, self.pooling)
+    x = pooling.speech_pool(x, self.pooling)
     x = layers.ShiftDense(self.num_classes, policy=policy, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 

@@ -1,6 +1,6 @@
 """C++ CPU kernels called through XLA's FFI, built on first use for the machine they run on.
 
-The source ships with the package (``kernels/*.cc``); the first call compiles it with the
+The source ships with the package (``kernels/training/*.cc``); the first call compiles it with the
 system C++ compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) against the FFI headers of
 the installed jaxlib, into a cache directory keyed by source, compiler flags, jaxlib
 version and CPU, so a changed source or another machine never picks up a stale library.

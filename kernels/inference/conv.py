@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import codes as codes_lib
-from shiftjax.kernels import matmul as mm
+from shiftjax.kernels.inference import matmul as mm
 
 
 def _pair(v, name) -> tuple[int, int]:

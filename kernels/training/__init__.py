@@ -1,0 +1,1 @@
+"""Differentiable float convolution for training: ``conv`` (custom VJP) on ``native`` CPU kernels."""

@@ -1,0 +1,30 @@
+"""Deployment of packed shift networks, independent of the training stack.
+
+A packed model is data: an architecture name and config, a quantizer spec, and arrays
+of N-bit codes packed in uint32 words with BatchNorm folded into per-channel scales and
+biases. This package reads, writes, builds and runs such models, and imports only jax,
+numpy, the quantizers, the code format and the inference kernels (no flax, optax, orbax,
+tensorflow-datasets or ml_collections):
+
+  architecture   the layers an architecture config implies, and config validation
+  format         ``PackedModel`` and its versioned, checksummed file (``load``, ``save``)
+  folding        trained variables -> ``PackedModel`` (``pack``, ``fold_batch_norm``)
+  apply          the packed forward pass (``packed_apply``) and ``jax.export`` artifacts
+
+``shiftjax.export`` is the bridge from a trained flax module to ``pack``.
+"""
+
+from shiftjax.deploy.apply import decode_kernel, export_serialized, forward, packed_apply
+from shiftjax.deploy.apply import save_serialized
+from shiftjax.deploy.architecture import ARCHITECTURES, Layer, PackedModelError
+from shiftjax.deploy.architecture import build_layers, check_architecture, expected_arrays
+from shiftjax.deploy.folding import BN_EPSILON, fold_batch_norm, pack
+from shiftjax.deploy.format import FILE_SUFFIX, FORMAT_VERSION, PackedModel, from_bytes
+from shiftjax.deploy.format import load, write_atomic
+
+__all__ = [
+    "ARCHITECTURES", "BN_EPSILON", "FILE_SUFFIX", "FORMAT_VERSION", "Layer", "PackedModel",
+    "PackedModelError", "build_layers", "check_architecture", "decode_kernel",
+    "expected_arrays", "export_serialized", "fold_batch_norm", "forward", "from_bytes", "load",
+    "pack", "packed_apply", "save_serialized", "write_atomic",
+]

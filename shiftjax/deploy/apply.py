@@ -1,0 +1,183 @@
+"""Runs a ``PackedModel`` with its weights kept packed: ``packed_apply``, ``forward``.
+
+Every quantized conv calls ``shiftjax.kernels.pow2_conv`` on the packed words (Pallas on
+GPU/TPU, decode + ``lax.conv`` with XLA on CPU), so the weights stay packed in memory.
+The kernels serve zero-free formats of 2..5 bits (DenseShift, DeepShift-Q up to 5 bits);
+formats with a zero code (S3, DeepShift-PS) and wider codes are unpacked and decoded
+(``codes.decode``) in XLA and convolved with ``lax.conv`` on every backend.
+
+``export_serialized`` writes packed inference as a ``jax.export`` artifact (the packed
+words embedded as constants) that plain jax can deserialize and call without shiftjax.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Mapping, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from shiftjax import codes as codes_lib
+from shiftjax import kernels
+from shiftjax import pooling
+from shiftjax.deploy.architecture import SPEECH_POOLS, Layer, PackedModelError
+from shiftjax.deploy.format import PackedModel, write_atomic
+
+def _uses_kernel(fmt: codes_lib.CodeFormat) -> bool:
+  return not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
+
+
+def decode_kernel(words, fmt: codes_lib.CodeFormat, shape) -> jax.Array:
+  """uint32 words ``[ceil(K / P), O]`` -> float32 weights of ``shape`` (``K * O`` =
+  ``prod(shape)``), in XLA ops: the path of formats the kernels lack (zero codes, over
+  5 bits) on every backend."""
+  codes = kernels.unpack_codes(words, fmt.bits, math.prod(shape[:-1]))
+  return codes_lib.decode(codes, fmt, jnp.float32).reshape(shape)
+
+
+def _conv_layer(layer: Layer, arrays, x, fmt, backend, platform):
+  kernel = arrays[f"{layer.name}/kernel"]
+  bias = arrays[f"{layer.name}/bias"]
+  if layer.quantized and _uses_kernel(fmt):
+    return kernels.pow2_conv(x, kernel, bits=fmt.bits, e0=fmt.e0,
+                             kernel_shape=layer.shape, strides=layer.strides,
+                             padding=layer.padding, scale=arrays[f"{layer.name}/scale"],
+                             bias=bias, backend=backend, platform=platform)
+  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
+       else kernel.astype(jnp.float32))
+  y = lax.conv_general_dilated(x, w, window_strides=layer.strides, padding=layer.padding,
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                               precision=lax.Precision.HIGHEST)
+  if layer.quantized:
+    y = y * arrays[f"{layer.name}/scale"]
+  return y + bias
+
+
+def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
+  kernel = arrays[f"{layer.name}/kernel"]
+  bias = arrays[f"{layer.name}/bias"]
+  if layer.quantized and _uses_kernel(fmt):
+    return kernels.pow2_matmul(x, kernel, bits=fmt.bits, e0=fmt.e0, bias=bias,
+                               backend=backend, platform=platform)
+  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
+       else kernel.astype(jnp.float32))
+  return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
+
+
+def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
+            backend: str | None = None, platform: str | None = None) -> jax.Array:
+  """The packed forward pass (traceable); ``plan`` is ``PackedModel.plan``."""
+  layers, fmt = plan
+  acts = {"input": images.astype(jnp.float32)}
+  for layer in layers:
+    x = acts[layer.input]
+    if layer.op == "conv":
+      y = _conv_layer(layer, arrays, x, fmt, backend, platform)
+      if layer.residual is not None:
+        y = y + acts[layer.residual]
+    elif layer.op == "max_pool":
+      y = pooling.max_pool(x, layer.window, layer.strides, layer.padding)
+    elif layer.op == "mean_pool":
+      y = jnp.mean(x, axis=(1, 2))
+    elif layer.op in SPEECH_POOLS:
+      y = pooling.speech_pool(x, SPEECH_POOLS[layer.op])
+    elif layer.op == "dense":
+      y = _dense_layer(layer, arrays, x, fmt, backend, platform)
+    else:
+      raise PackedModelError(f"unknown layer op {layer.op!r}")
+    acts[layer.name] = jax.nn.relu(y) if layer.relu else y
+  return acts[layers[-1].name]
+
+
+def jitted_forward(packed: PackedModel, backend: str | None = None,
+                   platform: str | None = None):
+  """``jax.jit`` of ``forward`` for ``packed``'s plan: ``f(arrays, images)``.
+
+  Built once per model and (backend, platform), kept on the model, so that a call does
+  not hash the plan again.
+  """
+  cache = packed.__dict__.setdefault("_jitted", {})
+  if (backend, platform) not in cache:
+    cache[(backend, platform)] = jax.jit(functools.partial(
+        forward, plan=packed.plan, backend=backend, platform=platform))
+  return cache[(backend, platform)]
+
+
+def _check_images(packed: PackedModel, shape) -> None:
+  cin = packed.config["in_channels"]
+  if len(shape) != 4 or shape[-1] != cin:
+    raise ValueError(f"images must be [N, H, W, {cin}] (normalized, NHWC), got shape "
+                     f"{tuple(shape)}")
+
+
+def packed_apply(packed: PackedModel, images, *, backend: str | None = None,
+                 platform: str | None = None) -> jax.Array:
+  """Logits ``[N, num_classes]`` (float32) of normalized NHWC ``images``, weights packed.
+
+  Equals ``model.apply(variables, images, train=False)`` of the exported model up to
+  float rounding (BatchNorm is folded). ``backend``/``platform`` go to
+  ``shiftjax.kernels`` (None: Pallas on GPU/TPU, XLA on CPU).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  _check_images(packed, images.shape)
+  return jitted_forward(packed, backend, platform)(packed.device_arrays, images)
+
+
+# ---------------------------------------------------------------- jax.export artifacts
+
+
+def export_serialized(packed: PackedModel, batch_shape: Sequence[int | None], *,
+                      platforms: Sequence[str] | None = None, backend: str | None = "xla",
+                      platform: str | None = None) -> bytes:
+  """Packed inference as a serialized ``jax.export.Exported`` (bytes).
+
+  The packed words, scales and biases are constants of the exported function, which
+  maps float32 ``batch_shape`` images (normalized NHWC; a None dimension is symbolic)
+  to float32 logits. Anyone with jax runs it without shiftjax::
+
+    exported = jax.export.deserialize(bytearray(open(path, 'rb').read()))
+    logits = exported.call(images)
+
+  Args:
+    packed: the model.
+    batch_shape: ``(N, H, W, C)``; e.g. ``(None, 28, 28, 1)`` for any batch size.
+    platforms: ``jax.export`` lowering platforms (default: this machine's), e.g.
+      ``['cpu', 'cuda']`` for one artifact that runs on both.
+    backend, platform: passed to ``shiftjax.kernels``. The default ``'xla'`` decodes
+      the packed words with XLA ops, which serialize for every platform. The GPU Pallas
+      kernel lowers to a Triton custom call, which ``jax.export`` refuses to serialize
+      (no compatibility guarantee); ``backend='pallas', platform='tpu'`` with
+      ``platforms=['tpu']`` embeds the Mosaic TPU kernel (UNVERIFIED: no TPU here).
+  Requires the ``flatbuffers`` package (jax's serializer).
+  """
+  _check_images(packed, tuple(batch_shape))
+  if any(d is None for d in batch_shape):
+    names = iter("abcd")
+    dims = ", ".join(next(names) if d is None else str(int(d)) for d in batch_shape)
+    shape = jax.export.symbolic_shape(dims)
+  else:
+    shape = tuple(int(d) for d in batch_shape)
+  arrays, plan = packed.device_arrays, packed.plan
+
+  def infer(images):
+    return forward(arrays, images, plan, backend=backend, platform=platform)
+
+  exported = jax.export.export(jax.jit(infer), platforms=platforms)(
+      jax.ShapeDtypeStruct(shape, jnp.float32))
+  return bytes(exported.serialize())
+
+
+def save_serialized(packed: PackedModel, path: str | os.PathLike,
+                    batch_shape: Sequence[int | None], *, overwrite: bool = False,
+                    **kwargs) -> str:
+  """Writes ``export_serialized(packed, batch_shape, **kwargs)`` atomically to ``path``."""
+  path = os.fspath(path)
+  if not overwrite and os.path.lexists(path):
+    raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+  write_atomic(path, export_serialized(packed, batch_shape, **kwargs), overwrite=overwrite)
+  return path
+

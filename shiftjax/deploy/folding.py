@@ -1,0 +1,166 @@
+"""Trained variables -> ``PackedModel``: BatchNorm folded, N-bit codes in uint32 words.
+
+``pack(variables, architecture_name, config, quantizer)`` walks the layers the
+architecture implies (``architecture.build_layers``) and stores, per layer:
+
+  * a quantized conv: its codes (``quantizer.codes``), the HWIO kernel flattened to
+    ``[kh * kw * I, O]`` and packed along axis 0 into uint32 words (``codes.pack``,
+    ``floor(32 / bits)`` codes per word), and its BatchNorm as a float32 per-channel
+    epilogue ``y = conv(x) * scale + bias`` with ``scale = gamma / sqrt(var + eps)``,
+    ``bias = beta - mean * scale`` (``<name>/kernel``, ``<name>/scale``, ``<name>/bias``);
+  * a full-precision conv (the stem): the scale folded into its kernel
+    (``<name>/kernel`` HWIO, ``<name>/bias``);
+  * the classifier: ``<name>/kernel`` ``(in, out)`` and ``<name>/bias`` (packed codes
+    when it is quantized).
+Float kernels are stored as float32, or bfloat16 with ``float_dtype=jnp.bfloat16``
+(storage only: ``packed_apply`` computes in float32). Scales and biases stay float32.
+Every parameter must be used: a leftover one means the model code and the architecture
+disagree, and packing refuses rather than drop it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shiftjax import codes as codes_lib
+from shiftjax import policy as policy_lib
+from shiftjax import quantizers as qz
+from shiftjax.deploy import architecture
+from shiftjax.deploy.architecture import Layer, PackedModelError
+from shiftjax.deploy.format import FLOAT_DTYPES, PackedModel
+
+# The BatchNorm of every model in shiftjax.models (blocks.conv_and_norm).
+BN_EPSILON = 1e-5
+
+
+def _subtree(tree, path: str, what: str):
+  node = tree
+  for part in path.split("/"):
+    if not hasattr(node, "keys") or part not in node:
+      raise PackedModelError(f"the model's {what} have no {path!r}, which the packed "
+                             "architecture expects (was the model code changed?)")
+    node = node[part]
+  return node
+
+
+def _leaf_paths(tree, prefix=()) -> list[str]:
+  out = []
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      out += _leaf_paths(v, prefix + (k,))
+    else:
+      out.append("/".join(prefix + (k,)))
+  return out
+
+
+def fold_batch_norm(gamma, beta, mean, var, eps: float = BN_EPSILON):
+  """BatchNorm in eval mode as ``y * scale + bias``; float64 math, float32 results."""
+  gamma, beta, mean, var = (np.asarray(a, np.float64) for a in (gamma, beta, mean, var))
+  scale = gamma / np.sqrt(var + eps)
+  return scale, beta - mean * scale
+
+
+def _all_codes(params, layers: Sequence[Layer], quantizer) -> dict[str, np.ndarray]:
+  """``quantizer.codes`` of every quantized layer's latents, in one compiled call."""
+  latents = {}
+  for layer in layers:
+    if layer.quantized:
+      kernel = _subtree(params, f"{layer.name}/kernel", "params")
+      if not policy_lib.is_latent_kernel(kernel):
+        raise PackedModelError(f"layer {layer.name!r} holds float weights but its policy "
+                               "makes it quantized")
+      latents[layer.name] = dict(kernel)
+  if not latents:
+    return {}
+  codes = _codes_fn(quantizer)(latents)
+  return {k: np.asarray(v) for k, v in jax.device_get(codes).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _codes_fn(quantizer: qz.Quantizer):
+  return jax.jit(lambda tree: {k: quantizer.codes(v) for k, v in tree.items()})
+
+
+def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[str, Any],
+         quantizer: qz.Quantizer | None, *, float_dtype=np.float32,
+         metadata: Mapping[str, Any] | None = None) -> PackedModel:
+  """Packs trained variables of a network described as data.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` (jax or numpy arrays) laid out as
+      the ``shiftjax.models`` module of the architecture lays them out.
+    architecture_name, config: the architecture (``architecture.check_architecture``);
+      ``shiftjax.export.export`` reads them off a flax module.
+    quantizer: the spec whose latents the quantized layers hold (None: a float model).
+    float_dtype: storage of the full-precision kernels: float32 or bfloat16.
+    metadata: JSON-serializable facts to keep in the file.
+  Returns:
+    a checked ``PackedModel``.
+  """
+  float_dtype = np.dtype(float_dtype).name
+  if float_dtype not in FLOAT_DTYPES:
+    raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype}")
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  name = architecture_name
+  config = architecture.check_architecture(name, config)
+  layers = architecture.build_layers(name, config, quantizer)
+  arrays: dict[str, np.ndarray] = {}
+  used: list[str] = []
+  storage = np.dtype(jnp.bfloat16) if float_dtype == "bfloat16" else np.dtype(np.float32)
+  all_codes = _all_codes(params, layers, quantizer)
+  for layer in layers:
+    if layer.op not in ("conv", "dense"):
+      continue
+    kernel = _subtree(params, f"{layer.name}/kernel", "params")
+    used.append(f"{layer.name}/kernel")
+    if layer.quantized != policy_lib.is_latent_kernel(kernel):
+      raise PackedModelError(
+          f"layer {layer.name!r} holds {'latents' if not layer.quantized else 'floats'} "
+          f"but its policy makes it {'quantized' if layer.quantized else 'float'}")
+    if layer.quantized:
+      codes = all_codes[layer.name]
+      weight_shape = codes.shape
+    else:
+      weight = np.asarray(kernel, np.float64)
+      weight_shape = weight.shape
+    if tuple(weight_shape) != layer.shape:
+      raise PackedModelError(f"layer {layer.name!r} has shape {tuple(weight_shape)}, "
+                             f"expected {layer.shape}")
+    n_out = layer.shape[-1]
+    if layer.op == "conv":
+      bn = architecture.bn_name(layer.name)
+      gamma, beta = (_subtree(params, f"{bn}/{k}", "params") for k in ("scale", "bias"))
+      mean, var = (_subtree(stats, f"{bn}/{k}", "batch_stats") for k in ("mean", "var"))
+      used += [f"{bn}/scale", f"{bn}/bias"]
+      scale, bias = fold_batch_norm(gamma, beta, mean, var)
+    else:
+      scale, bias = None, np.asarray(_subtree(params, f"{layer.name}/bias", "params"),
+                                     np.float64)
+      used.append(f"{layer.name}/bias")
+    if layer.quantized:
+      arrays[f"{layer.name}/kernel"] = codes_lib.pack(codes.reshape(-1, n_out),
+                                                      quantizer.code_format.bits, axis=0)
+      if scale is not None:
+        arrays[f"{layer.name}/scale"] = scale.astype(np.float32)
+    else:
+      folded = weight if scale is None else weight * scale
+      arrays[f"{layer.name}/kernel"] = folded.astype(np.float32).astype(storage)
+    arrays[f"{layer.name}/bias"] = bias.astype(np.float32)
+  leftover = [p for p in _leaf_paths(params)
+              if not any(p == u or p.startswith(u + "/") for u in used)]
+  if leftover:
+    raise PackedModelError(f"parameters {leftover[:5]} are not part of the packed {name} "
+                           "(was the model code changed?)")
+  packed = PackedModel(name, config, quantizer, layers, arrays, float_dtype,
+                       dict(metadata or {}))
+  json.dumps(packed.metadata, allow_nan=False)  # fails early if not JSON-serializable
+  packed.check()
+  return packed
+
