@@ -1,14 +1,11 @@
 """Data: offline Fashion-MNIST for tfds, resumable training batches, exact evaluation."""
 
-import ast
 import collections
 import dataclasses
-import importlib.util
 import io
 import itertools
 import json
 import os
-import pkgutil
 import sys
 
 import numpy as np
@@ -313,103 +310,7 @@ def test_unknown_and_unprepared_datasets(tmp_path):
     sjd.make_dataset("fashion_mnist", batch_size=8, train=False, data_dir=tmp_path)
 
 
-# Module structure: readers chosen by the spec, no import cycles.
-
-
-def data_modules() -> dict[str, str]:
-  """``{module name: source file}`` of ``shiftjax.data`` and every module below it."""
-  modules = {sjd.__name__: sjd.__file__}
-  for info in pkgutil.walk_packages(sjd.__path__, sjd.__name__ + "."):
-    modules[info.name] = importlib.util.find_spec(info.name).origin
-  return modules
-
-
-def imported_modules(source: str, module: str, is_package: bool, known: set[str]) -> set[str]:
-  """The modules of ``known`` that ``source`` (module ``module``) imports, at any depth.
-
-  Imports inside functions count: they close a cycle as surely as top-level ones, only
-  later. ``from P import x`` imports module ``P.x`` when there is one, else package ``P``.
-  """
-  package = module if is_package else module.rpartition(".")[0]
-  found = set()
-  for node in ast.walk(ast.parse(source)):
-    if isinstance(node, ast.Import):
-      found.update(alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom):
-      base = node.module or ""
-      if node.level:  # relative: ``from . import x``, ``from ..pipeline import y``
-        parts = package.split(".")
-        anchor = ".".join(parts[:len(parts) - node.level + 1])
-        base = f"{anchor}.{base}" if base else anchor
-      for alias in node.names:
-        name = f"{base}.{alias.name}"
-        found.add(name if name in known else base)
-  return found & known
-
-
-def import_graph() -> dict[str, set[str]]:
-  modules = data_modules()
-  graph = {}
-  for module, path in modules.items():
-    with open(path, encoding="utf-8") as f:
-      source = f.read()
-    graph[module] = imported_modules(source, module, path.endswith("__init__.py"),
-                                     set(modules))
-  return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-  """A cycle of ``graph`` as ``[a, b, ..., a]``, None when it has none (depth first)."""
-  done, path = set(), []
-
-  def visit(node):
-    if node in path:
-      return path[path.index(node):] + [node]
-    if node in done:
-      return None
-    path.append(node)
-    for successor in sorted(graph.get(node, ())):
-      cycle = visit(successor)
-      if cycle:
-        return cycle
-    path.pop()
-    done.add(node)
-    return None
-
-  for node in sorted(graph):
-    cycle = visit(node)
-    if cycle:
-      return cycle
-  return None
-
-
-def test_find_cycle_and_imported_modules():
-  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-  assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
-  assert find_cycle({"a": {"a"}}) == ["a", "a"]
-  known = {"shiftjax.data", "shiftjax.data.pipeline", "shiftjax.data.imagenet",
-           "shiftjax.data.slu", "shiftjax.data.slu.fsc"}
-  # The old circle: pipeline importing imagenet inside make_dataset.
-  source = ("import numpy\n"
-            "def make_dataset():\n"
-            "  from shiftjax.data import imagenet  # pylint: disable=g-import-not-at-top\n")
-  assert imported_modules(source, "shiftjax.data.pipeline", False, known) == {
-      "shiftjax.data.imagenet"}
-  source = ("import shiftjax.data.pipeline as p\nfrom shiftjax.data import SPECS\n"
-            "from . import fsc\nfrom ..imagenet import NAME\n")
-  assert imported_modules(source, "shiftjax.data.slu", True, known) == {
-      "shiftjax.data.pipeline", "shiftjax.data", "shiftjax.data.slu.fsc",
-      "shiftjax.data.imagenet"}
-
-
-def test_data_modules_import_no_cycle():
-  graph = import_graph()
-  # The walk saw the readers and their imports (an empty graph has no cycle either).
-  assert {"shiftjax.data.readers", "shiftjax.data.slu.synthetic"} <= set(graph)
-  assert "shiftjax.data.pipeline" in graph["shiftjax.data.imagenet"]
-  assert "shiftjax.data.imagenet" in graph["shiftjax.data.readers"]
-  cycle = find_cycle(graph)
-  assert cycle is None, f"import cycle in shiftjax.data: {' -> '.join(cycle)}"
+# Readers chosen by the spec (tests/test_layout.py checks the package has no import cycle).
 
 
 def test_every_reader_has_a_factory():

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pathlib
 import platform
@@ -26,8 +27,11 @@ import tempfile
 import warnings
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxlib
+import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -133,31 +137,37 @@ _MAX_CI = 4096  # the conv kernel's row of zeros for padding taps
 def supports_conv(x: jax.Array, kernel_or_g: jax.Array) -> bool:
   """Whether :func:`conv` (x, kernel) and :func:`conv_kernel_grad` (x, g) take these.
 
-  float32, output channels (the last axis of the second operand) a multiple of 16, one
-  device: an FFI call has no sharding rule, so under data parallelism XLA would gather the
-  whole batch on every device.
+  float32, output channels (the last axis of the second operand) a multiple of 16, at most
+  4096 input channels, native kernels available. Any number of devices: with the batch
+  sharded (data parallel), each device runs the kernels on its own images.
   """
   return (x.dtype == kernel_or_g.dtype == jnp.float32 and x.ndim == kernel_or_g.ndim == 4
           and kernel_or_g.shape[-1] % _CO_MULTIPLE == 0 and x.shape[-1] <= _MAX_CI
-          and jax.device_count() == 1 and available())
+          and available())
 
 
 def _check(x, other, what):
   if not supports_conv(x, other):
     raise ValueError(
         f"native {what} takes 4-D float32 operands with output channels a multiple of "
-        f"{_CO_MULTIPLE} (and at most {_MAX_CI} input channels) on one CPU device; got "
-        f"{x.dtype} {x.shape} and {other.dtype} {other.shape} on {jax.device_count()} "
-        f"device(s) (native kernels available: {available()})")
+        f"{_CO_MULTIPLE} (and at most {_MAX_CI} input channels) on the CPU; got "
+        f"{x.dtype} {x.shape} and {other.dtype} {other.shape} (native kernels available: "
+        f"{available()})")
 
 
-def _attrs(strides, pads) -> dict:
-  return dict(sh=int(strides[0]), sw=int(strides[1]), pt=int(pads[0][0]), pl=int(pads[1][0]))
+def _attrs(strides, pads) -> tuple:
+  """The FFI attributes as a hashable tuple (a static argument of the partitioned calls)."""
+  return (("sh", int(strides[0])), ("sw", int(strides[1])), ("pt", int(pads[0][0])),
+          ("pl", int(pads[1][0])))
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
   """NHWC/HWIO conv, x [N, H, W, Ci], kernel [kh, kw, Ci, Co], explicit ((lo, hi), (lo, hi))
-  pads (negative ones crop) -> float32 [N, Ho, Wo, Co]. Check :func:`supports_conv` first."""
+  pads (negative ones crop) -> float32 [N, Ho, Wo, Co]. Check :func:`supports_conv` first.
+
+  With x sharded on its batch axis, each device convolves its own images (kernel
+  replicated) and the output stays sharded like x.
+  """
   _check(x, kernel, "conv")
   (kh, kw), (sh, sw) = kernel.shape[:2], strides
   ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
@@ -165,9 +175,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax
   if ho < 1 or wo < 1:
     raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
                      f"pads {pads} has an empty output ({ho} x {wo})")
-  out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[-1]), jnp.float32)
-  call = jax.ffi.ffi_call("shiftjax_conv", out, vmap_method="sequential")
-  return call(x, kernel, **_attrs(strides, pads))
+  static = (_attrs(strides, pads), (ho, wo))
+  return _call(_conv_call, _conv_sharded, x, kernel, static)
 
 
 def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
@@ -176,8 +185,155 @@ def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
 
   ``pads`` are the conv's explicit ((lo, hi), (lo, hi)); the high pads follow from the
   shapes. Returns float32 [kh, kw, Ci, Co]. Check :func:`supports_conv` first.
+
+  With x and g sharded on their batch axis, each device sums over its own images and the
+  partial sums are added over the devices (one all-reduce): the result is replicated.
   """
   _check(x, g, "conv_kernel_grad")
-  out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], g.shape[-1]), jnp.float32)
-  call = jax.ffi.ffi_call("shiftjax_conv_kernel_grad", out, vmap_method="sequential")
-  return call(x, g, **_attrs(strides, pads))
+  static = (_attrs(strides, pads), tuple(int(k) for k in kernel_hw))
+  return _call(_kernel_grad_call, _kernel_grad_sharded, x, g, static)
+
+
+# ------------------------------------------------------------- the calls, and their sharding
+#
+# An FFI call has no sharding rule of its own: given a sharded batch, XLA would gather the
+# whole batch on every device and run the kernel there. ``custom_partitioning`` supplies one.
+# jax's default partitioner (Shardy) propagates shardings with the einsum-like
+# ``sharding_rule``; the SPMD partitioner then calls ``partition``, which fixes the operand
+# shardings (batch only; the partitioner reshards operands that arrive sharded otherwise)
+# and gives the per-device computation. On one device the op lowers to the plain call.
+# (Its callback key in the HLO differs per process, so a multi-device program using these
+# misses jax's persistent compilation cache.)
+
+def _result(shape, *operands) -> jax.ShapeDtypeStruct:
+  """The float32 result of a call on ``operands``. Inside ``shard_map`` it varies over every
+  manual mesh axis an operand varies over: an FFI result is otherwise typed as the same on
+  all devices, and ``jax.vjp`` there rejects its (varying) cotangent."""
+  types = [jax.typeof(a) for a in operands]
+  varying = frozenset().union(*(t.mat.varying for t in types))
+  if not varying:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+  mat = types[0].mat.update(varying=varying, unreduced=frozenset(), reduced=frozenset())
+  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=mat,
+                              sharding=NamedSharding(types[0].sharding.mesh, P()))
+
+
+def _conv_call(x, kernel, static):
+  """The FFI conv of (a shard of) the batch x."""
+  attrs, (ho, wo) = static
+  out = _result((x.shape[0], ho, wo, kernel.shape[-1]), x, kernel)
+  return jax.ffi.ffi_call("shiftjax_conv", out, vmap_method="sequential")(x, kernel, **dict(attrs))
+
+
+def _kernel_grad_call(x, g, static):
+  """The FFI kernel gradient, summed over (a shard of) the batch of x and g."""
+  attrs, kernel_hw = static
+  out = _result((*kernel_hw, x.shape[-1], g.shape[-1]), x, g)
+  return jax.ffi.ffi_call("shiftjax_conv_kernel_grad", out, vmap_method="sequential")(
+      x, g, **dict(attrs))
+
+
+def _call(plain, partitioned, a, b, static):
+  """``partitioned(a, b, static)``, or ``plain`` inside ``shard_map``.
+
+  In ``shard_map`` the manual axes are already split: the plain call runs on each device's
+  block (what the partitioned op lowers to there anyway), while the partitioner's callback
+  would see the blocks' shardings named after the manual axes and could ask to shard over
+  them (an XLA check failure, seen with a partly manual ``shard_map`` under ``with mesh``).
+  Under ``jax.vmap`` either is a loop over the mapped axis (``custom_partitioning`` has no
+  batching rule); inside the loop each call keeps its sharding rule.
+  """
+  op = plain if _manual(a) or _manual(b) else partitioned
+  return jax.custom_batching.sequential_vmap(lambda a, b: op(a, b, static))(a, b)
+
+
+def _manual(a) -> bool:
+  """Whether ``a`` is traced inside ``shard_map`` (its mesh has a manual axis)."""
+  mesh = jax.typeof(a).sharding.mesh
+  return any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
+def _batch_axes(mesh, shardings, n) -> tuple[str, ...]:
+  """The mesh axes to shard the batch (axis 0, n images) over, from the operands' shardings.
+
+  The axes that shard a batch axis first, then any that shard another axis: the partitioner
+  then moves that sharding to the batch (an all-to-all) instead of gathering the operand on
+  every device. Only the leading axes whose sizes multiply to a divisor of n: an uneven
+  shard is padded with images of undefined values, which would enter the kernel gradient.
+  """
+  specs = [tuple(s.spec) for s in shardings if isinstance(s, NamedSharding)]
+  axes = []
+  for entry in [spec[0] for spec in specs if spec] + [e for spec in specs for e in spec[1:]]:
+    for axis in (entry,) if isinstance(entry, str) else entry or ():
+      if axis not in axes:
+        axes.append(axis)
+  while axes and n % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def _on_batch(mesh, axes, sharding=None):
+  """A sharding of a 4-D array over ``axes`` on its batch axis (replicated if none)."""
+  if mesh.empty:  # the callback got unnamed (GSPMD) shardings: replicate on their devices
+    mesh = jax.sharding.Mesh(np.array(sorted(sharding.device_set, key=lambda d: d.id)), ("d",))
+  return NamedSharding(mesh, P(axes or None))
+
+
+def _conv_partition(static, mesh, arg_shapes, result_shape):
+  del result_shape
+  x, _ = arg_shapes
+  axes = _batch_axes(mesh, [x.sharding], x.shape[0])  # the kernel's says nothing of it
+  batch, replicated = _on_batch(mesh, axes, x.sharding), _on_batch(mesh, (), x.sharding)
+  lower = lambda x, kernel: _conv_call(x, kernel, static)
+  return batch.mesh, lower, batch, (batch, replicated)
+
+
+def _conv_infer(static, mesh, arg_shapes, result_shape):
+  """The output's sharding (GSPMD partitioner only; Shardy uses the sharding rule)."""
+  del static, result_shape
+  x = arg_shapes[0]
+  return _on_batch(mesh, _batch_axes(mesh, [x.sharding], x.shape[0]), x.sharding)
+
+
+def _kernel_grad_partition(static, mesh, arg_shapes, result_shape):
+  del result_shape
+  x, g = arg_shapes
+  axes = _batch_axes(mesh, [x.sharding, g.sharding], x.shape[0])
+  batch, replicated = _on_batch(mesh, axes, x.sharding), _on_batch(mesh, (), x.sharding)
+
+  def lower(x, g):  # this device's images; the sum over all images is the psum of the parts
+    dk = _kernel_grad_call(x, g, static)
+    return jax.lax.psum(dk, axes) if axes else dk
+  return batch.mesh, lower, replicated, (batch, batch)
+
+
+def _kernel_grad_infer(static, mesh, arg_shapes, result_shape):
+  del static, result_shape
+  return _on_batch(mesh, (), arg_shapes[0].sharding)
+
+
+# Factors: n the batch, the only one Shardy may propagate a sharding through (the others need
+# replication; ``partition`` then asks for operands sharded on the batch only). In the kernel
+# gradient n is summed over: a reduction, whose all-reduce ``partition`` writes itself.
+_CONV_RULE = "n h w c, i j c o -> n p q o"
+_KERNEL_GRAD_RULE = "n h w c, n p q o -> i j c o"
+
+
+def _all_but_batch(rule: str) -> tuple[str, ...]:
+  """The rule's factors other than n, in order of first appearance: Shardy rejects a rule
+  whose special factors are out of that order ("indices of special factors must be sorted"),
+  and jax passes them on as given."""
+  factors = rule.replace(",", " ").replace("->", " ").split()
+  return tuple(f for f in dict.fromkeys(factors) if f != "n")
+
+
+_conv_sharded = custom_partitioning(_conv_call, static_argnums=(2,))
+_conv_sharded.def_partition(
+    _conv_partition, infer_sharding_from_operands=_conv_infer, sharding_rule=_CONV_RULE,
+    need_replication_factors=_all_but_batch(_CONV_RULE))
+
+_kernel_grad_sharded = custom_partitioning(_kernel_grad_call, static_argnums=(2,))
+_kernel_grad_sharded.def_partition(
+    _kernel_grad_partition, infer_sharding_from_operands=_kernel_grad_infer,
+    sharding_rule=_KERNEL_GRAD_RULE, reduction_factors=("n",),
+    need_replication_factors=_all_but_batch(_KERNEL_GRAD_RULE))
