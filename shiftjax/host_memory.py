@@ -73,3 +73,17 @@ def reuse_freed_memory() -> bool:
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _MAX_TRIM_THRESHOLD))
   applied = [libc.mallopt(param, value) == 1 for param, value in settings]
   return all(applied)
+
+
+def peak_resident_bytes() -> int:
+  """The most resident memory this process has held so far, in bytes (``getrusage``).
+
+  Linux reports ``ru_maxrss`` in KiB, macOS in bytes; 0 where there is no ``resource``
+  module (Windows).
+  """
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  # Unix only
+  except ImportError:
+    return 0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(peak if platform.system() == "Darwin" else peak * 1024)

@@ -31,6 +31,7 @@ from shiftjax import codes as codes_lib
 from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
 from shiftjax import export as export_lib
+from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
 from shiftjax import models
@@ -519,6 +520,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.close()
   manager.close()
   summary["wall_seconds"] = time.time() - start_time
+  # This invocation's peak: start-up, data preparation, compilation, training, export.
+  summary["peak_rss_bytes"] = host_memory.peak_resident_bytes()
   # Evaluating a finished run again keeps the wall time of the invocation that trained it.
   previous = read_summary(workdir) if start_step >= total_steps else None
   summary["training_wall_seconds"] = (
@@ -647,6 +650,7 @@ def format_summary(summary: dict, workdir: str) -> str:
       f"({summary['test_examples']} test examples)",
       f"steps            {summary['steps']}",
       f"wall time        {summary['wall_seconds']:.0f} s",
+      f"peak memory      {summary['peak_rss_bytes'] / 2**30:.2f} GiB resident",
       f"weights float32  {summary['float32_weight_bytes'] / 1024:.1f} KiB",
       f"weights packed   {summary['packed_weight_bytes'] / 1024:.1f} KiB "
       f"({summary['float32_weight_bytes'] / summary['packed_weight_bytes']:.1f}x smaller)",

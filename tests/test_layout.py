@@ -211,7 +211,7 @@ def _packed_models():
       (models.ImageNetResNet(stage_sizes=(1, 1), block="basic", num_classes=7,
                              quantizer=sj.S3(bits=3)), (2, 32, 32, 3)),
       (models.speech_resnet(num_classes=5, quantizer=sj.DenseShift(bits=2),
-                            width_multiplier=0.25), (2, 24, 16, 1)),
+                            stage_sizes=(1, 1), widths=(16, 32)), (2, 24, 16, 1)),
   ]
   for model, shape in cases:
     images = rng.standard_normal(shape).astype(np.float32)

@@ -78,7 +78,13 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(tmp_path, quantizer
     assert a == b
 
 
+def _proc_status_bytes(field: str) -> int:
+  with open("/proc/self/status") as f:
+    return int(dict(line.split(":", 1) for line in f)[field].split()[0]) * 1024
+
+
 def test_outputs_of_a_run(tmp_path):
+  resident_before = _proc_status_bytes("VmRSS")
   with mocked():
     summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
   on_disk = json.load(open(tmp_path / "summary.json"))
@@ -87,6 +93,10 @@ def test_outputs_of_a_run(tmp_path):
     assert key in on_disk
   assert on_disk["test_examples"] == 64 and on_disk["steps"] == 6
   assert summary["packed_weight_bytes"] < summary["float32_weight_bytes"]
+  # The process's peak resident memory: at least what it held before the run (jax alone
+  # is more than 50 MB), at most the peak the kernel reports for it now.
+  assert summary["peak_rss_bytes"] >= resident_before > 50 << 20
+  assert on_disk["peak_rss_bytes"] <= _proc_status_bytes("VmHWM")
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   logged = [r for r in records if "train_loss" in r]
   assert [r["step"] for r in logged] == [2, 4, 6]
