@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 import shiftjax as sj
-from shiftjax.kernels.training import conv as sc
 from shiftjax import models
+from shiftjax.kernels.training import conv as sc
 from shiftjax.kernels.training import native
 
 DN = ("NHWC", "HWIO", "NHWC")

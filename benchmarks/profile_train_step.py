@@ -27,8 +27,8 @@ import time
 import jax
 
 import shiftjax as sj
-from shiftjax.kernels.training import conv
 from shiftjax import host_memory
+from shiftjax.kernels.training import conv
 
 import train_step  # benchmarks/ is on sys.path when this file runs as a script
 

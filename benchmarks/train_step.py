@@ -49,10 +49,10 @@ import ml_collections
 import numpy as np
 
 import shiftjax as sj
-from shiftjax.kernels.training import conv
 from shiftjax import host_memory
 from shiftjax import models
 from shiftjax import train
+from shiftjax.kernels.training import conv
 from shiftjax.kernels.training import native
 
 BATCH_SHAPE = (32, 32, 3)

@@ -5,10 +5,11 @@
 //
 // Both read x in place: taps that fall in the padding are skipped (kernel gradient) or read
 // from a zero row (conv), never materialized. XLA:CPU computes the kernel gradient as a
-// convolution with batch and feature swapped (transposes of x and g); shiftjax.conv's XLA
-// path as matrix products of gathered taps (copies). Each kernel is a register tile of
-// accumulators, R rows by C vectors of co, updated with one vector load and R broadcasts
-// per step. Built by shiftjax.kernels.native for the machine it runs on (-march=native):
+// convolution with batch and feature swapped (transposes of x and g);
+// shiftjax.kernels.training.conv's XLA path as matrix products of gathered taps (copies).
+// Each kernel is a register tile of accumulators, R rows by C vectors of co, updated with
+// one vector load and R broadcasts per step. Built by shiftjax.kernels.training.native for
+// the machine it runs on (-march=native):
 // float32, co a multiple of 16 (the widest vector).
 #include <algorithm>
 #include <array>
