@@ -118,15 +118,15 @@ print("ok")
 """
 
 
-def _run_sharded(path):
+def _run_sharded(script, path, *args):
+  """Runs ``script`` on 4 CPU devices with argv ``path, *args`` -> the .npz it saved there."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep +
              os.environ.get("PYTHONPATH", ""))
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={DEVICES}"])
-  proc = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path), json.dumps(CASES), json.dumps(X_SHAPE),
-       json.dumps(K_SHAPE)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", script, str(path), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
   if proc.stdout.startswith("SKIP"):
     pytest.skip(proc.stdout.strip())
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
@@ -135,7 +135,8 @@ def _run_sharded(path):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-  return _run_sharded(tmp_path_factory.mktemp("sharded") / "out.npz")
+  return _run_sharded(SCRIPT, tmp_path_factory.mktemp("sharded") / "out.npz",
+                      json.dumps(CASES), json.dumps(X_SHAPE), json.dumps(K_SHAPE))
 
 
 needs_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -180,3 +181,86 @@ def test_vmap_over_sharded_batches(sharded):
   one = lambda x: native.conv_kernel_grad(jnp.asarray(x), jnp.asarray(r), (3, 3), (1, 1),
                                           ((1, 1), (1, 1)))
   _close(sharded["vmap/dk"], np.stack([one(x), one(-2 * x)]))
+
+
+# A training step of a shift network, data parallel: ResNet-8 (16/32/64 channels, so every
+# conv can take the native kernels; fast_grad=None is on for the CPU) with 3-bit DenseShift
+# weights, the gradient of the cross-entropy of a batch of 8 images. BatchNorm trains on the
+# batch statistics; in a global-view jit those are over the whole batch on any mesh, so the
+# sharded step computes the 1-device step, only with other orders of summation.
+MODEL_COMMON = r"""
+import jax, jax.numpy as jnp, numpy as np
+import shiftjax
+
+def model_data(seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((8, 16, 16, 3)).astype(np.float32)
+  return x, np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
+
+def model_step():  # (init, value_and_grad of the loss in the params), both jitted
+  model = shiftjax.models.resnet8(num_classes=10, quantizer=shiftjax.DenseShift(bits=3))
+  init = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))
+  def loss(params, batch_stats, x, labels):
+    logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                            mutable=["batch_stats"])
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+  return init, jax.jit(jax.value_and_grad(loss))
+
+def flat(loss, grads):  # {"loss": loss, "<path of each gradient leaf>": leaf}, numpy
+  leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+  return {"loss": np.asarray(loss),
+          **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}}
+"""
+
+# Runs in the 4-device subprocess: argv = output .npz path.
+MODEL_SCRIPT = MODEL_COMMON + r"""
+import re, sys
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from shiftjax.kernels.training import native
+
+if not native.available():
+  print("SKIP native kernels not available (no C++ compiler?)")
+  sys.exit(0)
+assert jax.device_count() == 4
+mesh = Mesh(np.array(jax.devices()), ("batch",))
+on = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+x, labels = model_data()
+init, step = model_step()
+variables = init(x)
+args = on(variables["params"]), on(variables["batch_stats"]), on(x, "batch"), on(labels, "batch")
+hlo = step.lower(*args).compile().as_text()
+calls = re.findall(r'f32\[(\d+),[\d,]+\]\{[\d,]+\} custom-call\([^)]*\), '
+                   r'custom_call_target="(shiftjax_conv(?:_kernel_grad)?)"', hlo)
+# every conv's kernel gradient on the native kernel (9 convs: stem, 3 blocks x 2, 2 shortcuts)
+assert sum(t == "shiftjax_conv_kernel_grad" for _, t in calls) == 9, calls
+# the forward convs and input gradients natively, each on its device's 2 images; nothing
+# gathers an activation (or anything else) across devices
+convs = [n for n, t in calls if t == "shiftjax_conv"]
+assert len(convs) >= 9 and set(convs) == {"2"}, convs
+assert not re.search(r"all-gather|all-to-all", hlo)
+loss, grads = step(*args)
+np.savez(sys.argv[1], **flat(loss, grads))
+print("ok")
+"""
+
+
+@needs_cpu
+def test_resnet_training_gradient_data_parallel_equals_one_device(tmp_path):
+  sharded = _run_sharded(MODEL_SCRIPT, tmp_path / "resnet.npz")
+  common = {}
+  exec(MODEL_COMMON, common)  # pylint: disable=exec-used
+  x, labels = common["model_data"]()
+  with jax.default_device(jax.devices()[0]):
+    init, step = common["model_step"]()
+    variables = init(x)
+    args = variables["params"], variables["batch_stats"], x, labels
+    assert "shiftjax_conv_kernel_grad" in step.lower(*args).compile().as_text()
+    want = common["flat"](*step(*args))
+  assert sharded.keys() == want.keys()
+  np.testing.assert_allclose(sharded.pop("loss"), want.pop("loss"), rtol=1e-5)
+  # Per-device partial sums (kernel gradients, BatchNorm statistics, the batch mean of the
+  # loss) reorder float sums: seen up to ~1.5e-6 * max|leaf|. A missing psum of the kernel
+  # gradient (one device's share, about a quarter of it) is off by O(max|leaf|).
+  for key, w in want.items():
+    np.testing.assert_allclose(sharded[key], w, rtol=1e-4, atol=1e-5 * np.abs(w).max(),
+                               err_msg=key)
