@@ -8,12 +8,24 @@ a zero (S3, DeepShift-PS) give up the largest negative magnitude: the all-ones c
 
 Decoding assembles the float's bit pattern (sign bit, biased exponent field, zero
 mantissa) and bitcasts it: no lookup table and no multiply, exactly what a kernel does.
+
+Codes are stored packed in uint32 words, in one of two layouts:
+
+* "words" (:func:`pack` / :func:`unpack`, the kernel layout): ``floor(32/N)`` whole
+  codes per word along one axis, code j at bits ``[j*N, (j+1)*N)``. A code is one shift
+  and one mask away, but widths that do not divide 32 leave bits unused: 3.2 bits per
+  weight at N = 3, 5.33 at N = 5 (:func:`bits_per_weight`).
+* "bitplanes" (:func:`pack_bitplanes` / :func:`unpack_bitplanes`): the flattened codes
+  in blocks of 32, one word per bit of the code, so N words hold bit j of 32 codes and
+  a tensor whose size is a multiple of 32 takes exactly N bits per code, for every
+  width. Decoding one code reads N words (N shifts and masks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -308,6 +320,130 @@ def _unpack_checked(xp, words, bits: int, n: int, axis: int):
 
 
 _unpack_jit = jax.jit(functools.partial(_unpack_checked, jnp), static_argnums=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------------
+# Bit planes: exactly N bits per code, 32 codes per group of N words.
+
+
+def _check_count(n, what: str = "n") -> int:
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"{what} must be a non-negative integer number of codes, got {n!r}")
+  return int(n)
+
+
+def bitplane_words(n: int, bits: int) -> int:
+  """Number of uint32 words that hold ``n`` codes as bit planes: ``ceil(n / 32) * bits``."""
+  bits = _check_bits(bits)
+  return -(-_check_count(n) // WORD_BITS) * bits
+
+
+def _lane_shifts() -> np.ndarray:
+  """Bit i of a plane word belongs to code i of its block of 32."""
+  return np.arange(WORD_BITS, dtype=np.uint32)
+
+
+def pack_bitplanes(codes, bits: int):
+  """Packs N-bit codes as bit planes: exactly N bits per code.
+
+  ``codes`` is flattened in C order and cut into blocks of 32 (the last one
+  zero-padded); ``words[b, j]`` holds bit j of the 32 codes of block b, bit i of the
+  word being bit j of flat code ``32*b + i``.
+
+  Args:
+    codes: integer array of codes in ``0 .. 2**bits - 1``, any shape (a scalar is one
+      code; an empty array gives ``[0, bits]`` words). Values are checked when the
+      array is concrete; under ``jit`` they cannot be, and bits above ``bits`` are
+      dropped.
+    bits: code width, 1..8 (static).
+  Returns:
+    uint32 array of shape ``[ceil(codes.size / 32), bits]``: numpy for numpy (or list)
+    input, computed on the host without compiling anything, else a jax array.
+  """
+  bits = _check_bits(bits)
+  if not hasattr(codes, "dtype"):
+    codes = np.asarray(codes)
+  if not jnp.issubdtype(codes.dtype, jnp.integer):
+    raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
+  if _is_concrete(codes) and codes.size:
+    values = np.asarray(codes)
+    lo, hi = values.min(), values.max()
+    if lo < 0 or hi >= 1 << bits:
+      raise ValueError(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, got values in "
+                       f"{lo}..{hi}")
+  if isinstance(codes, (np.ndarray, np.generic)):
+    return _pack_bitplanes_checked(np, np.asarray(codes), bits)
+  return _pack_bitplanes_jit(codes, bits)
+
+
+def _pack_bitplanes_checked(xp, codes, bits: int):
+  n = codes.size
+  blocks = -(-n // WORD_BITS)
+  c = codes.reshape(-1).astype(np.uint32)
+  c = xp.pad(c, (0, blocks * WORD_BITS - n)).reshape(blocks, WORD_BITS)
+  lanes = _lane_shifts()
+  # One plane at a time (at most 8), so numpy holds one [blocks, 32] temporary, not N.
+  # The lanes are disjoint bits, so a sum is their OR.
+  planes = [xp.sum(((c >> np.uint32(j)) & np.uint32(1)) << lanes, axis=-1, dtype=np.uint32)
+            for j in range(bits)]
+  return xp.stack(planes, axis=-1).reshape(blocks, bits)
+
+
+_pack_bitplanes_jit = jax.jit(functools.partial(_pack_bitplanes_checked, jnp),
+                              static_argnums=(1,))
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+  if (not isinstance(shape, (tuple, list))
+      or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                 for d in shape)):
+    raise ValueError(f"shape must be a tuple of non-negative integers, got {shape!r}")
+  return tuple(int(d) for d in shape)
+
+
+def unpack_bitplanes(words, bits: int, shape):
+  """Inverse of :func:`pack_bitplanes`: uint32 bit planes -> codes of ``shape``.
+
+  Jit-friendly and vectorized (each plane shifted by ``arange(32)``): the XLA decode
+  path of the bit-plane layout, words -> codes here, then :func:`decode`.
+
+  Args:
+    words: uint32 array of shape exactly ``[ceil(n / 32), bits]``, n = ``prod(shape)``.
+    bits: code width, 1..8 (static).
+    shape: shape of the codes, a tuple of non-negative integers (static; ``()`` is one
+      code).
+  Returns:
+    uint8 array of ``shape``: numpy for numpy (or list) input, computed on the host
+    without compiling anything, else a jax array.
+  """
+  bits = _check_bits(bits)
+  shape = _check_shape(shape)
+  if not hasattr(words, "dtype"):
+    words = np.asarray(words, dtype=np.uint32)
+  if words.dtype != np.uint32:
+    raise ValueError(f"packed words must be uint32, got dtype {words.dtype}")
+  n = math.prod(shape)
+  expected = (-(-n // WORD_BITS), bits)
+  if tuple(words.shape) != expected:
+    raise ValueError(
+        f"{n} codes (shape {shape}) of {bits} bits take bit-plane words of shape "
+        f"{expected} (one word per bit per 32 codes), but words has shape "
+        f"{tuple(words.shape)}")
+  if isinstance(words, (np.ndarray, np.generic)):
+    return _unpack_bitplanes_checked(np, words, bits, shape)
+  return _unpack_bitplanes_jit(words, bits, shape)
+
+
+def _unpack_bitplanes_checked(xp, words, bits: int, shape: tuple[int, ...]):
+  lanes = _lane_shifts()
+  c = xp.zeros((words.shape[0], WORD_BITS), np.uint32)
+  for j in range(bits):  # bit j of all 32 codes of each block, from plane j
+    c = c | (((words[:, j:j + 1] >> lanes) & np.uint32(1)) << np.uint32(j))
+  return c.reshape(-1)[:math.prod(shape)].astype(np.uint8).reshape(shape)
+
+
+_unpack_bitplanes_jit = jax.jit(functools.partial(_unpack_bitplanes_checked, jnp),
+                                static_argnums=(1, 2))
 
 
 # ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of shiftjax.codes: decode bit layout, pack/unpack, shift_multiply."""
 
 import math
+import re
 
 import hypothesis
 from hypothesis import strategies as st
@@ -270,6 +271,179 @@ def test_shape_errors_raise_while_tracing():
   # Raised at trace time, before anything is compiled.
   with pytest.raises(ValueError, match="take 2 words"):
     jax.jit(sc.unpack, static_argnums=(1, 2))(jnp.zeros(3, jnp.uint32), 4, 9)
+
+
+# ------------------------------------------------------------------------------------
+# pack_bitplanes / unpack_bitplanes
+
+
+def _reference_bitplanes(codes, bits):
+  """One bit at a time, in Python: words[b, j] bit i = bit j of flat code 32b + i."""
+  flat = [int(c) for c in np.asarray(codes).reshape(-1)]
+  words = np.zeros((math.ceil(len(flat) / 32), bits), np.uint32)
+  for k, c in enumerate(flat):
+    for j in range(bits):
+      words[k // 32, j] |= np.uint32(((c >> j) & 1) << (k % 32))
+  return words
+
+
+def test_bitplane_layout_by_hand():
+  # Codes 0..7 four times: bit 0 alternates (0b1010...), bit 1 goes in pairs, bit 2 in
+  # fours, lane i (code i) at bit i of each word.
+  codes = np.arange(32, dtype=np.uint8) % 8
+  words = sc.pack_bitplanes(codes, 3)
+  assert isinstance(words, np.ndarray) and words.dtype == np.uint32
+  assert words.shape == (1, 3)
+  assert [int(w) for w in words[0]] == [0xAAAAAAAA, 0xCCCCCCCC, 0xF0F0F0F0]
+  # A 33rd code starts a second, zero-padded block: code 5 = 0b101 in lane 0.
+  words = sc.pack_bitplanes(np.append(codes, 5), 3)
+  assert [int(w) for w in words[1]] == [1, 0, 1]
+  np.testing.assert_array_equal(sc.unpack_bitplanes(words, 3, (33,)), np.append(codes, 5))
+  # Flattened in C order: row 1 of a [2, 16] array fills lanes 16..31.
+  words = sc.pack_bitplanes(np.stack([np.zeros(16, np.uint8), np.ones(16, np.uint8)]), 1)
+  assert [int(w) for w in words[0]] == [0xFFFF0000]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitplanes_match_reference_at_edge_lengths(bits):
+  rng = np.random.default_rng(bits)
+  for n in (0, 1, 31, 32, 33, 64, 100):
+    codes = rng.integers(0, 1 << bits, size=n).astype(np.uint8)
+    words = sc.pack_bitplanes(codes, bits)
+    assert isinstance(words, np.ndarray)
+    assert words.shape == (math.ceil(n / 32), bits) and words.dtype == np.uint32
+    assert words.size == sc.bitplane_words(n, bits)
+    np.testing.assert_array_equal(words, _reference_bitplanes(codes, bits))
+    back = sc.unpack_bitplanes(words, bits, (n,))
+    assert isinstance(back, np.ndarray) and back.dtype == np.uint8
+    np.testing.assert_array_equal(back, codes)
+
+
+@st.composite
+def _bitplane_cases(draw):
+  bits = draw(st.integers(1, 8))
+  ndim = draw(st.integers(0, 3))
+  shape = tuple(draw(st.one_of(st.sampled_from([0, 1, 31, 32, 33]), st.integers(1, 9)))
+                for _ in range(ndim))
+  seed = draw(st.integers(0, 2**31 - 1))
+  codes = np.random.default_rng(seed).integers(0, 1 << bits, size=shape)
+  dtype = draw(st.sampled_from([np.uint8, np.int32, np.int64]))
+  return bits, codes.astype(dtype)
+
+
+@hypothesis.settings(**HYPOTHESIS)
+@hypothesis.given(_bitplane_cases())
+def test_bitplanes_round_trip(case):
+  bits, codes = case
+  n = codes.size
+  words = sc.pack_bitplanes(codes, bits)
+  assert words.shape == (math.ceil(n / 32), bits) and words.dtype == np.uint32
+  # Exactly N bits per code, up to the padding of the last block of 32.
+  assert words.size * 32 == bits * 32 * math.ceil(n / 32) == 32 * sc.bitplane_words(n, bits)
+  if n % 32:  # padding lanes stay zero
+    assert not np.any(words[-1] >> (n % 32))
+  back = sc.unpack_bitplanes(words, bits, codes.shape)
+  assert back.shape == codes.shape and back.dtype == np.uint8
+  np.testing.assert_array_equal(back, codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitplanes_jax_matches_numpy_under_jit(bits):
+  shape = (37, 5)  # 185 codes: 5 full blocks and a padded one
+  codes = np.random.default_rng(bits).integers(0, 1 << bits, shape).astype(np.int32)
+  want = sc.pack_bitplanes(codes, bits)
+  eager = sc.pack_bitplanes(jnp.asarray(codes), bits)
+  assert isinstance(eager, jax.Array)
+  np.testing.assert_array_equal(eager, want)
+  pack = jax.jit(sc.pack_bitplanes, static_argnums=1)
+  unpack = jax.jit(sc.unpack_bitplanes, static_argnums=(1, 2))
+  words = pack(jnp.asarray(codes), bits)
+  np.testing.assert_array_equal(words, want)
+  back = unpack(words, bits, shape)
+  assert isinstance(back, jax.Array) and back.dtype == jnp.uint8
+  np.testing.assert_array_equal(back, codes)
+  eager_back = sc.unpack_bitplanes(jnp.asarray(want), bits, shape)
+  assert isinstance(eager_back, jax.Array)
+  np.testing.assert_array_equal(eager_back, codes)
+
+
+def test_bitplanes_under_jit_drop_high_bits():
+  # Values cannot be checked while tracing; bits above `bits` must not leak into planes.
+  codes = jnp.array([0b1101, 0b0110, -1], jnp.int32)
+  words = jax.jit(sc.pack_bitplanes, static_argnums=1)(codes, 2)
+  np.testing.assert_array_equal(words, sc.pack_bitplanes(np.array([0b01, 0b10, 0b11]), 2))
+
+
+def test_bitplanes_decode_to_the_same_weights_as_words():
+  fmt = sc.CodeFormat(3, e0=-4, has_zero=False)
+  codes = np.random.default_rng(0).integers(0, 8, (576, 64)).astype(np.uint8)
+  planes, words = sc.pack_bitplanes(codes, 3), sc.pack(codes, 3)
+  assert planes.nbytes * 8 == 3 * codes.size < words.nbytes * 8
+  from_planes = jax.jit(lambda w: sc.decode(sc.unpack_bitplanes(w, 3, (576, 64)), fmt))
+  from_words = jax.jit(lambda w: sc.decode(sc.unpack(w, 3, 576), fmt))
+  np.testing.assert_array_equal(from_planes(jnp.asarray(planes)), from_words(jnp.asarray(words)))
+
+
+def test_bitplane_words():
+  assert sc.bitplane_words(0, 3) == 0
+  assert sc.bitplane_words(1, 3) == 3
+  assert sc.bitplane_words(32, 5) == 5
+  assert sc.bitplane_words(33, 5) == 10
+  assert sc.bitplane_words(4096 * 4096, 3) * 32 == 3 * 4096 * 4096
+  with pytest.raises(ValueError, match="-1"):
+    sc.bitplane_words(-1, 3)
+  with pytest.raises(ValueError, match="code bits.*got 9"):
+    sc.bitplane_words(32, 9)
+
+
+@pytest.mark.parametrize("bad_bits", [0, 9, -1, 2.0, True, "4"])
+def test_bitplanes_bad_bits_raise(bad_bits):
+  pattern = "code bits must be an integer in 1..8, got " + re.escape(repr(bad_bits))
+  with pytest.raises(ValueError, match=pattern):
+    sc.pack_bitplanes(np.zeros(4, np.uint8), bad_bits)
+  with pytest.raises(ValueError, match=pattern):
+    sc.unpack_bitplanes(np.zeros((1, 4), np.uint32), bad_bits, (4,))
+  with pytest.raises(ValueError, match=pattern):
+    sc.bitplane_words(4, bad_bits)
+
+
+@pytest.mark.parametrize("codes, bits, match", [
+    (np.array([0, 4]), 2, r"0\.\.3, got values in 0\.\.4"),
+    (np.array([-1, 2]), 3, r"0\.\.7, got values in -1\.\.2"),
+    (np.array([[256]]), 8, r"0\.\.255, got values in 256\.\.256"),
+    (jnp.array([[1, 16]]), 4, r"0\.\.15"),
+    (np.array(2), 1, r"0\.\.1, got values in 2\.\.2"),
+    (np.array([0.0, 1.0]), 4, "integer array, got dtype float64"),
+    (np.array([True, False]), 1, "integer array, got dtype bool"),
+])
+def test_pack_bitplanes_bad_inputs_raise(codes, bits, match):
+  with pytest.raises(ValueError, match=match):
+    sc.pack_bitplanes(codes, bits)
+
+
+@pytest.mark.parametrize("words, bits, shape, match", [
+    (np.zeros((1, 3), np.int32), 3, (32,), "uint32, got dtype int32"),
+    (np.zeros((1, 3), np.uint8), 3, (32,), "uint32, got dtype uint8"),
+    (np.zeros((1, 3), np.float32), 3, (32,), "uint32, got dtype float32"),
+    (np.zeros((1, 3), np.uint32), 3, (33,), r"shape \(2, 3\).*has shape \(1, 3\)"),
+    (np.zeros((2, 3), np.uint32), 3, (4, 8), r"shape \(1, 3\).*has shape \(2, 3\)"),
+    (np.zeros((1, 4), np.uint32), 3, (32,), r"shape \(1, 3\).*has shape \(1, 4\)"),
+    (np.zeros((3, 1), np.uint32), 3, (32,), r"shape \(1, 3\).*has shape \(3, 1\)"),
+    (np.zeros(3, np.uint32), 3, (32,), r"shape \(1, 3\).*has shape \(3,\)"),
+    (np.zeros((1, 1, 3), np.uint32), 3, (32,), r"has shape \(1, 1, 3\)"),
+    (np.zeros((1, 3), np.uint32), 3, (0,), r"shape \(0, 3\)"),
+    (np.zeros((1, 3), np.uint32), 3, 32, "tuple of non-negative integers, got 32"),
+    (np.zeros((1, 3), np.uint32), 3, (-1, 2), r"non-negative integers, got \(-1, 2\)"),
+    (np.zeros((1, 3), np.uint32), 3, (32.0,), r"non-negative integers, got \(32\.0,\)"),
+])
+def test_unpack_bitplanes_bad_inputs_raise(words, bits, shape, match):
+  with pytest.raises(ValueError, match=match):
+    sc.unpack_bitplanes(words, bits, shape)
+
+
+def test_bitplane_shape_errors_raise_while_tracing():
+  with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
+    jax.jit(sc.unpack_bitplanes, static_argnums=(1, 2))(jnp.zeros((1, 4), jnp.uint32), 4, (40,))
 
 
 # ------------------------------------------------------------------------------------
