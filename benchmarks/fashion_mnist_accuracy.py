@@ -1,12 +1,14 @@
-"""Float vs S3 3-bit vs DenseShift 3-bit on Fashion-MNIST, same model and budget.
+"""Float vs S3 3-bit vs DenseShift 2/3/4-bit on Fashion-MNIST, same model and budget.
 
-Trains the main job's model (``experiments/configs/fashion_mnist.py``) three times,
-changing only the quantizer, and prints the full-test-set accuracies side by side:
+Trains the main job's model (``experiments/configs/fashion_mnist.py``) once per method
+and seed, changing only the quantizer (and the seed), and prints the full-test-set
+accuracies: each seed's, their mean and standard deviation, and the gap to float with
+its standard error:
 
-    python benchmarks/fashion_mnist_accuracy.py [--workdir=/tmp/fmnist_bench] [--config.num_epochs=4]
+    python benchmarks/fashion_mnist_accuracy.py [--seeds=3] [--methods=float,"DenseShift 3-bit"] [--workdir=/tmp/fmnist_bench] [--config.num_epochs=4]
 
 Runs one after the other (never two trainings at once on a small machine); each run
-resumes from its own workdir if interrupted. Extra ``--config.*`` flags apply to all three.
+resumes from its own workdir if interrupted. Extra ``--config.*`` flags apply to all.
 """
 
 import os
@@ -22,28 +24,37 @@ import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),
-                    "Parent directory; one subdirectory per method.")
+                    "Parent directory; one subdirectory per method and seed.")
+flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
+flags.DEFINE_list("methods", None, "A subset of the methods (default: all).")
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "fashion_mnist.py"), "Base config (the main job's).")
 
 METHODS = {"float": {"quantizer": "float"},
            "S3 3-bit": {"quantizer": "S3", "bits": 3},
-           "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3}}
+           "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
+           "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
+           "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
 
 
 def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
+  names = FLAGS.methods or list(METHODS)
+  unknown = [n for n in names if n not in METHODS]
+  if unknown:
+    raise app.UsageError(f"unknown methods {unknown}; known: {list(METHODS)}")
+  if "float" not in names:
+    names = ["float", *names]  # the reference every gap is measured against
   base = FLAGS.config
-  summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir)
+  summaries = method_comparison.train_each(base, {n: METHODS[n] for n in names},
+                                           FLAGS.workdir, range(FLAGS.seeds))
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
-        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")
-  print(f"{'method':<18} {'test accuracy':>13} {'steps':>6} {'wall s':>7}")
-  for name, s in summaries.items():
-    print(f"{name:<18} {s['test_accuracy']:>13.4f} {s['steps']:>6d} "
-          f"{s['training_wall_seconds']:>7.0f}")
+        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
+        f"seeds 0..{FLAGS.seeds - 1}")
+  method_comparison.print_table(summaries, "float")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Shared by the accuracy benchmarks: one training per method over the same base config."""
+"""Shared by the accuracy benchmarks: each method trained over the same base config and
+several seeds, and the statistics of the test accuracies."""
 
+import math
 import os
-from typing import Any, Mapping
+import statistics
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -9,19 +12,57 @@ from shiftjax import train
 
 
 def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[str, Any]],
-               parent_workdir: str) -> dict[str, dict]:
-  """{method name: summary} of ``base`` trained once per method's overrides.
+               parent_workdir: str, seeds: Sequence[int] = (0,)) -> dict[str, list[dict]]:
+  """{method name: [summary of each seed]} of ``base`` trained once per method and seed.
 
   Runs one after the other (never two trainings at once on a small machine), each in
-  ``<parent_workdir>/<first word of the name, lower case>`` so that an interrupted
-  benchmark resumes; nothing is exported.
+  ``<parent_workdir>/<first word of the name, lower case>[_seed<s>]`` (seed 0 keeps the
+  directory of the one-seed benchmark) so that an interrupted benchmark resumes; nothing
+  is exported.
   """
-  summaries = {}
-  for name, overrides in methods.items():
-    config = base.copy_and_resolve_references()
-    config.unlock()
-    config.update(overrides)
-    config.export_packed = False
-    workdir = os.path.join(parent_workdir, name.split()[0].lower())
-    summaries[name] = train.train_and_evaluate(config, workdir)
+  summaries = {name: [] for name in methods}
+  for seed in seeds:
+    for name, overrides in methods.items():
+      config = base.copy_and_resolve_references()
+      config.unlock()
+      config.update(overrides)
+      config.seed = int(seed)
+      config.export_packed = False
+      directory = name.split()[0].lower() + (f"_seed{seed}" if seed else "")
+      summaries[name].append(train.train_and_evaluate(config, os.path.join(parent_workdir,
+                                                                           directory)))
   return summaries
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def gap_to(reference: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
+  """Mean of ``values`` minus mean of ``reference``, and its standard error
+  ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (the seeds of the two are independent runs)."""
+  (m_ref, s_ref), (m, s) = mean_and_std(reference), mean_and_std(values)
+  return m - m_ref, math.sqrt(s_ref ** 2 / len(reference) + s ** 2 / len(values))
+
+
+def print_table(summaries: Mapping[str, list[dict]], reference: str,
+                extra: Mapping[str, Callable[[dict], float]] = None) -> None:
+  """Per method: each seed's test accuracy, mean +- std, the gap to ``reference`` +- its
+  standard error, steps and mean training wall time; ``extra`` adds columns
+  (``{header: function of the first seed's summary}``)."""
+  extra = dict(extra or {})
+  seeds = len(next(iter(summaries.values())))
+  ref = [s["test_accuracy"] for s in summaries[reference]]
+  print(f"{'method':<18} {'accuracy per seed':>{8 * seeds}} {'mean':>7} {'std':>7} "
+        f"{'gap to ' + reference:>16} {'steps':>6} {'wall s':>7}"
+        + "".join(f" {h:>10}" for h in extra))
+  for name, runs in summaries.items():
+    acc = [s["test_accuracy"] for s in runs]
+    mean, std = mean_and_std(acc)
+    gap, se = gap_to(ref, acc)
+    wall = statistics.fmean(s["training_wall_seconds"] for s in runs)
+    print(f"{name:<18} {''.join(f'{a:8.4f}' for a in acc):>{8 * seeds}} {mean:7.4f} "
+          f"{std:7.4f} {100 * gap:+9.2f} +- {100 * se:4.2f} {runs[0]['steps']:6d} "
+          f"{wall:7.0f}" + "".join(f" {fn(runs[0]):>10.1f}" for fn in extra.values()))
+  print("gap in points (x100), +- its standard error over seeds")

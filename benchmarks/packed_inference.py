@@ -9,13 +9,16 @@ jitted call with its weights as arguments (nothing decoded ahead of time is cach
             (``CifarResNet(quantizer=None)``: conv, unfolded BatchNorm, relu)
   folded    the packed forward pass with float32 kernels and BatchNorm folded
             (``export`` of that float model): the gain of folding alone
-  packed    ``packed_apply``: N-bit codes in uint32 words, unpacked and decoded inside
-            every call (``shiftjax.kernels.pow2_conv``'s XLA path on CPU), BN folded
+  words     ``packed_apply``: N-bit codes in uint32 words of floor(32/N) codes, unpacked
+            and decoded inside every call (``shiftjax.kernels.pow2_conv``'s XLA path on
+            CPU), BN folded
+  planes    ``packed_apply`` of the bit-plane layout (exactly N bits per weight, the
+            export default): decoded inside every call, then ``lax.conv``, BN folded
 
 Batch 1 and 128; the variants run interleaved, in a rotating order, so that load from
 other processes hits all alike; medians (and 10th/90th percentiles) and the median's
 ratio to float are printed.
-The goal: packed <= 1.1x float while the weights stay packed.
+The goal: packed (either layout) <= 1.0x float while the weights stay packed.
 """
 
 from __future__ import annotations
@@ -65,36 +68,39 @@ def main():
   variables["batch_stats"] = jax.tree.map(
       lambda x: np.asarray(rng.uniform(0.5, 2.0, x.shape), np.float32), variables["batch_stats"])
   float_vars = float_twin(variables, quantizer)
-  packed = ex.export(variables, model)
+  packed = {layout: ex.export(variables, model, code_layout=layout)
+            for layout in sj.deploy.CODE_LAYOUTS}
   folded = ex.export(float_vars, float_model)
 
   float_fn = jax.jit(functools.partial(float_model.apply, train=False))
   variants = {
       "float": lambda x: float_fn(float_vars, x),
       "folded": lambda x: ex.packed_apply(folded, x),
-      "packed": lambda x: ex.packed_apply(packed, x),
+      "words": lambda x: ex.packed_apply(packed["words"], x),
+      "planes": lambda x: ex.packed_apply(packed["bitplanes"], x),
   }
   float_vars = jax.device_put(float_vars)
   weight_bytes = {
       "float": sum(np.asarray(a).nbytes for a in jax.tree.leaves(float_vars)),
       "folded": sum(a.nbytes for a in folded.arrays.values()),
-      "packed": sum(a.nbytes for a in packed.arrays.values()),
+      "words": sum(a.nbytes for a in packed["words"].arrays.values()),
+      "planes": sum(a.nbytes for a in packed["bitplanes"].arrays.values()),
   }
   print(f"ResNet-20, DenseShift {args.bits}-bit, CPU ({jax.device_count()} device, "
         f"{jax.devices()[0].device_kind}); weights held: " + ", ".join(
             f"{k} {v / 1024:.0f} KiB" for k, v in weight_bytes.items()))
-  fmt = packed.code_format
-  quantized = [l for l in packed.layers if l.quantized]
-  decode_all = jax.jit(lambda arrays: [ex.decode_kernel(arrays[f"{l.name}/kernel"], fmt,
-                                                        l.shape) for l in quantized])
-  jax.block_until_ready(decode_all(packed.device_arrays))
-  decode_times = []
-  for _ in range(200):
-    start = time.perf_counter()
-    jax.block_until_ready(decode_all(packed.device_arrays))
-    decode_times.append(time.perf_counter() - start)
-  print(f"unpack + decode of all {len(quantized)} packed kernels alone: median "
-        f"{statistics.median(decode_times) * 1e3:.3f} ms")
+  for layout, model_ in packed.items():
+    fmt, quantized = model_.code_format, [l for l in model_.layers if l.quantized]
+    decode_all = jax.jit(lambda arrays: [ex.decode_kernel(  # pylint: disable=cell-var-from-loop
+        arrays[f"{l.name}/kernel"], fmt, l.shape, layout) for l in quantized])
+    jax.block_until_ready(decode_all(model_.device_arrays))
+    decode_times = []
+    for _ in range(200):
+      start = time.perf_counter()
+      jax.block_until_ready(decode_all(model_.device_arrays))
+      decode_times.append(time.perf_counter() - start)
+    print(f"unpack + decode of all {len(quantized)} packed kernels alone, {layout}: median "
+          f"{statistics.median(decode_times) * 1e3:.3f} ms")
   for batch in (1, 128):
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     reference = np.asarray(variants["float"](x))

@@ -4,8 +4,10 @@
 
 For each model and DenseShift bit width: a randomly initialized model (sizes do not
 depend on the values) is exported and written to a temporary directory; the script
-prints the file's bytes (header and checksum included), the stored bits per quantized
-weight (uint32 words of floor(32/N) codes), the bits per weight of the whole file, and
+prints, for both code layouts (``bitplanes``, the default: N words hold bit j of 32
+codes; ``words``: floor(32/N) codes per uint32 word, what the kernels read), the file's
+bytes (header and digests included), the stored bits per quantized weight, the bits per
+weight of the whole file, and
 how much smaller the file is than the network's float32 weights (every conv/dense kernel
 plus BatchNorm gamma, beta, mean, var and the dense bias, as ``train.weight_bytes``).
 The stem and the classifier stay float32, as in the training recipe.
@@ -37,7 +39,7 @@ MODELS = {
 
 
 def main():
-  print(f"{'model':22s} {'bits':>4s} {'file KiB':>10s} {'float32 KiB':>12s} "
+  print(f"{'model':22s} {'bits':>4s} {'layout':>9s} {'file KiB':>10s} {'float32 KiB':>12s} "
         f"{'smaller':>8s} {'bits/q-weight':>13s} {'bits/weight':>11s} {'q-weights':>10s}")
   with tempfile.TemporaryDirectory() as tmp:
     for name, (make, image_shape) in MODELS.items():
@@ -45,17 +47,18 @@ def main():
         model = make(sj.DenseShift(bits=bits, encoding="binary", init_method="he"))
         variables = jax.jit(functools.partial(model.init, train=False))(
             jax.random.key(0, impl="rbg"), jnp.zeros((1, *image_shape)))
-        packed = ex.export(jax.device_get(variables), model)
-        path = os.path.join(tmp, f"{name.split()[0]}-{bits}.shiftjax")
-        packed.save(path)
-        size = os.path.getsize(path)
-        report = packed.size_report()
-        total_weights = report["float32_weight_bytes"] // 4
-        print(f"{name:22s} {bits:4d} {size / 1024:10.1f} "
-              f"{report['float32_weight_bytes'] / 1024:12.1f} "
-              f"{report['float32_weight_bytes'] / size:7.2f}x "
-              f"{report['bits_per_quantized_weight']:13.3f} "
-              f"{8 * size / total_weights:11.3f} {report['quantized_weights']:10d}")
+        for layout in sj.deploy.CODE_LAYOUTS:
+          packed = ex.export(jax.device_get(variables), model, code_layout=layout)
+          path = os.path.join(tmp, f"{name.split()[0]}-{bits}-{layout}.shiftjax")
+          packed.save(path)
+          size = os.path.getsize(path)
+          report = packed.size_report()
+          total_weights = report["float32_weight_bytes"] // 4
+          print(f"{name:22s} {bits:4d} {layout:>9s} {size / 1024:10.1f} "
+                f"{report['float32_weight_bytes'] / 1024:12.1f} "
+                f"{report['float32_weight_bytes'] / size:7.2f}x "
+                f"{report['bits_per_quantized_weight']:13.3f} "
+                f"{8 * size / total_weights:11.3f} {report['quantized_weights']:10d}")
         del variables, packed
 
 

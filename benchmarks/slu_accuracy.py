@@ -1,15 +1,16 @@
 """Float vs DenseShift 3-bit vs S3 3-bit on synthetic_slu (unseen test voices).
 
-Trains the speech ResNet of ``experiments/configs/slu_denseshift3.py`` three times,
-changing only the quantizer, and prints the test accuracies (2,400 utterances spoken by
-voices never heard in training) side by side:
+Trains the speech ResNet of ``experiments/configs/slu_denseshift3.py`` once per method
+and seed, changing only the quantizer (and the seed), and prints the test accuracies
+(2,400 utterances spoken by voices never heard in training): each seed's, their mean and
+standard deviation, and the gap to float with its standard error:
 
-    python benchmarks/slu_accuracy.py --config.data_dir=data/tfds [--workdir=/tmp/slu_accuracy]
+    python benchmarks/slu_accuracy.py --config.data_dir=data/tfds [--seeds=3] [--workdir=/tmp/slu_accuracy]
 
 Builds ``synthetic_slu`` in ``--config.data_dir`` first if it is not there (needs
 espeak-ng and flite; minutes). Runs one after the other (never two trainings at once on a
 small machine); each run resumes from its own workdir if interrupted. Extra
-``--config.*`` flags apply to all three.
+``--config.*`` flags apply to all.
 """
 
 import os
@@ -26,7 +27,8 @@ import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "slu_accuracy"),
-                    "Parent directory; one subdirectory per method.")
+                    "Parent directory; one subdirectory per method and seed.")
+flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "slu_denseshift3.py"), "Base config (DenseShift 3-bit).")
@@ -46,14 +48,11 @@ def main(argv):
       data_dir=data_dir).is_prepared():
     print(f"Building synthetic_slu in {data_dir or 'the tfds default data_dir'} ...")
     synthetic.prepare_synthetic_slu(data_dir)
-  summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir)
+  summaries = method_comparison.train_each(base, METHODS, FLAGS.workdir, range(FLAGS.seeds))
   print(f"\n{base.dataset}, {base.model} (width x{base.width_multiplier}), "
-        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}")
-  print(f"{'method':<18} {'test accuracy':>13} {'steps':>6} {'wall s':>7} {'packed KiB':>10}")
-  for name, s in summaries.items():
-    print(f"{name:<18} {s['test_accuracy']:>13.4f} {s['steps']:>6d} "
-          f"{s['training_wall_seconds']:>7.0f} {s['packed_weight_bytes'] / 1024:>10.1f}")
-
+        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
+        f"seeds 0..{FLAGS.seeds - 1}")
+  method_comparison.print_table(summaries, "float", {"packed KiB": lambda s: s["packed_weight_bytes"] / 1024})
 
 if __name__ == "__main__":
   app.run(main)

@@ -16,10 +16,11 @@ from shiftjax.kernels.inference.matmul import codes_per_word
 from shiftjax.kernels.inference.matmul import decode_slot
 from shiftjax.kernels.inference.matmul import default_blocks
 from shiftjax.kernels.inference.matmul import pow2_matmul
+from shiftjax.kernels.inference.matmul import resolve_backend
 from shiftjax.kernels.inference.matmul import SUPPORTED_BITS
 from shiftjax.kernels.inference.matmul import unpack_codes
 
 __all__ = [
     "BACKENDS", "Blocks", "SUPPORTED_BITS", "codes_per_word", "decode_slot",
-    "default_blocks", "pow2_conv", "pow2_matmul", "unpack_codes",
+    "default_blocks", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
 ]

@@ -67,7 +67,8 @@ def architecture_of(model: nn.Module, params) -> tuple[str, dict]:
 
 
 def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.float32,
-           metadata: Mapping[str, Any] | None = None) -> PackedModel:
+           metadata: Mapping[str, Any] | None = None,
+           code_layout: str = "bitplanes") -> PackedModel:
   """Packs a trained shiftjax ResNet.
 
   Args:
@@ -77,12 +78,14 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
       full-precision layers.
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
+    code_layout: ``'bitplanes'`` (exactly N bits per quantized weight) or ``'words'``
+      (the layout ``shiftjax.kernels`` reads, ``floor(32 / N)`` codes per word).
   Returns:
     a checked ``PackedModel``.
   """
   name, config = architecture_of(model, variables["params"])
   return folding.pack(variables, name, config, model.quantizer, float_dtype=float_dtype,
-                      metadata=metadata)
+                      metadata=metadata, code_layout=code_layout)
 
 
 def flax_module(packed: PackedModel) -> nn.Module:

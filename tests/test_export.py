@@ -19,6 +19,7 @@ import re
 import struct
 import subprocess
 import sys
+import zlib
 
 import flax.linen as nn
 import jax
@@ -85,18 +86,25 @@ def run_config(quantizer="DenseShift", steps=60):
 
 
 def split_file(buf):
-  """The documented layout, parsed independently of shiftjax.export."""
+  """The documented layout (version 2), parsed independently of shiftjax.deploy."""
   magic, version, header_len = struct.unpack_from("<8sIQ", buf, 0)
-  assert magic == b"SHIFTJAX"
+  assert magic == b"SHIFTJAX" and version == 2
   header = json.loads(buf[20:20 + header_len])
-  start = -(-(20 + header_len) // 64) * 64
-  assert buf[20 + header_len:start] == b"\0" * (start - 20 - header_len)
-  return version, header, buf[start:len(buf) - 32]
+  head_end = 20 + header_len
+  assert buf[head_end:head_end + 32] == hashlib.sha256(buf[:head_end]).digest()
+  start = -(-(head_end + 32) // 64) * 64
+  assert buf[head_end + 32:start] == b"\0" * (start - head_end - 32)
+  data = buf[start:len(buf) - 32]
+  for e in header["arrays"]:
+    raw = data[e["offset"]:e["offset"] + e["nbytes"]]
+    assert zlib.crc32(raw) == e["crc32"]
+  return version, header, data
 
 
 def join_file(version, header, data):
   head = json.dumps(header).encode()
   body = struct.pack("<8sIQ", b"SHIFTJAX", version, len(head)) + head
+  body += hashlib.sha256(body).digest()
   body += b"\0" * (-len(body) % 64) + data
   return body + hashlib.sha256(body).digest()
 
@@ -208,8 +216,8 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
   got = apply_in_batches(lambda x: ex.packed_apply(packed, x), images)
   assert_same_predictions(got, expected)
   # S3 has a zero code: its convs take the decode + lax.conv path, and zeros survive.
-  zeros = sum(int(np.sum(sj.codes.unpack(packed.arrays[f"{l.name}/kernel"], 3,
-                                          math.prod(l.shape[:-1]))
+  zeros = sum(int(np.sum(sj.codes.unpack_bitplanes(packed.arrays[f"{l.name}/kernel"], 3,
+                                                    l.shape)
                           == packed.code_format.zero_code))
               for l in packed.layers if l.quantized)
   assert zeros > 0
@@ -353,10 +361,18 @@ def test_round_trip_keeps_arrays_and_metadata_exactly(packed, model_file):
   assert join_file(*split_file(buf)) == buf  # the module docstring's layout is the file's
 
 
-def test_size_report_counts_bits_per_weight(packed, model_file):
+def test_size_report_counts_bits_per_weight(packed, model_file, trained):
+  # Bit planes: exactly 3 bits per weight (every kernel's size is a multiple of 32).
   report = packed.size_report()
-  assert report["bits_per_quantized_weight"] == pytest.approx(3.2, abs=0.2)
+  assert report["bits_per_quantized_weight"] == 3.0
   assert os.path.getsize(model_file) < report["float32_weight_bytes"] / 4
+  # The kernels' word layout: 10 codes per word along K = kh*kw*I, the last word padded.
+  words = ex.export(trained["variables"], trained["model"], code_layout="words")
+  kernels = [l for l in words.layers if l.quantized]
+  stored = sum(32 * -(-math.prod(l.shape[:-1]) // 10) * l.shape[-1] for l in kernels)
+  assert words.size_report()["bits_per_quantized_weight"] == pytest.approx(
+      stored / sum(math.prod(l.shape) for l in kernels))
+  assert words.size_report()["bits_per_quantized_weight"] > 3.2
 
 
 @pytest.mark.parametrize("where", ["data", "header", "prefix", "checksum"])
@@ -374,22 +390,48 @@ def test_truncated_file_is_refused(model_file, tmp_path, where):
   assert header["data_bytes"] > 0
 
 
-@pytest.mark.parametrize("position", ["header", "data", "digest"])
-def test_flipped_byte_is_refused(model_file, tmp_path, position):
+def _layout(buf):
+  """(end of the header, start of the data, {array name: (start, end)}) of a version 2 file."""
+  _, header_len = struct.unpack_from("<IQ", buf, 8)
+  head_end = 20 + header_len
+  start = -(-(head_end + 32) // 64) * 64
+  header = json.loads(buf[20:head_end])
+  return head_end, start, {e["name"]: (start + e["offset"], start + e["offset"] + e["nbytes"])
+                           for e in header["arrays"]}
+
+
+@pytest.mark.parametrize("position", ["header", "header_digest", "kernel", "bias",
+                                      "padding", "digest"])
+def test_flipped_byte_is_refused_naming_where(model_file, tmp_path, position):
   buf = bytearray(open(model_file, "rb").read())
-  index = {"header": 40, "data": len(buf) - 200, "digest": len(buf) - 1}[position]
+  head_end, _, spans = _layout(bytes(buf))
+  kernel, bias = spans["stage2_block0/conv1/kernel"], spans["head/bias"]
+  ordered = sorted(spans.values())
+  gap = next(end for (_, end), (start, _) in zip(ordered, ordered[1:]) if end < start)
+  index = {"header": 40, "header_digest": head_end + 7, "kernel": kernel[0] + 5,
+           "bias": bias[1] - 1, "padding": gap, "digest": len(buf) - 1}[position]
   buf[index] ^= 0x10
   path = tmp_path / "flipped.shiftjax"
   path.write_bytes(bytes(buf))
-  with pytest.raises(ex.PackedModelError, match="checksum mismatch"):
+  expected = {
+      "header": f"header corrupted: the SHA-256 of bytes 0..{head_end} differs",
+      "header_digest": f"header corrupted: the SHA-256 of bytes 0..{head_end} differs",
+      "kernel": f"array 'stage2_block0/conv1/kernel' is corrupted: its bytes "
+                f"{kernel[0]}..{kernel[1]} do not match its CRC-32",
+      "bias": f"array 'head/bias' is corrupted: its bytes {bias[0]}..{bias[1]}",
+      "padding": f"corrupted padding: byte {index} is 16, expected 0",
+      "digest": f"checksum corrupted: bytes {len(buf) - 32}..{len(buf)}",
+  }[position]
+  with pytest.raises(ex.PackedModelError, match=re.escape(expected)):
     ex.load(path)
 
 
 def test_unsupported_version_is_refused(model_file, tmp_path):
   _, header, data = split_file(open(model_file, "rb").read())
-  path = tmp_path / "v2.shiftjax"
-  path.write_bytes(join_file(2, header, data))
-  with pytest.raises(ex.PackedModelError, match="unsupported format version 2"):
+  path = tmp_path / "v3.shiftjax"
+  path.write_bytes(join_file(3, header, data))
+  with pytest.raises(ex.PackedModelError,
+                     match="unsupported format version 3 at byte 8 .* reads versions 1, 2"):
     ex.load(path)
 
 
@@ -416,7 +458,7 @@ def _entry(header, name):
     # An array's declared shape (same byte count) disagrees with the architecture.
     (lambda h: _entry(h, "stage2_block0/conv1/kernel").update(
         shape=_entry(h, "stage2_block0/conv1/kernel")["shape"][::-1]),
-     "layer 'stage2_block0/conv1' kernel has shape (16, 8), expected (8, 16)"),
+     "layer 'stage2_block0/conv1' kernel has shape (3, 36), expected (36, 3)"),
     # The config says 11 classes; the stored head has 10.
     (lambda h: h["architecture"]["config"].update(num_classes=11),
      "layer 'head' has shape [32, 10], expected [32, 11]"),
@@ -574,3 +616,69 @@ def test_jax_export_artifact_runs_without_shiftjax(packed, fashion_mnist, tmp_pa
   expected = np.asarray(ex.packed_apply(packed, images))
   assert logits.shape == (50, 10)
   assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+# ---------------------------------------------------- version 1 files (the 'words' layout)
+
+V1_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+V1_MODELS = ("resnet8_denseshift3", "resnet8_s3")  # tests/data/make_v1_files.py wrote them
+
+
+def _v1(name):
+  path = os.path.join(V1_DIR, f"{name}.v1.shiftjax")
+  return (path, np.load(os.path.join(V1_DIR, f"{name}.images.npy")),
+          np.load(os.path.join(V1_DIR, f"{name}.logits.npy")))
+
+
+@pytest.mark.parametrize("name", V1_MODELS)
+def test_version1_file_loads_and_gives_its_logits(name, tmp_path):
+  path, images, logits = _v1(name)
+  assert struct.unpack_from("<I", open(path, "rb").read(), 8) == (1,)
+  packed = ex.load(path)
+  assert packed.code_layout == "words"
+  got = np.asarray(ex.packed_apply(packed, images))
+  # The logits the writing version computed (same ops; 1e-6 of the scale covers a jax
+  # upgrade's rounding), and the same predictions.
+  np.testing.assert_allclose(got, logits, rtol=0, atol=1e-6 * np.abs(logits).max())
+  np.testing.assert_array_equal(got.argmax(-1), logits.argmax(-1))
+  # Rewritten at exactly 3 bits per weight (version 2): the same codes, identical logits.
+  planes = sj.deploy.with_code_layout(packed, "bitplanes")
+  assert planes.size_report()["bits_per_quantized_weight"] < (
+      packed.size_report()["bits_per_quantized_weight"])
+  planes.save(tmp_path / "v2.shiftjax")
+  reloaded = ex.load(tmp_path / "v2.shiftjax")
+  assert reloaded.code_layout == "bitplanes"
+  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+  back = sj.deploy.with_code_layout(reloaded, "words")
+  for k, a in packed.arrays.items():
+    np.testing.assert_array_equal(back.arrays[k], a)
+
+
+def test_damaged_version1_file_is_refused(tmp_path):
+  path, _, _ = _v1(V1_MODELS[0])
+  buf = bytearray(open(path, "rb").read())
+  (tmp_path / "cut.shiftjax").write_bytes(bytes(buf[:-100]))
+  with pytest.raises(ex.PackedModelError, match=re.escape(
+      f"truncated at byte {len(buf) - 100} (expected {len(buf)})")):
+    ex.load(tmp_path / "cut.shiftjax")
+  buf[len(buf) // 2] ^= 1
+  (tmp_path / "flipped.shiftjax").write_bytes(bytes(buf))
+  with pytest.raises(ex.PackedModelError, match=re.escape(
+      f"checksum mismatch: the file is corrupted (SHA-256 of bytes 0..{len(buf) - 32}")):
+    ex.load(tmp_path / "flipped.shiftjax")
+
+
+def test_bitplanes_and_words_files_give_identical_logits(trained, fashion_mnist):
+  model, variables = trained["model"], trained["variables"]
+  images = fashion_mnist["test_images"][:256]
+  planes = ex.export(variables, model)
+  words = ex.export(variables, model, code_layout="words")
+  assert planes.code_layout == "bitplanes" and words.code_layout == "words"
+  np.testing.assert_array_equal(np.asarray(ex.packed_apply(planes, images)),
+                                np.asarray(ex.packed_apply(words, images)))
+  # Both layouts hold the same codes.
+  converted = sj.deploy.with_code_layout(words, "bitplanes")
+  for k, a in planes.arrays.items():
+    np.testing.assert_array_equal(converted.arrays[k], a)
+  with pytest.raises(ex.PackedModelError, match="code_layout must be one of"):
+    ex.export(variables, model, code_layout="nibbles")

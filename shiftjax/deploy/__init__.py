@@ -8,7 +8,8 @@ tensorflow-datasets or ml_collections):
 
   architecture   the layers an architecture config implies, and config validation
   format         ``PackedModel`` and its versioned, checksummed file (``load``, ``save``)
-  folding        trained variables -> ``PackedModel`` (``pack``, ``fold_batch_norm``)
+  folding        trained variables -> ``PackedModel`` (``pack``, ``fold_batch_norm``),
+                 and between code layouts (``with_code_layout``)
   apply          the packed forward pass (``packed_apply``) and ``jax.export`` artifacts
 
 ``shiftjax.export`` is the bridge from a trained flax module to ``pack``.
@@ -16,15 +17,15 @@ tensorflow-datasets or ml_collections):
 
 from shiftjax.deploy.apply import decode_kernel, export_serialized, forward, packed_apply
 from shiftjax.deploy.apply import save_serialized
-from shiftjax.deploy.architecture import ARCHITECTURES, Layer, PackedModelError
+from shiftjax.deploy.architecture import ARCHITECTURES, CODE_LAYOUTS, Layer, PackedModelError
 from shiftjax.deploy.architecture import build_layers, check_architecture, expected_arrays
-from shiftjax.deploy.folding import BN_EPSILON, fold_batch_norm, pack
+from shiftjax.deploy.folding import BN_EPSILON, fold_batch_norm, pack, with_code_layout
 from shiftjax.deploy.format import FILE_SUFFIX, FORMAT_VERSION, PackedModel, from_bytes
 from shiftjax.deploy.format import load, write_atomic
 
 __all__ = [
-    "ARCHITECTURES", "BN_EPSILON", "FILE_SUFFIX", "FORMAT_VERSION", "Layer", "PackedModel",
-    "PackedModelError", "build_layers", "check_architecture", "decode_kernel",
+    "ARCHITECTURES", "BN_EPSILON", "CODE_LAYOUTS", "FILE_SUFFIX", "FORMAT_VERSION", "Layer",
+    "PackedModel", "PackedModelError", "build_layers", "check_architecture", "decode_kernel",
     "expected_arrays", "export_serialized", "fold_batch_norm", "forward", "from_bytes", "load",
-    "pack", "packed_apply", "save_serialized", "write_atomic",
+    "pack", "packed_apply", "save_serialized", "with_code_layout", "write_atomic",
 ]

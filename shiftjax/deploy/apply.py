@@ -31,23 +31,53 @@ def _uses_kernel(fmt: codes_lib.CodeFormat) -> bool:
   return not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
 
 
-def decode_kernel(words, fmt: codes_lib.CodeFormat, shape) -> jax.Array:
-  """uint32 words ``[ceil(K / P), O]`` -> float32 weights of ``shape`` (``K * O`` =
-  ``prod(shape)``), in XLA ops: the path of formats the kernels lack (zero codes, over
-  5 bits) on every backend."""
-  codes = kernels.unpack_codes(words, fmt.bits, math.prod(shape[:-1]))
+def decode_kernel(words, fmt: codes_lib.CodeFormat, shape,
+                  code_layout: str = "words") -> jax.Array:
+  """A quantized kernel's uint32 words -> float32 weights of ``shape``, in XLA ops.
+
+  ``code_layout`` ``'words'``: ``[ceil(K / P), O]`` with ``K * O = prod(shape)``;
+  ``'bitplanes'``: ``[ceil(prod(shape) / 32), bits]``. The path of what the kernels do not
+  take (zero codes, over 5 bits, bit planes on the CPU) on every backend.
+  """
+  if code_layout == "bitplanes":
+    codes = codes_lib.unpack_bitplanes(words, fmt.bits, tuple(shape))
+  else:
+    codes = kernels.unpack_codes(words, fmt.bits, math.prod(shape[:-1]))
   return codes_lib.decode(codes, fmt, jnp.float32).reshape(shape)
 
 
-def _conv_layer(layer: Layer, arrays, x, fmt, backend, platform):
+def _kernel_words(layer: Layer, kernel, fmt, code_layout):
+  """The ``[ceil(K / P), O]`` words ``shiftjax.kernels`` reads, from either layout.
+
+  Bit planes are repacked on the fly (in the jitted forward pass): the Pallas kernels read
+  the word layout only.
+  """
+  if code_layout == "words":
+    return kernel
+  codes = codes_lib.unpack_bitplanes(kernel, fmt.bits, layer.shape)
+  return codes_lib.pack(codes.reshape(-1, layer.shape[-1]), fmt.bits, axis=0)
+
+
+def _runs_kernel(layer: Layer, fmt, code_layout, backend, platform) -> bool:
+  """Whether a quantized layer runs on ``shiftjax.kernels`` rather than decode + XLA.
+
+  The kernels take zero-free formats of 2..5 bits. On the XLA backend (CPU) bit planes
+  are decoded directly: repacking them into words first would only add work.
+  """
+  if not (layer.quantized and _uses_kernel(fmt)):
+    return False
+  return code_layout == "words" or kernels.resolve_backend(backend, platform)[0] != "xla"
+
+
+def _conv_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
   kernel = arrays[f"{layer.name}/kernel"]
   bias = arrays[f"{layer.name}/bias"]
-  if layer.quantized and _uses_kernel(fmt):
-    return kernels.pow2_conv(x, kernel, bits=fmt.bits, e0=fmt.e0,
-                             kernel_shape=layer.shape, strides=layer.strides,
+  if _runs_kernel(layer, fmt, code_layout, backend, platform):
+    return kernels.pow2_conv(x, _kernel_words(layer, kernel, fmt, code_layout), bits=fmt.bits,
+                             e0=fmt.e0, kernel_shape=layer.shape, strides=layer.strides,
                              padding=layer.padding, scale=arrays[f"{layer.name}/scale"],
                              bias=bias, backend=backend, platform=platform)
-  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
+  w = (decode_kernel(kernel, fmt, layer.shape, code_layout) if layer.quantized
        else kernel.astype(jnp.float32))
   y = lax.conv_general_dilated(x, w, window_strides=layer.strides, padding=layer.padding,
                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -57,13 +87,14 @@ def _conv_layer(layer: Layer, arrays, x, fmt, backend, platform):
   return y + bias
 
 
-def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
+def _dense_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
   kernel = arrays[f"{layer.name}/kernel"]
   bias = arrays[f"{layer.name}/bias"]
-  if layer.quantized and _uses_kernel(fmt):
-    return kernels.pow2_matmul(x, kernel, bits=fmt.bits, e0=fmt.e0, bias=bias,
-                               backend=backend, platform=platform)
-  w = (decode_kernel(kernel, fmt, layer.shape) if layer.quantized
+  if _runs_kernel(layer, fmt, code_layout, backend, platform):
+    return kernels.pow2_matmul(x, _kernel_words(layer, kernel, fmt, code_layout),
+                               bits=fmt.bits, e0=fmt.e0, bias=bias, backend=backend,
+                               platform=platform)
+  w = (decode_kernel(kernel, fmt, layer.shape, code_layout) if layer.quantized
        else kernel.astype(jnp.float32))
   return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
 
@@ -71,12 +102,12 @@ def _dense_layer(layer: Layer, arrays, x, fmt, backend, platform):
 def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
             backend: str | None = None, platform: str | None = None) -> jax.Array:
   """The packed forward pass (traceable); ``plan`` is ``PackedModel.plan``."""
-  layers, fmt = plan
+  layers, fmt, code_layout = plan
   acts = {"input": images.astype(jnp.float32)}
   for layer in layers:
     x = acts[layer.input]
     if layer.op == "conv":
-      y = _conv_layer(layer, arrays, x, fmt, backend, platform)
+      y = _conv_layer(layer, arrays, x, fmt, code_layout, backend, platform)
       if layer.residual is not None:
         y = y + acts[layer.residual]
     elif layer.op == "max_pool":
@@ -86,7 +117,7 @@ def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
     elif layer.op in SPEECH_POOLS:
       y = pooling.speech_pool(x, SPEECH_POOLS[layer.op])
     elif layer.op == "dense":
-      y = _dense_layer(layer, arrays, x, fmt, backend, platform)
+      y = _dense_layer(layer, arrays, x, fmt, code_layout, backend, platform)
     else:
       raise PackedModelError(f"unknown layer op {layer.op!r}")
     acts[layer.name] = jax.nn.relu(y) if layer.relu else y

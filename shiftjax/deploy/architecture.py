@@ -191,8 +191,28 @@ def bn_name(conv_name: str) -> str:
   return f"{head}/{bn}" if head else bn
 
 
+# How a quantized kernel's codes are laid out in uint32 words:
+#   'bitplanes': the HWIO (or (in, out)) codes flattened in C order, 32 to a block, and
+#     each block as ``bits`` words, word j holding bit j of the 32 codes
+#     (``codes.pack_bitplanes``): exactly ``bits`` bits per weight when the kernel's size
+#     is a multiple of 32, as every ResNet layer's is;
+#   'words': ``[kh * kw * I, O]`` packed along axis 0, ``floor(32 / bits)`` codes per
+#     word (``codes.pack``): what ``shiftjax.kernels`` reads; 3.2 bits per 3-bit weight.
+CODE_LAYOUTS = ("bitplanes", "words")
+
+
+def packed_kernel_shape(shape: Sequence[int], bits: int, code_layout: str) -> tuple[int, int]:
+  """The uint32 array that holds the codes of a kernel of logical ``shape``."""
+  if code_layout == "bitplanes":
+    return (-(-math.prod(shape) // codes_lib.WORD_BITS), bits)
+  if code_layout == "words":
+    return (codes_lib.num_words(math.prod(shape[:-1]), bits), shape[-1])
+  raise PackedModelError(f"code_layout must be one of {CODE_LAYOUTS}, got {code_layout!r}")
+
+
 def expected_arrays(layers: Sequence[Layer], code_format: codes_lib.CodeFormat | None,
-                    float_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+                    float_dtype: str, code_layout: str
+                    ) -> dict[str, tuple[str, tuple[int, ...]]]:
   """``{array name: (dtype name, shape)}`` that a packed model of ``layers`` holds."""
   out = {}
   for layer in layers:
@@ -200,9 +220,8 @@ def expected_arrays(layers: Sequence[Layer], code_format: codes_lib.CodeFormat |
       continue
     n_out = layer.shape[-1]
     if layer.quantized:
-      k = math.prod(layer.shape[:-1])
-      out[f"{layer.name}/kernel"] = ("uint32", (codes_lib.num_words(k, code_format.bits),
-                                                n_out))
+      out[f"{layer.name}/kernel"] = ("uint32", packed_kernel_shape(
+          layer.shape, code_format.bits, code_layout))
       if layer.op == "conv":
         out[f"{layer.name}/scale"] = ("float32", (n_out,))
     else:

@@ -20,8 +20,10 @@ disagree, and packing refuses rather than drop it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -87,9 +89,18 @@ def _codes_fn(quantizer: qz.Quantizer):
   return jax.jit(lambda tree: {k: quantizer.codes(v) for k, v in tree.items()})
 
 
+def pack_kernel_codes(codes: np.ndarray, bits: int, code_layout: str) -> np.ndarray:
+  """A kernel's codes (its logical shape, HWIO or (in, out)) as uint32 words of
+  ``code_layout``: the array ``architecture.packed_kernel_shape`` names."""
+  if code_layout == "bitplanes":
+    return codes_lib.pack_bitplanes(codes, bits)
+  return codes_lib.pack(codes.reshape(-1, codes.shape[-1]), bits, axis=0)
+
+
 def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[str, Any],
          quantizer: qz.Quantizer | None, *, float_dtype=np.float32,
-         metadata: Mapping[str, Any] | None = None) -> PackedModel:
+         metadata: Mapping[str, Any] | None = None,
+         code_layout: str = "bitplanes") -> PackedModel:
   """Packs trained variables of a network described as data.
 
   Args:
@@ -100,12 +111,17 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
     quantizer: the spec whose latents the quantized layers hold (None: a float model).
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
+    code_layout: ``'bitplanes'`` (exactly N bits per weight) or ``'words'``
+      (``architecture.CODE_LAYOUTS``).
   Returns:
     a checked ``PackedModel``.
   """
   float_dtype = np.dtype(float_dtype).name
   if float_dtype not in FLOAT_DTYPES:
     raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype}")
+  if code_layout not in architecture.CODE_LAYOUTS:
+    raise PackedModelError(f"code_layout must be one of {architecture.CODE_LAYOUTS}, got "
+                           f"{code_layout!r}")
   params = variables["params"]
   stats = variables.get("batch_stats", {})
   name = architecture_name
@@ -133,7 +149,6 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
     if tuple(weight_shape) != layer.shape:
       raise PackedModelError(f"layer {layer.name!r} has shape {tuple(weight_shape)}, "
                              f"expected {layer.shape}")
-    n_out = layer.shape[-1]
     if layer.op == "conv":
       bn = architecture.bn_name(layer.name)
       gamma, beta = (_subtree(params, f"{bn}/{k}", "params") for k in ("scale", "bias"))
@@ -145,8 +160,8 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
                                      np.float64)
       used.append(f"{layer.name}/bias")
     if layer.quantized:
-      arrays[f"{layer.name}/kernel"] = codes_lib.pack(codes.reshape(-1, n_out),
-                                                      quantizer.code_format.bits, axis=0)
+      arrays[f"{layer.name}/kernel"] = pack_kernel_codes(
+          codes, quantizer.code_format.bits, code_layout)
       if scale is not None:
         arrays[f"{layer.name}/scale"] = scale.astype(np.float32)
     else:
@@ -159,8 +174,37 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
     raise PackedModelError(f"parameters {leftover[:5]} are not part of the packed {name} "
                            "(was the model code changed?)")
   packed = PackedModel(name, config, quantizer, layers, arrays, float_dtype,
-                       dict(metadata or {}))
+                       dict(metadata or {}), code_layout)
   json.dumps(packed.metadata, allow_nan=False)  # fails early if not JSON-serializable
   packed.check()
   return packed
 
+
+
+def with_code_layout(packed: PackedModel, code_layout: str) -> PackedModel:
+  """``packed`` with its quantized kernels' codes in ``code_layout`` (the same codes).
+
+  E.g. a version 1 file (``'words'``) rewritten at exactly N bits per weight::
+
+    deploy.with_code_layout(deploy.load(old), "bitplanes").save(new)
+  """
+  if code_layout not in architecture.CODE_LAYOUTS:
+    raise PackedModelError(f"code_layout must be one of {architecture.CODE_LAYOUTS}, got "
+                           f"{code_layout!r}")
+  if code_layout == packed.code_layout:
+    return packed
+  arrays = dict(packed.arrays)
+  bits = packed.code_format.bits if packed.code_format is not None else None
+  for layer in packed.layers:
+    if not layer.quantized:
+      continue
+    words = arrays[f"{layer.name}/kernel"]
+    if packed.code_layout == "words":
+      codes = codes_lib.unpack(words, bits, math.prod(layer.shape[:-1]), axis=0)
+    else:
+      codes = codes_lib.unpack_bitplanes(words, bits, layer.shape)
+    arrays[f"{layer.name}/kernel"] = pack_kernel_codes(codes.reshape(layer.shape), bits,
+                                                       code_layout)
+  out = dataclasses.replace(packed, arrays=arrays, code_layout=code_layout)
+  out.check()
+  return out

@@ -4,13 +4,14 @@ A ``PackedModel`` is an architecture (``deploy.architecture``), its quantizer, i
 and named numpy arrays: packed uint32 code words, float kernels, per-channel scales and
 biases (``deploy.folding`` makes them from trained variables).
 
-File format, version 1 (all integers little-endian; ``PackedModel.save`` / ``load``)::
+File format, version 2 (all integers little-endian; ``PackedModel.save`` / ``load``)::
 
   bytes [0, 8)         magic b"SHIFTJAX"
-  bytes [8, 12)        format version, uint32 (1)
+  bytes [8, 12)        format version, uint32 (2)
   bytes [12, 20)       header length H, uint64
   bytes [20, 20 + H)   header: a UTF-8 JSON object (below)
-  bytes [20 + H, D)    zeros, D = 20 + H rounded up to a multiple of 64
+  bytes [20 + H, +32)  SHA-256 of bytes [0, 20 + H): the header's own digest
+  bytes [.., D)        zeros, D = 20 + H + 32 rounded up to a multiple of 64
   bytes [D, D + S)     array data: each array's raw C-order little-endian bytes at
                        D + its offset (offsets are multiples of 64; zeros between)
   bytes [D + S, +32)   SHA-256 of bytes [0, D + S)
@@ -19,11 +20,22 @@ File format, version 1 (all integers little-endian; ``PackedModel.save`` / ``loa
             "architecture": {"name": "CifarResNet", "config": {...}},
             "quantizer": {"name": "DenseShift", "fields": {...}, "repr": "..."} | null,
             "code_format": {"bits": 3, "e0": 0, "has_zero": false} | null,
+            "code_layout": "bitplanes" | "words",
             "float_dtype": "float32" | "bfloat16",
             "layers": [{"op": "conv", "name": "stem", "input": "input", ...}, ...],
             "arrays": [{"name": "stem/kernel", "dtype": "float32", "shape": [3, 3, 1, 16],
-                        "offset": 0, "nbytes": 576}, ...],
+                        "offset": 0, "nbytes": 576, "crc32": 2914163817}, ...],
             "data_bytes": S, "metadata": {...}}
+
+A quantized kernel is a uint32 array in its ``code_layout`` (``architecture.CODE_LAYOUTS``):
+``'bitplanes'`` ``[ceil(kh*kw*I*O / 32), bits]``, exactly ``bits`` bits per weight, or
+``'words'`` ``[ceil(kh*kw*I / floor(32/bits)), O]``. Version 1 files (still read) have no
+header digest, no per-array CRCs and no ``code_layout`` (always ``'words'``).
+
+The digests locate damage: a corrupted header is refused by its own SHA-256 and a
+corrupted array by its entry's CRC-32 (4 bytes of header per array, where a SHA-256 in
+hex took 76), each naming the bytes it covers; a non-zero padding byte by its offset; a
+truncated file by the byte it ends at. The final SHA-256 still covers the whole file.
 
 Array dtypes are limited to uint32, float32 and bfloat16. ``load`` reads bytes and JSON
 only (no pickle, nothing that can run code) and checks, before returning anything: the
@@ -42,6 +54,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -51,11 +64,12 @@ import numpy as np
 import shiftjax
 from shiftjax import codes as codes_lib
 from shiftjax import quantizers as qz
-from shiftjax.deploy.architecture import (Layer, PackedModelError, build_layers,
-                                          check_architecture, expected_arrays, is_int)
+from shiftjax.deploy.architecture import (CODE_LAYOUTS, Layer, PackedModelError,
+                                          build_layers, check_architecture,
+                                          expected_arrays, is_int)
 
 MAGIC = b"SHIFTJAX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what save writes; READABLE_VERSIONS lists what load reads
 FORMAT_NAME = "shiftjax.packed_model"
 FILE_SUFFIX = ".shiftjax"
 ALIGN = 64
@@ -129,6 +143,9 @@ class PackedModel:
     arrays: ``{'<layer>/kernel' | '/scale' | '/bias': numpy array}``.
     float_dtype: ``'float32'`` or ``'bfloat16'``, storage of float kernels.
     metadata: JSON-serializable extra facts (source step, dataset, input normalization).
+    code_layout: how the quantized kernels' codes sit in their uint32 words
+      (``architecture.CODE_LAYOUTS``): ``'bitplanes'`` (exactly N bits per weight, what
+      ``pack`` writes by default) or ``'words'`` (the kernels' layout; version 1 files).
   """
   architecture: str
   config: dict
@@ -137,6 +154,7 @@ class PackedModel:
   arrays: dict[str, np.ndarray]
   float_dtype: str = "float32"
   metadata: dict = dataclasses.field(default_factory=dict)
+  code_layout: str = "bitplanes"
 
   @property
   def code_format(self) -> codes_lib.CodeFormat | None:
@@ -146,7 +164,7 @@ class PackedModel:
   @property
   def plan(self) -> tuple:
     """The static part of the forward pass (hashable; a ``jax.jit`` static argument)."""
-    return (self.layers, self.code_format)
+    return (self.layers, self.code_format, self.code_layout)
 
   @functools.cached_property
   def device_arrays(self) -> dict[str, jax.Array]:
@@ -159,12 +177,15 @@ class PackedModel:
     if self.float_dtype not in FLOAT_DTYPES:
       raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got "
                              f"{self.float_dtype!r}")
+    if self.code_layout not in CODE_LAYOUTS:
+      raise PackedModelError(f"code_layout must be one of {CODE_LAYOUTS}, got "
+                             f"{self.code_layout!r}")
     _check_layers([l.to_json() for l in self.layers],
                   build_layers(self.architecture, config, self.quantizer))
     declared = {name: (_dtype_name(a.dtype), tuple(a.shape))
                 for name, a in self.arrays.items()}
     _check_array_specs(declared, expected_arrays(self.layers, self.code_format,
-                                                 self.float_dtype))
+                                                 self.float_dtype, self.code_layout))
 
   def size_report(self) -> dict[str, Any]:
     """Stored bytes against the float32 weights of the trained network.
@@ -192,7 +213,7 @@ class PackedModel:
   # ------------------------------------------------------------------------ the file
 
   def to_bytes(self) -> bytes:
-    """The file's bytes (see the module docstring); checks the model first."""
+    """The file's bytes, format version 2 (see the module docstring); checks the model first."""
     self.check()
     entries, blobs, data_bytes = [], [], 0
     for name, a in self.arrays.items():
@@ -203,7 +224,7 @@ class PackedModel:
           storage, copy=False).tobytes()
       offset = _align(data_bytes)
       entries.append({"name": name, "dtype": dtype, "shape": list(a.shape),
-                      "offset": offset, "nbytes": len(raw)})
+                      "offset": offset, "nbytes": len(raw), "crc32": zlib.crc32(raw)})
       blobs.append((offset, raw))
       data_bytes = offset + len(raw)
     header = {
@@ -212,6 +233,7 @@ class PackedModel:
         "architecture": {"name": self.architecture, "config": self.config},
         "quantizer": quantizer_to_json(self.quantizer),
         "code_format": _format_to_json(self.code_format),
+        "code_layout": self.code_layout,
         "float_dtype": self.float_dtype,
         "layers": [l.to_json() for l in self.layers],
         "arrays": entries,
@@ -219,10 +241,12 @@ class PackedModel:
         "metadata": self.metadata,
     }
     head = json.dumps(header, sort_keys=False, allow_nan=False).encode("utf-8")
-    start = _align(_PREFIX.size + len(head))
+    head_end = _PREFIX.size + len(head)
+    start = _data_start(FORMAT_VERSION, len(head))
     buf = bytearray(start + data_bytes)
     _PREFIX.pack_into(buf, 0, MAGIC, FORMAT_VERSION, len(head))
-    buf[_PREFIX.size:_PREFIX.size + len(head)] = head
+    buf[_PREFIX.size:head_end] = head
+    buf[head_end:head_end + DIGEST_BYTES] = hashlib.sha256(buf[:head_end]).digest()
     for off, raw in blobs:
       buf[start + off:start + off + len(raw)] = raw
     buf += hashlib.sha256(buf).digest()
@@ -358,13 +382,27 @@ def _reject_constant(name):
   raise ValueError(f"non-standard JSON constant {name}")
 
 
-_HEADER_KEYS = {"format", "writer", "architecture", "quantizer", "code_format",
-                "float_dtype", "layers", "arrays", "data_bytes", "metadata"}
-_ARRAY_KEYS = {"name", "dtype", "shape", "offset", "nbytes"}
+# Header fields and array-entry fields of each readable version.
+_HEADER_KEYS = {1: {"format", "writer", "architecture", "quantizer", "code_format",
+                    "float_dtype", "layers", "arrays", "data_bytes", "metadata"}}
+_HEADER_KEYS[2] = _HEADER_KEYS[1] | {"code_layout"}
+_ARRAY_KEYS = {1: {"name", "dtype", "shape", "offset", "nbytes"}}
+_ARRAY_KEYS[2] = _ARRAY_KEYS[1] | {"crc32"}
+READABLE_VERSIONS = tuple(sorted(_HEADER_KEYS))
+
+
+def _data_start(version: int, header_len: int) -> int:
+  """Where the array data begins: after the header (and, from version 2, its digest)."""
+  return _align(_PREFIX.size + header_len + (DIGEST_BYTES if version >= 2 else 0))
 
 
 def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
-  """Parses and checks a packed model file's bytes (``load`` without the file)."""
+  """Parses and checks a packed model file's bytes (``load`` without the file).
+
+  Reads versions 1 and 2. Damage is reported where it is: a truncated file by the byte
+  it ends at, a version 2 file's corrupted header or array by the bytes its digest
+  covers, a non-zero padding byte by its offset; a version 1 file has one digest only.
+  """
   buf = bytes(buf)
 
   def fail(message):
@@ -378,9 +416,10 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   if n < minimum:
     raise fail(f"truncated at byte {n} (expected at least {minimum})")
   _, version, header_len = _PREFIX.unpack_from(buf, 0)
-  if version != FORMAT_VERSION:
-    raise fail(f"unsupported format version {version} (this shiftjax "
-               f"{shiftjax.__version__} reads version {FORMAT_VERSION})")
+  if version not in READABLE_VERSIONS:
+    raise fail(f"unsupported format version {version} at byte 8 (this shiftjax "
+               f"{shiftjax.__version__} reads versions "
+               f"{', '.join(map(str, READABLE_VERSIONS))})")
   digest_ok = hashlib.sha256(memoryview(buf)[:n - DIGEST_BYTES]).digest() == (
       buf[n - DIGEST_BYTES:])
   checksum_error = fail("checksum mismatch: the file is corrupted (SHA-256 of bytes "
@@ -388,12 +427,18 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   if header_len > MAX_HEADER_BYTES:
     if not digest_ok:
       raise checksum_error
-    raise fail(f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} byte limit")
-  data_start = _align(_PREFIX.size + header_len)
+    raise fail(f"header of {header_len} bytes (the length at byte 12) exceeds the "
+               f"{MAX_HEADER_BYTES} byte limit")
+  head_end = _PREFIX.size + header_len
+  data_start = _data_start(version, header_len)
   if n < data_start + DIGEST_BYTES:
     raise fail(f"truncated at byte {n} (expected at least {data_start + DIGEST_BYTES})")
+  if version >= 2 and hashlib.sha256(memoryview(buf)[:head_end]).digest() != (
+      buf[head_end:head_end + DIGEST_BYTES]):
+    raise fail(f"header corrupted: the SHA-256 of bytes 0..{head_end} differs from the "
+               f"one stored at bytes {head_end}..{head_end + DIGEST_BYTES}")
   try:
-    header = json.loads(buf[_PREFIX.size:_PREFIX.size + header_len].decode("utf-8"),
+    header = json.loads(buf[_PREFIX.size:head_end].decode("utf-8"),
                         object_pairs_hook=_no_duplicate_keys,
                         parse_constant=_reject_constant)
   except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -408,21 +453,36 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   expected_size = data_start + header["data_bytes"] + DIGEST_BYTES
   if n < expected_size:
     raise fail(f"truncated at byte {n} (expected {expected_size})")
-  if not digest_ok:
-    raise checksum_error
   if n > expected_size:
-    raise fail(f"{n - expected_size} unexpected bytes after the checksum (file is {n} "
-               f"bytes, expected {expected_size})")
+    raise fail(f"{n - expected_size} unexpected bytes after byte {expected_size} (file is "
+               f"{n} bytes, expected {expected_size})")
+  if version == 1 and not digest_ok:
+    raise checksum_error
   try:
-    return _model_from_header(header, buf, data_start)
+    model = _model_from_header(version, header, buf, data_start)
   except PackedModelError as e:
     raise fail(str(e)) from None
+  if not digest_ok:  # every part checked out: the damage is in the final digest itself
+    raise fail(f"checksum corrupted: bytes {n - DIGEST_BYTES}..{n} (the file's SHA-256) "
+               "do not match the file, whose parts all match their own digests")
+  return model
 
 
-def _model_from_header(header: dict, buf: bytes, data_start: int) -> PackedModel:
-  missing, unknown = _HEADER_KEYS - set(header), set(header) - _HEADER_KEYS
+def _check_padding(buf: bytes, gaps: Sequence[tuple[int, int]]) -> None:
+  """Raises naming the first non-zero byte in the ``[start, end)`` gaps."""
+  for start, end in gaps:
+    gap = buf[start:end]
+    if gap.strip(b"\0"):
+      offset = start + next(i for i, b in enumerate(gap) if b)
+      raise PackedModelError(f"corrupted padding: byte {offset} is {buf[offset]}, expected 0")
+
+
+def _model_from_header(version: int, header: dict, buf: bytes,
+                       data_start: int) -> PackedModel:
+  keys, array_keys = _HEADER_KEYS[version], _ARRAY_KEYS[version]
+  missing, unknown = keys - set(header), set(header) - keys
   if missing or unknown:
-    raise PackedModelError(f"header fields differ from version {FORMAT_VERSION}: missing "
+    raise PackedModelError(f"header fields differ from version {version}: missing "
                            f"{sorted(missing)}, unknown {sorted(unknown)}")
   if header["format"] != FORMAT_NAME:
     raise PackedModelError(f"header format is {header['format']!r}, expected "
@@ -437,6 +497,10 @@ def _model_from_header(header: dict, buf: bytes, data_start: int) -> PackedModel
   if header["code_format"] != _format_to_json(fmt):
     raise PackedModelError(f"code_format {header['code_format']} does not match the "
                            f"quantizer's {_format_to_json(fmt)}")
+  code_layout = header.get("code_layout", "words")  # version 1 knew one layout
+  if code_layout not in CODE_LAYOUTS:
+    raise PackedModelError(f"code_layout must be one of {CODE_LAYOUTS}, got "
+                           f"{code_layout!r}")
   float_dtype = header["float_dtype"]
   if float_dtype not in FLOAT_DTYPES:
     raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got "
@@ -452,9 +516,9 @@ def _model_from_header(header: dict, buf: bytes, data_start: int) -> PackedModel
   data_bytes = header["data_bytes"]
   declared, spans = {}, []
   for e in entries:
-    if not isinstance(e, dict) or set(e) != _ARRAY_KEYS:
+    if not isinstance(e, dict) or set(e) != array_keys:
       raise PackedModelError(f"array entries need exactly the fields "
-                             f"{sorted(_ARRAY_KEYS)}, got {e!r}")
+                             f"{sorted(array_keys)}, got {e!r}")
     name, dtype, shape = e["name"], e["dtype"], e["shape"]
     if not isinstance(name, str) or name in declared:
       raise PackedModelError(f"array name {name!r} is not a string or is repeated")
@@ -475,13 +539,27 @@ def _model_from_header(header: dict, buf: bytes, data_start: int) -> PackedModel
     if offset + nbytes > data_bytes:
       raise PackedModelError(f"array {name!r} occupies bytes [{offset}, {offset + nbytes}) "
                              f"of the data section, which has {data_bytes} bytes")
+    if version >= 2 and not (is_int(e["crc32"]) and 0 <= e["crc32"] < 1 << 32):
+      raise PackedModelError(f"array {name!r} crc32 must be an integer in 0..2**32-1, got "
+                             f"{e['crc32']!r}")
     declared[name] = (dtype, tuple(shape))
     spans.append((offset, offset + nbytes, name))
   spans.sort()
   for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
     if start < end:
       raise PackedModelError(f"arrays {a!r} and {b!r} overlap")
-  _check_array_specs(declared, expected_arrays(layers, fmt, float_dtype))
+  _check_array_specs(declared, expected_arrays(layers, fmt, float_dtype, code_layout))
+  if version >= 2:
+    for e in entries:
+      start = data_start + e["offset"]
+      if zlib.crc32(buf[start:start + e["nbytes"]]) != e["crc32"]:
+        raise PackedModelError(
+            f"array {e['name']!r} is corrupted: its bytes {start}..{start + e['nbytes']} "
+            "do not match its CRC-32")
+    ends = [data_start] + [data_start + end for _, end, _ in spans]
+    starts = [data_start + start for start, _, _ in spans] + [data_start + data_bytes]
+    header_gap = (_PREFIX.size + _PREFIX.unpack_from(buf, 0)[2] + DIGEST_BYTES, data_start)
+    _check_padding(buf, [header_gap, *zip(ends, starts)])
 
   arrays = {}
   for e in entries:
@@ -490,9 +568,10 @@ def _model_from_header(header: dict, buf: bytes, data_start: int) -> PackedModel
                       offset=data_start + e["offset"])
     arrays[e["name"]] = a.astype(storage.newbyteorder("="), copy=True).view(
         loaded).reshape(e["shape"])
-  ordered = {name: arrays[name] for name in expected_arrays(layers, fmt, float_dtype)}
+  ordered = {name: arrays[name]
+             for name in expected_arrays(layers, fmt, float_dtype, code_layout)}
   return PackedModel(arch["name"], config, quantizer, layers, ordered, float_dtype,
-                     header["metadata"])
+                     header["metadata"], code_layout)
 
 
 def load(path: str | os.PathLike) -> PackedModel:
