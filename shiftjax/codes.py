@@ -229,6 +229,22 @@ def _field_shifts(bits: int) -> np.ndarray:
   return np.arange(codes_per_word(bits), dtype=np.uint32) * np.uint32(bits)
 
 
+def _check_codes(codes, bits: int):
+  """``codes`` as an integer array (numpy for a list), its values in 0..2**bits-1 when
+  they are concrete (under ``jit`` they cannot be checked)."""
+  if not hasattr(codes, "dtype"):
+    codes = np.asarray(codes)
+  if not jnp.issubdtype(codes.dtype, jnp.integer):
+    raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
+  if _is_concrete(codes) and codes.size:
+    values = np.asarray(codes)
+    lo, hi = values.min(), values.max()
+    if lo < 0 or hi >= 1 << bits:
+      raise ValueError(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, got values in "
+                       f"{lo}..{hi}")
+  return codes
+
+
 def pack(codes, bits: int, axis: int = 0):
   """Packs N-bit codes into uint32 words along ``axis``.
 
@@ -248,17 +264,8 @@ def pack(codes, bits: int, axis: int = 0):
     anything (export packs every layer shape once), else a jax array.
   """
   bits = _check_bits(bits)
-  if not hasattr(codes, "dtype"):
-    codes = np.asarray(codes)
-  if not jnp.issubdtype(codes.dtype, jnp.integer):
-    raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
+  codes = _check_codes(codes, bits)
   axis = _check_axis(axis, codes.ndim, "codes")
-  if _is_concrete(codes) and codes.size:
-    values = np.asarray(codes)
-    lo, hi = values.min(), values.max()
-    if lo < 0 or hi >= 1 << bits:
-      raise ValueError(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, got values in "
-                       f"{lo}..{hi}")
   if isinstance(codes, (np.ndarray, np.generic)):
     return _pack_checked(np, codes, bits, axis)
   return _pack_jit(codes, bits, axis)
@@ -361,16 +368,7 @@ def pack_bitplanes(codes, bits: int):
     input, computed on the host without compiling anything, else a jax array.
   """
   bits = _check_bits(bits)
-  if not hasattr(codes, "dtype"):
-    codes = np.asarray(codes)
-  if not jnp.issubdtype(codes.dtype, jnp.integer):
-    raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
-  if _is_concrete(codes) and codes.size:
-    values = np.asarray(codes)
-    lo, hi = values.min(), values.max()
-    if lo < 0 or hi >= 1 << bits:
-      raise ValueError(f"{bits}-bit codes must lie in 0..{(1 << bits) - 1}, got values in "
-                       f"{lo}..{hi}")
+  codes = _check_codes(codes, bits)
   if isinstance(codes, (np.ndarray, np.generic)):
     return _pack_bitplanes_checked(np, np.asarray(codes), bits)
   return _pack_bitplanes_jit(codes, bits)

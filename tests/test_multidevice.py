@@ -14,6 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+# End-to-end trainings on 4 and 1 devices: in the slow set (python -m pytest -m slow).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in the subprocess: each argument is a job, "fresh:QUANTIZER:WORKDIR" (train from

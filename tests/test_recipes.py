@@ -203,7 +203,8 @@ ALL_RECIPES = os.environ.get("SHIFTJAX_ALL_RECIPES", "") not in ("", "0")
 
 
 def _marks(group):
-  marks = []
+  # Fine-tuning runs a float training first, then converts it: the slow set has them.
+  marks = [pytest.mark.slow] if any(r.endswith(",finetune") for _, r in group) else []
   if not ALL_RECIPES and all(k == "imagenet" and r not in IMAGENET_REPRESENTATIVES
                              for k, r in group):
     marks.append(pytest.mark.skip(reason="same method runs in a CIFAR group and ImageNet "

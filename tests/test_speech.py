@@ -275,6 +275,7 @@ def test_speech_resnet_forward_and_gradients_with_a_shift_quantizer():
 # --------------------------------------------------------------------- recipe and export
 
 
+@pytest.mark.slow
 def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tmp_path):
   from experiments.configs import slu_denseshift3  # pylint: disable=g-import-not-at-top
   from shiftjax import export  # pylint: disable=g-import-not-at-top

@@ -175,6 +175,7 @@ def test_weight_decay_reaches_latents():
   assert mask["conv"]["kernel"]["sign"] and not mask["bn"]["scale"]
 
 
+@pytest.mark.slow
 def test_launchers_train_then_evaluate(tmp_path):
   """The absl launchers on the real offline Fashion-MNIST (prepared into a tmp dir)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -256,6 +256,7 @@ def accuracy(model, variables, source, n=2000):
   return float(jnp.mean(jnp.argmax(logits, -1) == source.labels[:n]))
 
 
+@pytest.mark.slow
 def test_float_fashion_mnist_converts_to_a_working_3bit_denseshift(float_fashion_run):
   data_dir, workdir, summary = float_fashion_run
   assert summary["test_accuracy"] > 0.6, summary
@@ -290,6 +291,7 @@ def test_float_fashion_mnist_converts_to_a_working_3bit_denseshift(float_fashion
   assert recalibrated_acc > 0.5 and recalibrated_acc > float_acc - 0.1
 
 
+@pytest.mark.slow
 def test_init_from_hook_starts_training_from_the_converted_float_model(float_fashion_run,
                                                                        tmp_path):
   data_dir, workdir, float_summary = float_fashion_run
