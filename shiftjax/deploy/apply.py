@@ -1,8 +1,10 @@
 """Runs a ``PackedModel`` with its weights kept packed: ``packed_apply``, ``forward``.
 
-Every quantized conv calls ``shiftjax.kernels.pow2_conv`` on the packed words (Pallas on
-GPU/TPU, decode + ``lax.conv`` with XLA on CPU), so the weights stay packed in memory.
-The kernels serve zero-free formats of 2..5 bits (DenseShift, DeepShift-Q up to 5 bits);
+The weights stay packed in memory and are decoded inside each call. On GPU/TPU a
+quantized conv calls ``shiftjax.kernels.pow2_conv`` (Pallas) on the kernels' word layout
+(bit-plane files are repacked into words in the jitted pass); on the CPU, words go to
+``pow2_conv``'s XLA path and bit planes are decoded directly, both then ``lax.conv``. The
+kernels serve zero-free formats of 2..5 bits (DenseShift, DeepShift-Q up to 5 bits);
 formats with a zero code (S3, DeepShift-PS) and wider codes are unpacked and decoded
 (``codes.decode``) in XLA and convolved with ``lax.conv`` on every backend.
 
@@ -26,6 +28,7 @@ from shiftjax import kernels
 from shiftjax import pooling
 from shiftjax.deploy.architecture import SPEECH_POOLS, Layer, PackedModelError
 from shiftjax.deploy.format import PackedModel, write_atomic
+
 
 def _uses_kernel(fmt: codes_lib.CodeFormat) -> bool:
   return not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
