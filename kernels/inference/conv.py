@@ -131,8 +131,4 @@ def _xla_conv(x, packed, scale, bias, *, bits, e0, kernel_shape, strides, pads):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
       preferred_element_type=jnp.float32)
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y
+  return mm.xla_epilogue(y, scale, bias)

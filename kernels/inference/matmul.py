@@ -196,6 +196,11 @@ def _xla_matmul(x2, packed, scale, bias, *, bits, e0, k):
   w = codes_lib.decode(unpack_codes(packed, bits, k), fmt, x2.dtype)
   y = jnp.dot(x2, w, precision=_dot_precision(x2.dtype),
               preferred_element_type=jnp.float32)
+  return xla_epilogue(y, scale, bias)
+
+
+def xla_epilogue(y, scale, bias):
+  """``y * scale + bias`` with either left out when None (the XLA paths' epilogue)."""
   if scale is not None:
     y = y * scale
   if bias is not None:

@@ -459,7 +459,7 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   if version == 1 and not digest_ok:
     raise checksum_error
   try:
-    model = _model_from_header(version, header, buf, data_start)
+    model = _model_from_header(version, header, buf, head_end, data_start)
   except PackedModelError as e:
     raise fail(str(e)) from None
   if not digest_ok:  # every part checked out: the damage is in the final digest itself
@@ -477,7 +477,7 @@ def _check_padding(buf: bytes, gaps: Sequence[tuple[int, int]]) -> None:
       raise PackedModelError(f"corrupted padding: byte {offset} is {buf[offset]}, expected 0")
 
 
-def _model_from_header(version: int, header: dict, buf: bytes,
+def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
                        data_start: int) -> PackedModel:
   keys, array_keys = _HEADER_KEYS[version], _ARRAY_KEYS[version]
   missing, unknown = keys - set(header), set(header) - keys
@@ -558,7 +558,7 @@ def _model_from_header(version: int, header: dict, buf: bytes,
             "do not match its CRC-32")
     ends = [data_start] + [data_start + end for _, end, _ in spans]
     starts = [data_start + start for start, _, _ in spans] + [data_start + data_bytes]
-    header_gap = (_PREFIX.size + _PREFIX.unpack_from(buf, 0)[2] + DIGEST_BYTES, data_start)
+    header_gap = (head_end + DIGEST_BYTES, data_start)  # after the header's digest
     _check_padding(buf, [header_gap, *zip(ends, starts)])
 
   arrays = {}
