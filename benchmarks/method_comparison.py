@@ -16,9 +16,9 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   """{method name: [summary of each seed]} of ``base`` trained once per method and seed.
 
   Runs one after the other (never two trainings at once on a small machine), each in
-  ``<parent_workdir>/<first word of the name, lower case>[_seed<s>]`` (seed 0 keeps the
-  directory of the one-seed benchmark) so that an interrupted benchmark resumes; nothing
-  is exported.
+  ``<parent_workdir>/<name, lower case, spaces as _>[_seed<s>]`` so that an interrupted
+  benchmark resumes (and "DenseShift 2-bit" and "DenseShift 3-bit" never share one);
+  nothing is exported.
   """
   summaries = {name: [] for name in methods}
   for seed in seeds:
@@ -28,7 +28,7 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
       config.update(overrides)
       config.seed = int(seed)
       config.export_packed = False
-      directory = name.split()[0].lower() + (f"_seed{seed}" if seed else "")
+      directory = "_".join(name.lower().split()) + (f"_seed{seed}" if seed else "")
       summaries[name].append(train.train_and_evaluate(config, os.path.join(parent_workdir,
                                                                            directory)))
   return summaries

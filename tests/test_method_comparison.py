@@ -35,3 +35,23 @@ def test_table_prints_every_seed_and_the_gap(capsys):
   shift = next(l for l in out if l.startswith("shift"))
   assert "0.8800  0.8900" in shift and "0.8850" in shift
   assert "-2.50 +- " in shift and shift.rstrip().endswith("2.0")
+
+
+def test_every_method_and_seed_trains_in_its_own_directory(monkeypatch, tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(method_comparison.train, "train_and_evaluate",
+                      lambda config, workdir: calls.append((config, workdir)) or {})
+  base = ml_collections.ConfigDict({"quantizer": "float", "bits": 3, "seed": 7,
+                                    "export_packed": True})
+  methods = {"float": {"quantizer": "float"},
+             "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
+             "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3}}
+  summaries = method_comparison.train_each(base, methods, str(tmp_path), seeds=(0, 1))
+  assert [len(s) for s in summaries.values()] == [2, 2, 2]
+  names = [os.path.basename(w) for _, w in calls]
+  assert names == ["float", "denseshift_2-bit", "denseshift_3-bit",
+                   "float_seed1", "denseshift_2-bit_seed1", "denseshift_3-bit_seed1"]
+  assert [(c.quantizer, c.bits, c.seed) for c, _ in calls[3:]] == [
+      ("float", 3, 1), ("DenseShift", 2, 1), ("DenseShift", 3, 1)]
+  assert not any(c.export_packed for c, _ in calls) and base.seed == 7
