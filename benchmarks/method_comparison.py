@@ -28,10 +28,14 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
       config.update(overrides)
       config.seed = int(seed)
       config.export_packed = False
-      directory = "_".join(name.lower().split()) + (f"_seed{seed}" if seed else "")
-      summaries[name].append(train.train_and_evaluate(config, os.path.join(parent_workdir,
-                                                                           directory)))
+      summaries[name].append(train.train_and_evaluate(
+          config, os.path.join(parent_workdir, directory_name(name, seed))))
   return summaries
+
+
+def directory_name(name: str, seed: int) -> str:
+  """``'denseshift_3-bit_seed1'``: the workdir of a method and seed below the parent."""
+  return "_".join(name.lower().split()) + (f"_seed{seed}" if seed else "")
 
 
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Packed model file sizes against float32 weights: ResNet-20 and ResNet-18, 2..5 bits.
+"""Packed model file sizes against float32 weights: ResNet-20 and ResNet-18, 2..5 bits
+and mixed widths.
 
     python benchmarks/packed_size.py
 
@@ -10,7 +11,9 @@ bytes (header and digests included), the stored bits per quantized weight, the b
 weight of the whole file, and
 how much smaller the file is than the network's float32 weights (every conv/dense kernel
 plus BatchNorm gamma, beta, mean, var and the dense bias, as ``train.weight_bytes``).
-The stem and the classifier stay float32, as in the training recipe.
+The stem and the classifier stay float32, as in the training recipe. The ``mixed`` row
+has the first and the last quantized stage at 4 bits and the others at 2 (per-layer
+specs, ``layer_quantizers``): every layer is stored at its own width.
 
 The latents use DenseShift's ``'binary'`` encoding (N-1 latents per weight, not the
 chain's 2**(N-1)-1) to keep ResNet-18 at 5 bits in memory; the codes and so the file are
@@ -30,21 +33,33 @@ import shiftjax as sj
 from shiftjax import export as ex
 from shiftjax import models
 
-MODELS = {
-    "ResNet-20 (CIFAR-10)": (lambda q: models.resnet20(num_classes=10, quantizer=q),
-                             (32, 32, 3)),
-    "ResNet-18 (ImageNet)": (lambda q: models.resnet18(num_classes=1000, quantizer=q),
-                             (64, 64, 3)),
+MODELS = {  # name: (make(quantizer, layer_quantizers), input shape, number of stages)
+    "ResNet-20 (CIFAR-10)": (lambda q, rules: models.resnet20(
+        num_classes=10, quantizer=q, layer_quantizers=rules), (32, 32, 3), 3),
+    "ResNet-18 (ImageNet)": (lambda q, rules: models.resnet18(
+        num_classes=1000, quantizer=q, layer_quantizers=rules), (64, 64, 3), 4),
 }
 
 
+def dense_shift(bits: int) -> sj.DenseShift:
+  return sj.DenseShift(bits=bits, encoding="binary", init_method="he")
+
+
+def widths(stages: int):
+  """(label, default quantizer, per-layer rules): 2..5 bits, then mixed 4/2../4."""
+  for bits in (2, 3, 4, 5):
+    yield str(bits), dense_shift(bits), ()
+  yield "mixed", dense_shift(2), (("stage1_*/*", dense_shift(4)),
+                                  (f"stage{stages}_*/*", dense_shift(4)))
+
+
 def main():
-  print(f"{'model':22s} {'bits':>4s} {'layout':>9s} {'file KiB':>10s} {'float32 KiB':>12s} "
+  print(f"{'model':22s} {'bits':>5s} {'layout':>9s} {'file KiB':>10s} {'float32 KiB':>12s} "
         f"{'smaller':>8s} {'bits/q-weight':>13s} {'bits/weight':>11s} {'q-weights':>10s}")
   with tempfile.TemporaryDirectory() as tmp:
-    for name, (make, image_shape) in MODELS.items():
-      for bits in (2, 3, 4, 5):
-        model = make(sj.DenseShift(bits=bits, encoding="binary", init_method="he"))
+    for name, (make, image_shape, stages) in MODELS.items():
+      for bits, quantizer, rules in widths(stages):
+        model = make(quantizer, rules)
         variables = jax.jit(functools.partial(model.init, train=False))(
             jax.random.key(0, impl="rbg"), jnp.zeros((1, *image_shape)))
         for layout in sj.deploy.CODE_LAYOUTS:
@@ -54,7 +69,7 @@ def main():
           size = os.path.getsize(path)
           report = packed.size_report()
           total_weights = report["float32_weight_bytes"] // 4
-          print(f"{name:22s} {bits:4d} {layout:>9s} {size / 1024:10.1f} "
+          print(f"{name:22s} {bits:>5s} {layout:>9s} {size / 1024:10.1f} "
                 f"{report['float32_weight_bytes'] / 1024:12.1f} "
                 f"{report['float32_weight_bytes'] / size:7.2f}x "
                 f"{report['bits_per_quantized_weight']:13.3f} "

@@ -1,7 +1,8 @@
 """shiftjax: low-bit power-of-two (shift) neural networks in JAX/Flax.
 
 ``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
-``sj.DeepShiftQ``, ``sj.DeepShiftPS``), the code format (``sj.codes``), layers
+``sj.DeepShiftQ``, ``sj.DeepShiftPS``), activation quantizers (``sj.PACT``,
+``sj.FixedPoint``: ``sj.activations``), the code format (``sj.codes``), layers
 (``sj.layers``, ``sj.batch_norm``), models (``sj.models``), deployment of packed models
 (``sj.deploy``: the file format, BatchNorm folding, packed apply), export of trained flax
 models (``sj.export``), the kernels (``sj.kernels``: inference on packed codes;
@@ -11,15 +12,18 @@ models (``sj.export``), the kernels (``sj.kernels``: inference on packed codes;
 ``sj.host_memory.reuse_freed_memory()`` at the start of a CPU training program spares
 each step from faulting in XLA's scratch memory again.
 
-Only the quantizers and the code format are imported with the package; every other
+Only the quantizers (weights and activations) and the code format are imported with the
+package; every other
 module is imported on first use (``sj.train``, ``from shiftjax import train``). So a program that only loads and runs a packed model
 needs jax and numpy, not flax, optax, orbax, tensorflow-datasets or ml_collections.
 """
 
 import importlib
 
+from shiftjax import activations
 from shiftjax import codes
 from shiftjax import quantizers
+from shiftjax.activations import FixedPoint, PACT
 from shiftjax.quantizers import DeepShiftPS, DeepShiftQ, DenseShift, S3, s3_regularizer
 
 __version__ = "0.1.0"

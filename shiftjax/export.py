@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shiftjax import layers
 from shiftjax.deploy import architecture
 from shiftjax.deploy import folding
 # Re-exported: the deployment API under its historical home (see the module docstring).
@@ -39,18 +40,27 @@ def _leaf_shape(tree) -> tuple[int, ...]:
 
 def architecture_of(model: nn.Module, params) -> tuple[str, dict]:
   """(name, config) of a shiftjax ResNet module; ``params`` give the input channels."""
-  if not isinstance(model, (CifarResNet, ImageNetResNet, SpeechResNet)):
-    raise PackedModelError(f"export supports {', '.join(architecture.ARCHITECTURES)} "
-                           f"modules, got {type(model).__name__}")
+  _check_module(model)
   try:
     stem = params["stem"]["kernel"]
   except (KeyError, TypeError):
     raise PackedModelError("params have no 'stem/kernel': pass the variables of a "
                            "shiftjax ResNet ({'params': ..., 'batch_stats': ...})") from None
   # Every latent of a kernel, stacked or not, ends in (..., I, O).
-  in_channels = _leaf_shape(stem)[-2]
+  return architecture_config(model, _leaf_shape(stem)[-2])
+
+
+def _check_module(model) -> None:
+  if not isinstance(model, (CifarResNet, ImageNetResNet, SpeechResNet)):
+    raise PackedModelError(f"export supports {', '.join(architecture.ARCHITECTURES)} "
+                           f"modules, got {type(model).__name__}")
+
+
+def architecture_config(model: nn.Module, in_channels: int) -> tuple[str, dict]:
+  """(name, config) of a shiftjax ResNet module for inputs of ``in_channels``."""
+  _check_module(model)
   common = {"num_classes": int(model.num_classes), "in_channels": int(in_channels),
-            "full_precision": list(model.full_precision)}
+            **architecture.policy_to_config(layers.policy_of(model))}
   if isinstance(model, CifarResNet):
     name, config = "CifarResNet", dict(common, depth=int(model.depth),
                                        width_multiplier=float(model.width_multiplier))
@@ -74,8 +84,8 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
   Args:
     variables: ``{'params': ..., 'batch_stats': ...}`` of ``model`` (jax or numpy).
     model: the ``CifarResNet``, ``ImageNetResNet`` or ``SpeechResNet`` module the
-      variables belong to; its fields give the architecture, the quantizer and the
-      full-precision layers.
+      variables belong to; its fields give the architecture and the layer policy (the
+      quantizer, full-precision layers, per-layer specs and activation quantizers).
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
     code_layout: ``'bitplanes'`` (exactly N bits per quantized weight) or ``'words'``
@@ -91,8 +101,11 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
 def flax_module(packed: PackedModel) -> nn.Module:
   """The flax module ``packed`` was exported from (for comparisons and fine-tuning)."""
   c = packed.config
-  common = dict(num_classes=c["num_classes"], quantizer=packed.quantizer,
-                full_precision=tuple(c["full_precision"]))
+  policy = architecture.policy_from_config(c, packed.quantizer)
+  common = dict(num_classes=c["num_classes"], quantizer=policy.quantizer,
+                full_precision=policy.full_precision,
+                layer_quantizers=policy.layer_quantizers, activation=policy.activation,
+                layer_activations=policy.layer_activations)
   if packed.architecture == "CifarResNet":
     return CifarResNet(depth=c["depth"], width_multiplier=c["width_multiplier"], **common)
   if packed.architecture == "SpeechResNet":

@@ -5,8 +5,11 @@ and computes with ``quantizer.weight(latents)``; with ``quantizer=None`` the ker
 ordinary float array, so float and shift models share one definition.
 
 Which layers are quantized is a ``LayerPolicy``: a quantizer plus glob patterns of
-module paths (``'stem'``, ``'head'``, ``'stage3_*/*'``) that stay full precision. A
-layer with a policy resolves its quantizer from its own path when it is first called.
+module paths (``'stem'``, ``'head'``, ``'stage3_*/*'``) that stay full precision or get
+their own spec (mixed widths), and the activation spec of the layers' inputs. A layer
+with a policy resolves its specs from its own path when it is first called. A layer
+whose input is quantized (``shiftjax.activations``) keeps the quantizer's learned
+parameters (PACT's clipping range) as its ``'activation'`` parameter, a dict.
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ from shiftjax import quantizers as qz
 # The policy lives apart so that deployment can use it without flax; re-exported here.
 from shiftjax.policy import DEFAULT_FULL_PRECISION, LayerPolicy, is_latent_kernel  # pylint: disable=unused-import
 
+# The model fields that make up a LayerPolicy (every shiftjax ResNet has them).
+POLICY_FIELDS = ("quantizer", "full_precision", "layer_quantizers", "activation",
+                 "layer_activations")
+
+
+def policy_of(model) -> LayerPolicy:
+  """The ``LayerPolicy`` of a module with the ``POLICY_FIELDS``."""
+  return LayerPolicy(model.quantizer, tuple(model.full_precision),
+                     tuple(tuple(r) for r in model.layer_quantizers), model.activation,
+                     tuple(tuple(r) for r in model.layer_activations))
+
 Dtype = Any
 
 
@@ -31,12 +45,22 @@ def he_fan_out_init() -> nn.initializers.Initializer:
 
 
 class _QuantizedKernelMixin:
-  """Creates the ``'kernel'`` param (float or latents) and returns the float weight."""
+  """Creates the ``'kernel'`` param (float or latents) and returns the float weight;
+  quantizes the layer's input when its policy says so."""
 
   def resolved_quantizer(self) -> qz.Quantizer | None:
     if self.policy is not None:
       return self.policy.quantizer_for(self.scope.path)
     return self.quantizer
+
+  def quantized_input(self, x: jax.Array) -> jax.Array:
+    """``x`` through the layer's activation quantizer (unchanged without one)."""
+    spec = self.policy.activation_for(self.scope.path) if self.policy is not None else None
+    if spec is None:
+      return x
+    params = (self.param("activation", lambda key: spec.init(self.param_dtype))
+              if spec.param_shapes() else {})
+    return spec.quantize(params, x)
 
   def kernel_weight(self, shape: tuple[int, ...]) -> jax.Array:
     quantizer = self.resolved_quantizer()
@@ -74,6 +98,7 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.quantized_input(x)
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.kernel_weight(shape).astype(self.dtype)
     y = conv_lib.conv2d(x.astype(self.dtype), kernel, tuple(self.strides), self.padding,
@@ -96,6 +121,7 @@ class ShiftDense(_QuantizedKernelMixin, nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.quantized_input(x)
     kernel = self.kernel_weight((x.shape[-1], self.features)).astype(self.dtype)
     y = jnp.dot(x.astype(self.dtype), kernel)
     if self.use_bias:

@@ -1,43 +1,163 @@
-"""Which layers of a model are quantized: a quantizer and glob patterns of float layers.
+"""Which spec every layer of a model gets: its weight quantizer and its input quantizer.
 
 Shared by the flax layers (``shiftjax.layers``), which create latents or float kernels
-by it, and the packed forward pass (``shiftjax.deploy``), which rebuilds from a file's
-patterns which layers hold codes; it needs neither flax nor the training stack.
+and activation ranges by it, and the packed forward pass (``shiftjax.deploy``), which
+rebuilds from a file's patterns what every layer holds; it needs neither flax nor the
+training stack.
+
+Layers are named by their path below the model (``'stage1_block0/conv1'``); rules are
+``fnmatch`` globs matched against the whole path. A layer's weight spec is, in order:
+the spec of the one rule of ``full_precision`` (float) and ``layer_quantizers`` that
+matches it, else ``quantizer``. Its input (activation) spec: the one rule of
+``layer_activations`` that matches it, else ``activation`` if its weights are
+quantized, else float. Two rules that give one layer two different specs are an error
+(``PolicyError`` naming the layer and both patterns), never a silent precedence.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from shiftjax import quantizers as qz
 
 # The reference code keeps the stem conv and the classifier in full precision.
 DEFAULT_FULL_PRECISION = ("stem", "head")
 
+# A rule: (glob pattern, spec or None); a spec is a weight or an activation quantizer.
+Rules = tuple[tuple[str, Any], ...]
+
+
+class PolicyError(ValueError):
+  """A rule matches no layer, two rules give a layer two specs, or a rule is malformed."""
+
+
+def _describe(spec) -> str:
+  return "float" if spec is None else repr(spec)
+
+
+def _check_rules(field: str, rules: Any) -> None:
+  if isinstance(rules, str) or not isinstance(rules, (tuple, list)) or not all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules):
+    raise PolicyError(f"{field} must be a tuple of (glob pattern, spec) pairs, got "
+                      f"{rules!r}")
+
+
+def _match(name: str, rules: Iterable[tuple[str, Any]], what: str):
+  """``(found, spec)``: the spec of the rules matching ``name``, if any; PolicyError when
+  two matching rules disagree."""
+  hits = [(pattern, spec) for pattern, spec in rules if fnmatch.fnmatchcase(name, pattern)]
+  for pattern, spec in hits[1:]:
+    if spec != hits[0][1]:
+      raise PolicyError(
+          f"layer {name!r} gets two {what} specs: pattern {hits[0][0]!r} gives "
+          f"{_describe(hits[0][1])} and pattern {pattern!r} gives {_describe(spec)}; "
+          "make the patterns disjoint (a full_precision layer cannot also get a "
+          "quantizer)")
+  return (True, hits[0][1]) if hits else (False, None)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerPolicy:
-  """Which layers get ``quantizer``: all but those whose path matches a pattern.
+  """The weight and input specs of every layer of a model (see the module docstring).
 
-  Paths are module names joined by ``/`` below the model (``'stage1_block0/conv1'``);
-  patterns are ``fnmatch`` globs matched against the whole path.
+  Attributes:
+    quantizer: weight spec of every layer no rule names (None: float).
+    full_precision: patterns of layers whose weights stay float.
+    layer_quantizers: ``(pattern, weight spec or None)`` rules, e.g. mixed widths
+      ``(('stage1_*/*', DenseShift(4)), ('stage3_*/*', DenseShift(4)))``.
+    activation: input spec (``shiftjax.activations``) of every quantized layer no
+      activation rule names (None: float inputs).
+    layer_activations: ``(pattern, activation spec or None)`` rules, e.g.
+      ``(('stem', PACT(8, signed=True)),)`` to quantize the images too.
   """
   quantizer: qz.Quantizer | None = None
   full_precision: tuple[str, ...] = DEFAULT_FULL_PRECISION
+  layer_quantizers: Rules = ()
+  activation: Any = None
+  layer_activations: Rules = ()
 
   def __post_init__(self):
-    if isinstance(self.full_precision, str):
-      raise ValueError(
-          f"full_precision must be a tuple of patterns, got the string {self.full_precision!r}")
+    if isinstance(self.full_precision, str) or not all(
+        isinstance(p, str) for p in self.full_precision):
+      raise PolicyError(f"full_precision must be a tuple of patterns, got "
+                        f"{self.full_precision!r}")
+    _check_rules("layer_quantizers", self.layer_quantizers)
+    _check_rules("layer_activations", self.layer_activations)
+    for pattern, spec in self.layer_quantizers:
+      if spec is not None and not isinstance(spec, qz.Quantizer):
+        raise PolicyError(f"layer_quantizers pattern {pattern!r}: {spec!r} is not a "
+                          "weight quantizer spec (shiftjax.quantizers) or None")
 
-  def quantizer_for(self, path: Sequence[str]) -> qz.Quantizer | None:
-    """The quantizer of the layer at ``path`` (None: kept full precision)."""
-    name = "/".join(path)
-    if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.full_precision):
-      return None
-    return self.quantizer
+  def _weight_rules(self) -> list[tuple[str, Any]]:
+    return [(p, None) for p in self.full_precision] + [tuple(r) for r in self.layer_quantizers]
+
+  def quantizer_for(self, path: Sequence[str] | str) -> qz.Quantizer | None:
+    """The weight spec of the layer at ``path`` (None: kept full precision)."""
+    name = path if isinstance(path, str) else "/".join(path)
+    found, spec = _match(name, self._weight_rules(), "weight")
+    return spec if found else self.quantizer
+
+  def activation_for(self, path: Sequence[str] | str):
+    """The spec of the layer's input (None: float inputs)."""
+    name = path if isinstance(path, str) else "/".join(path)
+    found, spec = _match(name, self.layer_activations, "activation")
+    if found:
+      return spec
+    return self.activation if self.quantizer_for(name) is not None else None
+
+  def check_patterns(self, layer_names: Sequence[str]) -> None:
+    """PolicyError unless every rule's pattern matches one of ``layer_names`` and no
+    layer gets two specs; call it with every conv and dense layer of the model."""
+    for field, patterns in (("layer_quantizers", [p for p, _ in self.layer_quantizers]),
+                            ("layer_activations", [p for p, _ in self.layer_activations]),
+                            ("full_precision", self.full_precision)):
+      for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layer_names):
+          shown = ", ".join(layer_names[:6]) + (", ..." if len(layer_names) > 6 else "")
+          raise PolicyError(f"{field} pattern {pattern!r} matches no layer of the model "
+                            f"(layers: {shown})")
+    for name in layer_names:
+      self.quantizer_for(name)
+      self.activation_for(name)
+
+  def weight_specs(self, layer_names: Iterable[str]) -> dict[str, qz.Quantizer]:
+    """``{layer: weight spec}`` of the quantized layers among ``layer_names``."""
+    specs = {n: self.quantizer_for(n) for n in layer_names}
+    return {n: q for n, q in specs.items() if q is not None}
+
+  @property
+  def is_mixed(self) -> bool:
+    """Whether some layers' weight specs differ from ``quantizer`` by a rule."""
+    return any(spec != self.quantizer for _, spec in self.layer_quantizers)
+
+
+def spec_of(specs: Any, name: str):
+  """``specs[name]`` for a ``{layer path: spec}`` mapping, else ``specs`` itself (one spec
+  for every layer): what functions that take "a quantizer or one per layer" look up."""
+  if isinstance(specs, Mapping):
+    if name not in specs:
+      raise KeyError(f"no spec for layer {name!r}; the mapping has {sorted(specs)[:6]}")
+    return specs[name]
+  return specs
+
+
+def parse_rules(field: str, text: str | Sequence[str]) -> list[tuple[str, str]]:
+  """``'stage1_*/*=4, head=float'`` (or a sequence of ``'pattern=value'``) as
+  ``[(pattern, value), ...]``; PolicyError naming ``field`` and the entry if malformed."""
+  entries = text.split(",") if isinstance(text, str) else list(text)
+  rules = []
+  for entry in entries:
+    entry = entry.strip()
+    if not entry:
+      continue
+    pattern, sep, value = entry.partition("=")
+    if not sep or not pattern.strip() or not value.strip():
+      raise PolicyError(f"{field} entry {entry!r} is not 'pattern=value' (e.g. "
+                        "'stage1_*/*=4')")
+    rules.append((pattern.strip(), value.strip()))
+  return rules
 
 
 def is_latent_kernel(kernel) -> bool:

@@ -27,14 +27,17 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
 from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
+from shiftjax.deploy import architecture
 from shiftjax import export as export_lib
 from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
 from shiftjax import models
+from shiftjax import policy as policy_lib
 from shiftjax import quantizers as qz
 from shiftjax import transfer
 
@@ -74,7 +77,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model: unknown model {config.model!r}; "
                      f"allowed: {sorted(models.MODELS)}")
   data_lib.get_spec(config.dataset)
-  create_quantizer(config)
+  layer_plan(config)  # every quantizer and policy rule, checked against the layers
   for field, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                          ("fast_grad", tuple(FAST_GRAD)),
                          ("weight_decay_on", WEIGHT_DECAY_ON)):
@@ -99,12 +102,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f"{devices} devices of this run")
 
 
-def create_quantizer(config) -> qz.Quantizer | None:
-  """The spec named by ``config.quantizer`` with the options that spec has."""
-  options = {"bits": config.bits, "e0": config.e0, "encoding": config.encoding,
-             "surrogate": config.surrogate, "init_method": config.init_method,
-             "rounding": config.rounding}
-  name = config.quantizer
+def create_quantizer(config, method: str | None = None,
+                     bits: int | None = None) -> qz.Quantizer | None:
+  """The spec named by ``config.quantizer`` (or ``method``) at ``config.bits`` (or
+  ``bits``), with the options that spec has."""
+  options = {"bits": config.bits if bits is None else bits, "e0": config.e0,
+             "encoding": config.encoding, "surrogate": config.surrogate,
+             "init_method": config.init_method, "rounding": config.rounding}
+  name = config.quantizer if method is None else method
   if name.lower() in ("float", "none", ""):
     return None
   cls = {k.lower(): v for k, v in qz.QUANTIZERS.items()}.get(name.lower())
@@ -117,6 +122,110 @@ def create_quantizer(config) -> qz.Quantizer | None:
   return cls(**kwargs)
 
 
+def _rule_error(field: str, pattern: str, value: str, problem: str) -> ValueError:
+  return policy_lib.PolicyError(f"config.{field} entry '{pattern}={value}': {problem}")
+
+
+def _weight_rule(config, pattern: str, value: str) -> qz.Quantizer | None:
+  """``'float'``, ``'<bits>'`` (config.quantizer's method) or ``'<Method>:<bits>'``."""
+  if value.lower() == "float":
+    return None
+  method, _, bits = value.rpartition(":") if ":" in value else (None, "", value)
+  if not bits.isdigit():
+    raise _rule_error("layer_quantizers", pattern, value,
+                      "the value must be 'float', '<bits>' or '<Method>:<bits>' "
+                      "(e.g. 'DenseShift:4')")
+  if method is None and create_quantizer(config) is None:
+    raise _rule_error("layer_quantizers", pattern, value,
+                      "config.quantizer is float, so name the method ('DenseShift:4')")
+  try:
+    return create_quantizer(config, method, int(bits))
+  except ValueError as e:
+    raise _rule_error("layer_quantizers", pattern, value, str(e)) from None
+
+
+def create_activation(config, bits: int | None = None, signed: bool = False,
+                      field: str = "activation_bits"):
+  """The activation spec of ``config.activation_quantizer`` at ``bits`` (default
+  ``config.activation_bits``; 0: None, float activations)."""
+  bits = config.activation_bits if bits is None else bits
+  if not isinstance(bits, int) or isinstance(bits, bool) or bits < 0:
+    raise ValueError(f"config.{field} must be 0 (float) or a number of bits, got {bits!r}")
+  if bits == 0:
+    return None
+  name = config.get("activation_quantizer", "PACT")
+  if name not in act_lib.ACTIVATION_QUANTIZERS:
+    raise ValueError(f"config.activation_quantizer must be one of "
+                     f"{list(act_lib.ACTIVATION_QUANTIZERS)}, got {name!r}")
+  try:
+    if name == "FixedPoint":
+      integer_bits = config.get("activation_integer_bits", 16)
+      return act_lib.FixedPoint(integer_bits, bits - integer_bits)
+    return act_lib.PACT(bits, init_clip=float(config.get("activation_clip", 6.0)),
+                        signed=signed)
+  except ValueError as e:
+    raise ValueError(f"config.{field}={bits}: {e}") from None
+
+
+def _activation_rule(config, pattern: str, value: str):
+  """``'float'``, ``'<bits>'`` or ``'<bits>:signed'`` (PACT over [-clip, clip])."""
+  if value.lower() == "float":
+    return None
+  bits, _, how = value.partition(":")
+  if not bits.isdigit() or how not in ("", "signed") or int(bits) == 0:
+    raise _rule_error("layer_activations", pattern, value,
+                      "the value must be 'float', '<bits>' or '<bits>:signed'")
+  try:
+    return create_activation(config, int(bits), signed=how == "signed",
+                             field="layer_activations")
+  except ValueError as e:
+    raise _rule_error("layer_activations", pattern, value, str(e)) from None
+
+
+def create_policy(config) -> layers.LayerPolicy:
+  """The layer policy of ``config``: its quantizer, full-precision layers, per-layer
+  weight specs (``config.layer_quantizers``) and activation quantizers."""
+  weight_rules = tuple(
+      (p, _weight_rule(config, p, v))
+      for p, v in policy_lib.parse_rules("config.layer_quantizers",
+                                         config.get("layer_quantizers", "")))
+  act_rules = tuple(
+      (p, _activation_rule(config, p, v))
+      for p, v in policy_lib.parse_rules("config.layer_activations",
+                                         config.get("layer_activations", "")))
+  activation = create_activation(config) if config.get("activation_bits", 0) else None
+  return layers.LayerPolicy(create_quantizer(config), tuple(config.full_precision_layers),
+                            weight_rules, activation, act_rules)
+
+
+def layer_plan(config, model: nn.Module | None = None) -> tuple[architecture.Layer, ...]:
+  """Every layer of ``config``'s model with its weight and input specs (no compile);
+  PolicyError when a rule of the policy matches no layer or gives a layer two specs."""
+  spec = data_lib.get_spec(config.dataset)
+  model = model or create_model(config, spec.num_classes)
+  name, arch = export_lib.architecture_config(model, spec.image_shape[-1])
+  return architecture.build_layers(name, arch, model.quantizer)
+
+
+def layer_quantizers(plan) -> dict[str, qz.Quantizer]:
+  """``{layer path: weight spec}`` of the quantized layers of a ``layer_plan``."""
+  return {l.name: l.quantizer for l in plan if l.quantized}
+
+
+def describe_policy(config) -> str:
+  """One line: the quantizer, and the per-layer and activation rules when there are."""
+  parts = [config.quantizer if config.quantizer.lower() != "float" else "float"]
+  if parts[0] != "float":
+    parts[0] += f" {config.bits}-bit"
+  if config.get("layer_quantizers"):
+    parts.append(f"layers {config.layer_quantizers}")
+  if config.get("activation_bits"):
+    parts.append(f"{config.activation_bits}-bit {config.activation_quantizer} activations")
+  if config.get("layer_activations"):
+    parts.append(f"activations {config.layer_activations}")
+  return ", ".join(parts)
+
+
 def step_compiler_options(config) -> dict[str, str]:
   """Compiler options of the jitted train and eval steps (``config.eigen_convs``)."""
   return conv.eigen_conv_options() if config.get("eigen_convs", "auto") == "auto" else {}
@@ -124,8 +233,11 @@ def step_compiler_options(config) -> dict[str, str]:
 
 def create_model(config, num_classes: int) -> nn.Module:
   """The ``config.model`` ResNet with ``config``'s quantizer, layer policy and conv path."""
-  kwargs = dict(num_classes=num_classes, quantizer=create_quantizer(config),
-                full_precision=tuple(config.full_precision_layers),
+  policy = create_policy(config)
+  kwargs = dict(num_classes=num_classes, quantizer=policy.quantizer,
+                full_precision=policy.full_precision,
+                layer_quantizers=policy.layer_quantizers, activation=policy.activation,
+                layer_activations=policy.layer_activations,
                 fast_grad=FAST_GRAD[config.fast_grad])
   if config.model in ("resnet18", "resnet34", "resnet50"):
     return models.get(config.model, **kwargs)
@@ -260,17 +372,21 @@ def quantized_kernels(params) -> dict[str, Any]:
   return found
 
 
-def all_codes(params, quantizer: qz.Quantizer) -> dict[str, jax.Array]:
-  """``{layer path: uint8 codes}`` of every quantized kernel in ``params``."""
-  return {k: quantizer.codes(v) for k, v in quantized_kernels(params).items()}
+def all_codes(params, quantizer) -> dict[str, jax.Array]:
+  """``{layer path: uint8 codes}`` of every quantized kernel in ``params``; ``quantizer``
+  is one spec or ``{layer path: spec}`` (mixed widths, ``layer_quantizers``)."""
+  return {k: policy_lib.spec_of(quantizer, k).codes(v)
+          for k, v in quantized_kernels(params).items()}
 
 
-def code_changes(old: dict, new: dict, fmt: codes_lib.CodeFormat) -> dict[str, jax.Array]:
-  """Fractions of quantized weights whose sign bit / exponent index changed."""
+def code_changes(old: dict, new: dict, fmt) -> dict[str, jax.Array]:
+  """Fractions of quantized weights whose sign bit / exponent index changed; ``fmt`` is
+  one ``CodeFormat`` or ``{layer path: CodeFormat}``."""
   signs = exps = total = 0
   for key in new:
-    old_sign, old_index = codes_lib.split(old[key], fmt)
-    new_sign, new_index = codes_lib.split(new[key], fmt)
+    layer_fmt = policy_lib.spec_of(fmt, key)
+    old_sign, old_index = codes_lib.split(old[key], layer_fmt)
+    new_sign, new_index = codes_lib.split(new[key], layer_fmt)
     signs += jnp.sum(old_sign != new_sign)
     exps += jnp.sum(old_index != new_index)
     total += new[key].size
@@ -345,23 +461,24 @@ def restore_for_eval(workdir: str, config, state: TrainState, step: int | None =
 # ------------------------------------------------------------------------- weight sizes
 
 
-def weight_bytes(params, batch_stats, quantizer: qz.Quantizer | None) -> dict[str, int]:
+def weight_bytes(params, batch_stats, quantizer) -> dict[str, int]:
   """Bytes of the inference weights: all float32, and with N-bit packed shift kernels.
 
-  Packed shift kernels are stored as uint32 words of floor(32/N) codes along the
-  contraction dimension (``codes.pack``); everything else stays float32.
+  ``quantizer`` is one spec or ``{layer path: spec}`` (mixed widths). Packed shift
+  kernels take exactly N bits per weight (the bit-plane layout of the packed file, in
+  whole uint32 words); everything else stays float32.
   """
   latent = quantized_kernels(params)
   latent_leaves = {id(leaf) for tree in latent.values() for leaf in jax.tree.leaves(tree)}
   float_elems = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, batch_stats))
                     if id(x) not in latent_leaves)
   quant_elems = packed = 0
-  for tree in latent.values():
+  for name, tree in latent.items():
     shape = tree["sign"].shape if "sign" in tree else next(iter(tree.values())).shape
-    contraction, out = int(np.prod(shape[:-1])), shape[-1]
-    quant_elems += contraction * out
-    per_word = 32 // quantizer.bits
-    packed += 4 * math.ceil(contraction / per_word) * out
+    size = int(np.prod(shape))
+    quant_elems += size
+    bits = policy_lib.spec_of(quantizer, name).bits
+    packed += 4 * math.ceil(size / codes_lib.WORD_BITS) * bits
   return {"float32_weight_bytes": 4 * (float_elems + quant_elems),
           "packed_weight_bytes": 4 * float_elems + packed,
           "quantized_weights": quant_elems, "float_weights": float_elems}
@@ -435,8 +552,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_ds = make_eval_dataset(config)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = total_train_steps(config, steps_per_epoch)
-  quantizer = create_quantizer(config)
   model = create_model(config, spec.num_classes)
+  quantizers = layer_quantizers(layer_plan(config, model))  # {layer: its weight spec}
+  quantizer = model.quantizer
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
 
   mesh = create_mesh()
@@ -446,29 +564,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = restore_latest(manager, state)
   # --config.init_from: a fresh run starts from a converted float checkpoint (a resumed
   # run keeps its own checkpoint).
-  state = replicate(transfer.init_from_config(state, config, quantizer), mesh)
+  state = replicate(transfer.init_from_config(state, config, quantizers or None), mesh)
   start_step = int(state.step)
 
-  s3_alpha = config.s3_regularizer if isinstance(quantizer, qz.S3) else 0.0
+  s3_alpha = (config.s3_regularizer if any(isinstance(q, qz.S3) for q in quantizers.values())
+              else 0.0)
   p_train_step = jax.jit(functools.partial(
       train_step, dataset=config.dataset, s3_alpha=s3_alpha,
       rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
       compiler_options=step_compiler_options(config))
   p_eval_step = jit_eval_step(config)
-  p_codes = jax.jit(functools.partial(all_codes, quantizer=quantizer)) if quantizer else None
-  p_changes = (jax.jit(functools.partial(code_changes, fmt=quantizer.code_format))
-               if quantizer else None)
+  p_codes = (jax.jit(functools.partial(all_codes, quantizer=quantizers)) if quantizers
+             else None)
+  p_changes = (jax.jit(functools.partial(
+      code_changes, fmt={k: q.code_format for k, q in quantizers.items()}))
+               if quantizers else None)
 
   p_all_finite = jax.jit(all_finite)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   end_step = total_steps if stop_after_steps is None else min(
       total_steps, start_step + stop_after_steps)
   progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
-  say(f"Training {config.model} ({quantizer or 'float'}) on {config.dataset}: {total_steps} "
+  say(f"Training {config.model} ({describe_policy(config)}) on {config.dataset}: {total_steps} "
       f"steps ({steps_per_epoch}/epoch) on {jax.device_count()} device(s), from step "
       f"{start_step}")
 
-  prev_codes = p_codes(state.params) if quantizer else None
+  prev_codes = p_codes(state.params) if quantizers else None
   window: list[dict] = []
   window_start = time.time()
   batches = train_ds.iterator(start_step)
@@ -492,7 +613,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars["learning_rate"] = float(lr_fn(step - 1))
         scalars["epoch"] = step / steps_per_epoch
         scalars["steps_per_second"] = len(window) / (time.time() - window_start)
-        if quantizer:
+        if quantizers:
           codes_now = p_codes(state.params)
           scalars.update({k: float(v) for k, v in p_changes(prev_codes, codes_now).items()})
           prev_codes = codes_now
@@ -512,9 +633,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results = evaluate(state, eval_ds, mesh, p_eval_step)
     writer.write(int(state.step), {k: v for k, v in results.items() if k != "test_examples"})
     summary.update(results)
-    summary.update(weight_bytes(state.params, state.batch_stats, quantizer))
+    summary.update(weight_bytes(state.params, state.batch_stats, quantizers))
     summary.update({"model": config.model, "dataset": config.dataset,
-                    "quantizer": repr(quantizer) if quantizer else "float"})
+                    "quantizer": repr(quantizer) if quantizer else "float",
+                    "policy": describe_policy(config)})
     if config.export_packed:
       summary.update(export_packed(config, workdir))
   writer.close()
@@ -554,13 +676,10 @@ def export_packed(config, workdir: str) -> dict:
   return {"packed_file": path, "packed_file_bytes": os.path.getsize(path)}
 
 
-def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
-                    float_dtype=jnp.float32) -> export_lib.PackedModel:
-  """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``.
-
-  ``config`` is the run's config; the dataset's input normalization is kept in the
-  metadata (``packed_apply`` takes normalized images, as the flax model does).
-  """
+def restore_variables(config, workdir: str | os.PathLike, *, step: int | None = None
+                      ) -> tuple[nn.Module, dict, int]:
+  """``(model, {'params', 'batch_stats'}, step)`` of the (latest, or ``step``) checkpoint
+  of a training run in ``workdir``; ``config`` is the run's config. Host numpy arrays."""
   validate_config(config)
   spec = data_lib.get_spec(config.dataset)
   model = create_model(config, spec.num_classes)
@@ -573,16 +692,26 @@ def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | No
                                      sharding=jax.sharding.SingleDeviceSharding(
                                          jax.devices()[0])), abstract)
   state = restore_for_eval(os.fspath(workdir), config, abstract, step)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return model, jax.device_get(variables), int(state.step)
+
+
+def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
+                    float_dtype=jnp.float32) -> export_lib.PackedModel:
+  """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``.
+
+  ``config`` is the run's config; the dataset's input normalization is kept in the
+  metadata (``packed_apply`` takes normalized images, as the flax model does).
+  """
+  model, variables, step = restore_variables(config, workdir, step=step)
+  spec = data_lib.get_spec(config.dataset)
   metadata = {
-      "source": {"model": config.model, "dataset": config.dataset,
-                 "step": int(state.step)},
+      "source": {"model": config.model, "dataset": config.dataset, "step": step},
       "input": {"image_shape": list(spec.image_shape), "dtype": "uint8",
                 "normalization": "(image / 255 - mean) / std",
                 "mean": list(spec.mean), "std": list(spec.std)},
   }
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return export_lib.export(jax.device_get(variables), model, float_dtype=float_dtype,
-                metadata=metadata)
+  return export_lib.export(variables, model, float_dtype=float_dtype, metadata=metadata)
 
 
 def export_checkpoint(config, workdir: str | os.PathLike, output: str | None = None, *,

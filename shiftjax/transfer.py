@@ -77,6 +77,7 @@ import jax
 import numpy as np
 
 from shiftjax import layers
+from shiftjax import policy as policy_lib
 from shiftjax import quantizers as qz
 
 DEFAULT_MARGIN = 1e-3
@@ -343,6 +344,11 @@ def _get(tree: Mapping, path: Path):
   return node
 
 
+def _is_activation_param(path: Path) -> bool:
+  """A learned parameter of a layer's activation quantizer (``layers``' 'activation')."""
+  return len(path) >= 2 and path[-2] == "activation"
+
+
 def _latent_layers(shift_params: Mapping) -> list[Path]:
   return [p[:-1] for p, v in _flatten(shift_params).items() if isinstance(v, dict)]
 
@@ -377,7 +383,8 @@ def scale_exponents(shift_params: Mapping, float_params: Mapping,
                        "model of the same architecture")
     has_norm = _get(float_params, norm_for(layer)) is not None
     out[layer] = choose_scale_exponents(
-        np.asarray(kernel), quantizer, granularity=granularity if has_norm else "none")
+        np.asarray(kernel), policy_lib.spec_of(quantizer, _name(layer)),
+        granularity=granularity if has_norm else "none")
   return out
 
 
@@ -388,10 +395,12 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
   """Shift-model parameters from float parameters of the same architecture.
 
   Args:
-    shift_params: the shift model's ``params`` (only its structure, shapes and dtypes
-      are used: values are never read, so replicated or sharded arrays are fine).
+    shift_params: the shift model's ``params`` (its structure, shapes and dtypes; of the
+      values only those of activation parameters the float model lacks are read).
     float_params: the float model's ``params`` (arrays readable on this host).
-    quantizer: the shift model's spec (None: a float model; everything is copied).
+    quantizer: the shift model's spec, or ``{layer path: spec}`` for mixed widths (None:
+      a float model; everything is copied). Activation-quantizer parameters the float
+      model lacks keep ``shift_params``' values (their initialization).
     margin, granularity: see ``shift_latents_from_float`` / ``choose_scale_exponents``.
     norm_for: the BatchNorm after a conv (``following_norm``).
   Returns:
@@ -402,6 +411,11 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
   """
   shift_flat = _flatten(shift_params)
   float_flat = _flatten(float_params)
+  # Activation quantizers' learned parameters (PACT's clipping range) that a float model
+  # without them lacks keep the shift model's values: their initialization.
+  kept = {p: np.asarray(v) for p, v in shift_flat.items()
+          if _is_activation_param(p) and p not in float_flat}
+  shift_flat = {p: v for p, v in shift_flat.items() if p not in kept}
   _check_same_paths(shift_flat, float_flat, "parameters")
   exponents = (scale_exponents(shift_params, float_params, quantizer,
                                granularity=granularity, norm_for=norm_for)
@@ -413,7 +427,8 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
       if quantizer is None:
         raise ValueError(f"layer {_name(path[:-1])!r} holds latents but no quantizer "
                          "was given")
-      latents = shift_latents_from_float(np.asarray(source), quantizer, margin=margin,
+      spec = policy_lib.spec_of(quantizer, _name(path[:-1]))
+      latents = shift_latents_from_float(np.asarray(source), spec, margin=margin,
                                          scale_exponent=exponents[path[:-1]])
       expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in leaf.items()}
       got = {k: (v.shape, np.dtype(leaf[k].dtype) if k in leaf else None)
@@ -421,7 +436,7 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
       if expected != got:
         raise ValueError(f"layer {_name(path[:-1])!r}: latents from a float kernel of "
                          f"shape {np.shape(source)} are {got}, the shift model has "
-                         f"{expected} (is the quantizer {quantizer!r} the model's?)")
+                         f"{expected} (is the quantizer {spec!r} the model's?)")
       out[path] = {k: v.astype(leaf[k].dtype) for k, v in latents.items()}
     else:
       if isinstance(source, dict):
@@ -431,6 +446,7 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
         raise ValueError(f"{_name(path)!r} has shape {np.shape(source)} in the float "
                          f"parameters, the shift model expects {tuple(leaf.shape)}")
       out[path] = np.asarray(source).astype(leaf.dtype)
+  out.update(kept)
   return _unflatten(out)
 
 

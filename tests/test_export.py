@@ -85,10 +85,15 @@ def run_config(quantizer="DenseShift", steps=60):
   return c
 
 
+# The policy fields of an architecture config with one quantizer and float activations.
+NO_RULES = {"layer_quantizers": [], "activation": None, "layer_activations": []}
+
+
 def split_file(buf):
-  """The documented layout (version 2), parsed independently of shiftjax.deploy."""
+  """The documented layout (version 3, laid out as 2), parsed independently of
+  shiftjax.deploy."""
   magic, version, header_len = struct.unpack_from("<8sIQ", buf, 0)
-  assert magic == b"SHIFTJAX" and version == 2
+  assert magic == b"SHIFTJAX" and version == 3
   header = json.loads(buf[20:20 + header_len])
   head_end = 20 + header_len
   assert buf[head_end:head_end + 32] == hashlib.sha256(buf[:head_end]).digest()
@@ -161,7 +166,8 @@ def short_training(config, data, workdir=None):
   return {"config": config, "workdir": workdir, "model": model,
           "variables": jax.device_get(variables),
           "float32_weight_bytes": train.weight_bytes(
-              state.params, state.batch_stats, train.create_quantizer(config))[
+              state.params, state.batch_stats,
+              train.layer_quantizers(train.layer_plan(config)))[
                   "float32_weight_bytes"]}
 
 
@@ -176,6 +182,16 @@ def trained(fashion_mnist, tmp_path_factory):
 def trained_s3(fashion_mnist):
   """An S3 3-bit ResNet-8 (width 0.5), briefly trained."""
   return short_training(run_config(quantizer="S3", steps=40), fashion_mnist)
+
+
+@pytest.fixture(scope="module")
+def trained_mixed(fashion_mnist, tmp_path_factory):
+  """A DenseShift ResNet-8 at 4, 3 and 2 bits by stage with PACT 4-bit activations (8-bit
+  signed at the stem, 8-bit at the classifier), briefly trained and checkpointed."""
+  config = run_config()
+  config.update(layer_quantizers="stage1_*/*=4,stage3_*/*=2", activation_bits=4,
+                layer_activations="stem=8:signed,head=8")
+  return short_training(config, fashion_mnist, str(tmp_path_factory.mktemp("mixed")))
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +221,50 @@ def test_packed_denseshift_matches_trained_model_on_full_test_set(trained, packe
   assert packed.arrays["stage1_block0/conv1/kernel"].dtype == np.uint32
   assert packed.metadata["source"] == {"model": "resnet8", "dataset": "fashion_mnist",
                                        "step": 60}
+
+
+def _param(params, path):
+  for part in path.split("/"):
+    params = params[part]
+  return params
+
+
+def test_packed_mixed_widths_and_quantized_activations_match_on_full_test_set(
+    trained_mixed, fashion_mnist, tmp_path):
+  model, variables = trained_mixed["model"], trained_mixed["variables"]
+  packed = train.packed_from_checkpoint(trained_mixed["config"], trained_mixed["workdir"])
+  # Every layer at its own width, stored at exactly that many bits per weight.
+  convs = [l for l in packed.layers if l.op in ("conv", "dense")]
+  width = {"stem": None, "stage1": 4, "stage2": 3, "stage3": 2, "head": None}
+  for layer in convs:
+    bits = width[layer.name.split("_")[0]]
+    assert (layer.quantizer.bits if layer.quantized else None) == bits, layer.name
+    if bits:
+      assert packed.arrays[f"{layer.name}/kernel"].shape == (
+          math.prod(layer.shape) // 32, bits)
+  sizes = [(math.prod(l.shape), l.quantizer.bits) for l in convs if l.quantized]
+  assert packed.size_report()["bits_per_quantized_weight"] == (
+      sum(n * b for n, b in sizes) / sum(n for n, _ in sizes))
+  # The activation specs and their learned ranges, exactly as trained.
+  specs = {l.name: l.activation for l in convs}
+  assert specs["stem"] == sj.PACT(8, signed=True) and specs["head"] == sj.PACT(8)
+  assert {specs[l.name] for l in convs if l.quantized} == {sj.PACT(4)}
+  clips = {}
+  for layer in convs:
+    clips[layer.name] = packed.arrays[f"{layer.name}/activation_clip"]
+    np.testing.assert_array_equal(
+        clips[layer.name], np.asarray(_param(variables["params"], layer.name)["activation"]["clip"]))
+  assert any(float(c) != 6.0 for c in clips.values())  # training moved the ranges
+  # The file keeps them; the packed forward pass quantizes as training did.
+  reloaded = ex.load(packed.save(tmp_path / "mixed.shiftjax"))
+  assert reloaded.layers == packed.layers
+  images = fashion_mnist["test_images"]
+  expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
+                              images)
+  got = apply_in_batches(lambda x: ex.packed_apply(reloaded, x), images)
+  np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+  accuracy = np.mean(np.argmax(got, -1) == fashion_mnist["test_labels"])
+  assert accuracy > 0.2  # it learned something (chance is 0.1)
 
 
 def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mnist):
@@ -273,7 +333,7 @@ def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
   assert loaded.config == {"num_classes": 6, "in_channels": 1,
                            "full_precision": ["stem", "head"], "stage_sizes": [1, 1],
                            "widths": [8, 16], "stem_strides": [2, 1], "first_stride": 1,
-                           "pooling": "meanmax"}
+                           "pooling": "meanmax", **NO_RULES}
   assert [l.op for l in loaded.layers][-2:] == ["speech_meanmax_pool", "dense"]
   assert loaded.layers[-1].shape == (32, 6)  # mean and max of 16 channels
   module = ex.flax_module(loaded)
@@ -343,7 +403,7 @@ def test_round_trip_keeps_arrays_and_metadata_exactly(packed, model_file):
   assert loaded.architecture == packed.architecture == "CifarResNet"
   assert loaded.config == packed.config == {
       "depth": 8, "num_classes": 10, "width_multiplier": 0.5, "in_channels": 1,
-      "full_precision": ["stem", "head"]}
+      "full_precision": ["stem", "head"], **NO_RULES}
   assert loaded.quantizer == packed.quantizer == sj.DenseShift(bits=3)
   assert loaded.layers == packed.layers
   assert loaded.float_dtype == "float32" and loaded.metadata == packed.metadata
@@ -428,10 +488,10 @@ def test_flipped_byte_is_refused_naming_where(model_file, tmp_path, position):
 
 def test_unsupported_version_is_refused(model_file, tmp_path):
   _, header, data = split_file(open(model_file, "rb").read())
-  path = tmp_path / "v3.shiftjax"
-  path.write_bytes(join_file(3, header, data))
+  path = tmp_path / "v4.shiftjax"
+  path.write_bytes(join_file(4, header, data))
   with pytest.raises(ex.PackedModelError,
-                     match="unsupported format version 3 at byte 8 .* reads versions 1, 2"):
+                     match="unsupported format version 4 at byte 8 .* reads versions 1, 2, 3"):
     ex.load(path)
 
 
@@ -666,6 +726,45 @@ def test_damaged_version1_file_is_refused(tmp_path):
   with pytest.raises(ex.PackedModelError, match=re.escape(
       f"checksum mismatch: the file is corrupted (SHA-256 of bytes 0..{len(buf) - 32}")):
     ex.load(tmp_path / "flipped.shiftjax")
+
+
+@pytest.mark.parametrize("name", V1_MODELS)
+def test_version2_file_loads_and_gives_its_logits(name, tmp_path):
+  # tests/data/make_v2_files.py wrote them with commit 4b7ef77 (the same models as v1).
+  path = os.path.join(V1_DIR, f"{name}.v2.shiftjax")
+  _, images, logits = _v1(name)
+  assert struct.unpack_from("<I", open(path, "rb").read(), 8) == (2,)
+  packed = ex.load(path)
+  assert packed.code_layout == "bitplanes"
+  assert packed.config["layer_quantizers"] == [] and packed.config["activation"] is None
+  assert all(l.activation is None and l.quantizer in (None, packed.quantizer)
+             for l in packed.layers)
+  got = np.asarray(ex.packed_apply(packed, images))
+  np.testing.assert_allclose(got, logits, rtol=0, atol=1e-6 * np.abs(logits).max())
+  np.testing.assert_array_equal(got.argmax(-1), logits.argmax(-1))
+  # Saved again it is a version 3 file with the same arrays and identical logits.
+  packed.save(tmp_path / "v3.shiftjax")
+  buf = open(tmp_path / "v3.shiftjax", "rb").read()
+  assert struct.unpack_from("<I", buf, 8) == (3,)
+  reloaded = ex.load(tmp_path / "v3.shiftjax")
+  for k, a in packed.arrays.items():
+    np.testing.assert_array_equal(reloaded.arrays[k], a)
+  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+
+
+def test_damaged_version2_file_is_refused(tmp_path):
+  path = os.path.join(V1_DIR, f"{V1_MODELS[0]}.v2.shiftjax")
+  buf = bytearray(open(path, "rb").read())
+  (tmp_path / "cut.shiftjax").write_bytes(bytes(buf[:-100]))
+  with pytest.raises(ex.PackedModelError, match=re.escape(
+      f"truncated at byte {len(buf) - 100} (expected {len(buf)})")):
+    ex.load(tmp_path / "cut.shiftjax")
+  header_len = struct.unpack_from("<Q", buf, 12)[0]
+  buf[20 + header_len // 2] ^= 1
+  (tmp_path / "header.shiftjax").write_bytes(bytes(buf))
+  with pytest.raises(ex.PackedModelError, match=re.escape(
+      f"header corrupted: the SHA-256 of bytes 0..{20 + header_len}")):
+    ex.load(tmp_path / "header.shiftjax")
 
 
 def test_bitplanes_and_words_files_give_identical_logits(trained, fashion_mnist):

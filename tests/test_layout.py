@@ -31,7 +31,8 @@ TRAINING_STACK = ("flax", "optax", "orbax", "tensorflow_datasets", "ml_collectio
                   "absl", "grain", "tensorflow", "tensorboardX")
 
 # The modules (and packages) the deployment package may import, directly or not.
-DEPLOY_MAY_IMPORT = ("shiftjax", "shiftjax.codes", "shiftjax.quantizers", "shiftjax.policy",
+DEPLOY_MAY_IMPORT = ("shiftjax", "shiftjax.activations", "shiftjax.codes",
+                     "shiftjax.quantizers", "shiftjax.policy",
                      "shiftjax.pooling", "shiftjax.kernels", "shiftjax.kernels.inference",
                      "shiftjax.deploy")
 
@@ -203,11 +204,15 @@ print("RESULT " + json.dumps({"models": out, "loaded": loaded}))
 
 def _packed_models():
   """Small initialized (untrained) models of each architecture, zero-free and with a
-  zero code, with batch statistics made up so that folding is not the identity."""
+  zero code, one at mixed widths with quantized activations, with batch statistics made
+  up so that folding is not the identity."""
   rng = np.random.default_rng(0)
   cases = [
+      # Mixed widths and PACT activations: both run on plain jax too.
       (models.resnet8(num_classes=10, quantizer=sj.DenseShift(bits=3),
-                      width_multiplier=1.0), (2, 16, 16, 3)),
+                      width_multiplier=1.0,
+                      layer_quantizers=(("stage3_*/*", sj.DenseShift(bits=4)),),
+                      activation=sj.activations.PACT(4)), (2, 16, 16, 3)),
       (models.ImageNetResNet(stage_sizes=(1, 1), block="basic", num_classes=7,
                              quantizer=sj.S3(bits=3)), (2, 32, 32, 3)),
       (models.speech_resnet(num_classes=5, quantizer=sj.DenseShift(bits=2),

@@ -54,9 +54,15 @@ def assert_trees_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
 
 
-@pytest.mark.parametrize("quantizer", ["DenseShift", "S3"])
-def test_interrupted_run_resumes_to_bit_identical_parameters(tmp_path, quantizer):
-  config = tiny_config(quantizer=quantizer)
+# Mixed methods and widths by stage, PACT 4-bit activations, an 8-bit signed stem input.
+MIXED = {"quantizer": "DenseShift", "layer_quantizers": "stage1_*/*=4,stage3_*/*=S3:3",
+         "activation_bits": 4, "layer_activations": "stem=8:signed"}
+
+
+@pytest.mark.parametrize("overrides", [{"quantizer": "DenseShift"}, {"quantizer": "S3"},
+                                       MIXED], ids=["DenseShift", "S3", "mixed"])
+def test_interrupted_run_resumes_to_bit_identical_parameters(tmp_path, overrides):
+  config = tiny_config(**overrides)
   with mocked():
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
     partial = train.train_and_evaluate(config, str(tmp_path / "split"), stop_after_steps=4)
@@ -136,12 +142,39 @@ def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path)
     ({"optimizer": "lamb"}, "config.optimizer must be one of"),
     ({"eigen_convs": "on"}, "config.eigen_convs must be one of ('auto', 'off'), got 'on'"),
     ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
+    ({"layer_quantizers": "stage4_*/*=2"},
+     "layer_quantizers pattern 'stage4_*/*' matches no layer of the model"),
+    ({"layer_quantizers": "stage1_*/*=4,*/conv1=2"},
+     "layer 'stage1_block0/conv1' gets two weight specs: pattern 'stage1_*/*' gives "
+     "DenseShift(bits=4"),
+    ({"layer_quantizers": "head=8"}, "layer 'head' gets two weight specs: pattern 'head' "
+                                     "gives float and pattern 'head' gives"),
+    ({"layer_quantizers": "stage1_*/*=9"}, "config.layer_quantizers entry 'stage1_*/*=9': "
+                                           "DenseShift supports bits in 2..5, got 9"),
+    ({"layer_quantizers": "stage1_*/*=Ternary:2"}, "unknown quantizer 'Ternary'"),
+    ({"layer_quantizers": "stage1_*/*"}, "entry 'stage1_*/*' is not 'pattern=value'"),
+    ({"quantizer": "float", "layer_quantizers": "stage1_*/*=4"},
+     "config.quantizer is float, so name the method ('DenseShift:4')"),
+    ({"activation_bits": 9}, "config.activation_bits=9: PACT supports bits in 2..8, got 9"),
+    ({"activation_quantizer": "LSQ", "activation_bits": 4},
+     "config.activation_quantizer must be one of ['PACT', 'FixedPoint'], got 'LSQ'"),
+    ({"layer_activations": "stem=1"}, "config.layer_activations entry 'stem=1': "),
+    ({"layer_activations": "stage1_*/*=4:unsigned"}, "'<bits>' or '<bits>:signed'"),
+    ({"layer_activations": "classifier=8"},
+     "layer_activations pattern 'classifier' matches no layer of the model"),
 ])
 def test_config_errors_are_reported_before_anything_runs(tmp_path, override, message):
-  with pytest.raises(ValueError) as info:
-    train.train_and_evaluate(tiny_config(**override), str(tmp_path / "w"))
+  compiled = []
+  listener = lambda event, *_, **__: compiled.append(event) if "compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ValueError) as info:
+      train.train_and_evaluate(tiny_config(**override), str(tmp_path / "w"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert message in str(info.value)
   assert not os.path.exists(tmp_path / "w")  # nothing written
+  assert not compiled  # nothing compiled
 
 
 def test_batch_size_must_divide_over_devices(monkeypatch, tmp_path):

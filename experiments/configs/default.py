@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = "resnet20"            # shiftjax.models.MODELS
   c.width_multiplier = 1.0        # CIFAR ResNets only
   c.full_precision_layers = ("stem", "head")  # glob patterns of layer paths kept float
+  # Per-layer weight specs (mixed widths): 'pattern=value,...' with value '<bits>' (the
+  # quantizer below), '<Method>:<bits>' or 'float'; e.g. 'stage1_*/*=4,stage3_*/*=4'.
+  c.layer_quantizers = ""
   # Quantizer: 'float', 'DenseShift', 'S3', 'DeepShiftQ', 'DeepShiftPS'.
   c.quantizer = "DenseShift"
   c.bits = 3
@@ -23,6 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.surrogate = "sqrt"            # DenseShift backward: 'sqrt' (reference) or 'exact'
   c.init_method = ""              # '' = the method's default ('low_variance' / 'he')
   c.rounding = "deterministic"    # DeepShift: or 'stochastic'
+  # Activations: the inputs of the quantized layers (shiftjax/activations.py).
+  c.activation_bits = 0           # 0 = float activations; PACT: 2..8
+  c.activation_quantizer = "PACT"  # 'PACT' (learned clipping range) or 'FixedPoint' (DeepShift)
+  c.activation_clip = 6.0         # PACT: initial clipping range alpha
+  c.activation_integer_bits = 16  # FixedPoint: integer bits (fraction: activation_bits - these)
+  # Per-layer input specs: 'pattern=value,...' with value '<bits>', '<bits>:signed' or
+  # 'float'; e.g. 'stem=8:signed,head=8' also quantizes the images and the classifier input.
+  c.layer_activations = ""
   c.s3_regularizer = 1e-5         # alpha of S3's dense-weight regularizer (S3 only)
   c.fast_grad = "auto"            # CPU-fast conv and BatchNorm gradients: 'auto', 'on', 'off'
   c.eigen_convs = "auto"          # CPU convs on XLA's Eigen (all cores): 'auto', 'off'

@@ -6,7 +6,9 @@ quantized conv calls ``shiftjax.kernels.pow2_conv`` (Pallas) on the kernels' wor
 ``pow2_conv``'s XLA path and bit planes are decoded directly, both then ``lax.conv``. The
 kernels serve zero-free formats of 2..5 bits (DenseShift, DeepShift-Q up to 5 bits);
 formats with a zero code (S3, DeepShift-PS) and wider codes are unpacked and decoded
-(``codes.decode``) in XLA and convolved with ``lax.conv`` on every backend.
+(``codes.decode``) in XLA and convolved with ``lax.conv`` on every backend. Each layer
+runs at its own width (mixed widths), and a layer whose input is quantized first
+quantizes it as training did (``shiftjax.activations``, the learned ranges from the file).
 
 ``export_serialized`` writes packed inference as a ``jax.export`` artifact (the packed
 words embedded as constants) that plain jax can deserialize and call without shiftjax.
@@ -61,21 +63,22 @@ def _kernel_words(layer: Layer, kernel, fmt, code_layout):
   return codes_lib.pack(codes.reshape(-1, layer.shape[-1]), fmt.bits, axis=0)
 
 
-def _runs_kernel(layer: Layer, fmt, code_layout, backend, platform) -> bool:
+def _runs_kernel(layer: Layer, code_layout, backend, platform) -> bool:
   """Whether a quantized layer runs on ``shiftjax.kernels`` rather than decode + XLA.
 
   The kernels take zero-free formats of 2..5 bits. On the XLA backend (CPU) bit planes
   are decoded directly: repacking them into words first would only add work.
   """
-  if not (layer.quantized and _uses_kernel(fmt)):
+  if not (layer.quantized and _uses_kernel(layer.code_format)):
     return False
   return code_layout == "words" or kernels.resolve_backend(backend, platform)[0] != "xla"
 
 
-def _conv_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
+def _conv_layer(layer: Layer, arrays, x, code_layout, backend, platform):
   kernel = arrays[f"{layer.name}/kernel"]
   bias = arrays[f"{layer.name}/bias"]
-  if _runs_kernel(layer, fmt, code_layout, backend, platform):
+  fmt = layer.code_format
+  if _runs_kernel(layer, code_layout, backend, platform):
     return kernels.pow2_conv(x, _kernel_words(layer, kernel, fmt, code_layout), bits=fmt.bits,
                              e0=fmt.e0, kernel_shape=layer.shape, strides=layer.strides,
                              padding=layer.padding, scale=arrays[f"{layer.name}/scale"],
@@ -90,10 +93,11 @@ def _conv_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
   return y + bias
 
 
-def _dense_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
+def _dense_layer(layer: Layer, arrays, x, code_layout, backend, platform):
   kernel = arrays[f"{layer.name}/kernel"]
   bias = arrays[f"{layer.name}/bias"]
-  if _runs_kernel(layer, fmt, code_layout, backend, platform):
+  fmt = layer.code_format
+  if _runs_kernel(layer, code_layout, backend, platform):
     return kernels.pow2_matmul(x, _kernel_words(layer, kernel, fmt, code_layout),
                                bits=fmt.bits, e0=fmt.e0, bias=bias, backend=backend,
                                platform=platform)
@@ -102,15 +106,25 @@ def _dense_layer(layer: Layer, arrays, x, fmt, code_layout, backend, platform):
   return jnp.dot(x, w, precision=lax.Precision.HIGHEST) + bias
 
 
+def _quantized_input(layer: Layer, arrays, x):
+  """The layer's input through its activation quantizer: the very function training
+  called (``shiftjax.activations``), with the learned parameters the file stores."""
+  params = {p: arrays[f"{layer.name}/activation_{p}"]
+            for p in layer.activation.param_shapes()}
+  return layer.activation.quantize(params, x)
+
+
 def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
             backend: str | None = None, platform: str | None = None) -> jax.Array:
   """The packed forward pass (traceable); ``plan`` is ``PackedModel.plan``."""
-  layers, fmt, code_layout = plan
+  layers, code_layout = plan
   acts = {"input": images.astype(jnp.float32)}
   for layer in layers:
     x = acts[layer.input]
+    if layer.activation is not None:
+      x = _quantized_input(layer, arrays, x)
     if layer.op == "conv":
-      y = _conv_layer(layer, arrays, x, fmt, code_layout, backend, platform)
+      y = _conv_layer(layer, arrays, x, code_layout, backend, platform)
       if layer.residual is not None:
         y = y + acts[layer.residual]
     elif layer.op == "max_pool":
@@ -120,7 +134,7 @@ def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
     elif layer.op in SPEECH_POOLS:
       y = pooling.speech_pool(x, SPEECH_POOLS[layer.op])
     elif layer.op == "dense":
-      y = _dense_layer(layer, arrays, x, fmt, code_layout, backend, platform)
+      y = _dense_layer(layer, arrays, x, code_layout, backend, platform)
     else:
       raise PackedModelError(f"unknown layer op {layer.op!r}")
     acts[layer.name] = jax.nn.relu(y) if layer.relu else y

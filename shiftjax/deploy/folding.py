@@ -11,7 +11,10 @@ architecture implies (``architecture.build_layers``) and stores, per layer:
   * a full-precision conv (the stem): the scale folded into its kernel
     (``<name>/kernel`` HWIO, ``<name>/bias``);
   * the classifier: ``<name>/kernel`` ``(in, out)`` and ``<name>/bias`` (packed codes
-    when it is quantized).
+    when it is quantized);
+  * a layer whose input is quantized: its activation quantizer's learned parameters
+    (``<name>/activation_clip`` for PACT), float32, exactly as trained.
+Each quantized layer is packed by its own spec (``Layer.quantizer``: mixed widths).
 Float kernels are stored as float32, or bfloat16 with ``float_dtype=jnp.bfloat16``
 (storage only: ``packed_apply`` computes in float32). Scales and biases stay float32.
 Every parameter must be used: a leftover one means the model code and the architecture
@@ -68,9 +71,9 @@ def fold_batch_norm(gamma, beta, mean, var, eps: float = BN_EPSILON):
   return scale, beta - mean * scale
 
 
-def _all_codes(params, layers: Sequence[Layer], quantizer) -> dict[str, np.ndarray]:
-  """``quantizer.codes`` of every quantized layer's latents, in one compiled call."""
-  latents = {}
+def _all_codes(params, layers: Sequence[Layer]) -> dict[str, np.ndarray]:
+  """Every quantized layer's codes by its own spec, in one compiled call."""
+  latents, specs = {}, []
   for layer in layers:
     if layer.quantized:
       kernel = _subtree(params, f"{layer.name}/kernel", "params")
@@ -78,15 +81,16 @@ def _all_codes(params, layers: Sequence[Layer], quantizer) -> dict[str, np.ndarr
         raise PackedModelError(f"layer {layer.name!r} holds float weights but its policy "
                                "makes it quantized")
       latents[layer.name] = dict(kernel)
+      specs.append((layer.name, layer.quantizer))
   if not latents:
     return {}
-  codes = _codes_fn(quantizer)(latents)
+  codes = _codes_fn(tuple(specs))(latents)
   return {k: np.asarray(v) for k, v in jax.device_get(codes).items()}
 
 
 @functools.lru_cache(maxsize=16)
-def _codes_fn(quantizer: qz.Quantizer):
-  return jax.jit(lambda tree: {k: quantizer.codes(v) for k, v in tree.items()})
+def _codes_fn(specs: tuple[tuple[str, qz.Quantizer], ...]):
+  return jax.jit(lambda tree: {name: q.codes(tree[name]) for name, q in specs})
 
 
 def pack_kernel_codes(codes: np.ndarray, bits: int, code_layout: str) -> np.ndarray:
@@ -108,7 +112,8 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
       the ``shiftjax.models`` module of the architecture lays them out.
     architecture_name, config: the architecture (``architecture.check_architecture``);
       ``shiftjax.export.export`` reads them off a flax module.
-    quantizer: the spec whose latents the quantized layers hold (None: a float model).
+    quantizer: the default weight spec (None: float); the config's policy rules
+      (``layer_quantizers``, activations) give the layers their own.
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
     code_layout: ``'bitplanes'`` (exactly N bits per weight) or ``'words'``
@@ -130,10 +135,20 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
   arrays: dict[str, np.ndarray] = {}
   used: list[str] = []
   storage = np.dtype(jnp.bfloat16) if float_dtype == "bfloat16" else np.dtype(np.float32)
-  all_codes = _all_codes(params, layers, quantizer)
+  all_codes = _all_codes(params, layers)
   for layer in layers:
     if layer.op not in ("conv", "dense"):
       continue
+    if layer.activation is not None and layer.activation.param_shapes():
+      learned = _subtree(params, f"{layer.name}/activation", "params")
+      used.append(f"{layer.name}/activation")
+      for param, shape in layer.activation.param_shapes().items():
+        value = np.asarray(_subtree(learned, param, f"{layer.name} activation params"),
+                           np.float32)
+        if value.shape != tuple(shape):
+          raise PackedModelError(f"layer {layer.name!r} activation {param} has shape "
+                                 f"{value.shape}, expected {tuple(shape)}")
+        arrays[f"{layer.name}/activation_{param}"] = value
     kernel = _subtree(params, f"{layer.name}/kernel", "params")
     used.append(f"{layer.name}/kernel")
     if layer.quantized != policy_lib.is_latent_kernel(kernel):
@@ -161,7 +176,7 @@ def pack(variables: Mapping[str, Any], architecture_name: str, config: Mapping[s
       used.append(f"{layer.name}/bias")
     if layer.quantized:
       arrays[f"{layer.name}/kernel"] = pack_kernel_codes(
-          codes, quantizer.code_format.bits, code_layout)
+          codes, layer.code_format.bits, code_layout)
       if scale is not None:
         arrays[f"{layer.name}/scale"] = scale.astype(np.float32)
     else:
@@ -194,10 +209,10 @@ def with_code_layout(packed: PackedModel, code_layout: str) -> PackedModel:
   if code_layout == packed.code_layout:
     return packed
   arrays = dict(packed.arrays)
-  bits = packed.code_format.bits if packed.code_format is not None else None
   for layer in packed.layers:
     if not layer.quantized:
       continue
+    bits = layer.code_format.bits
     words = arrays[f"{layer.name}/kernel"]
     if packed.code_layout == "words":
       codes = codes_lib.unpack(words, bits, math.prod(layer.shape[:-1]), axis=0)

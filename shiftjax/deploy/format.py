@@ -4,10 +4,10 @@ A ``PackedModel`` is an architecture (``deploy.architecture``), its quantizer, i
 and named numpy arrays: packed uint32 code words, float kernels, per-channel scales and
 biases (``deploy.folding`` makes them from trained variables).
 
-File format, version 2 (all integers little-endian; ``PackedModel.save`` / ``load``)::
+File format, version 3 (all integers little-endian; ``PackedModel.save`` / ``load``)::
 
   bytes [0, 8)         magic b"SHIFTJAX"
-  bytes [8, 12)        format version, uint32 (2)
+  bytes [8, 12)        format version, uint32 (3)
   bytes [12, 20)       header length H, uint64
   bytes [20, 20 + H)   header: a UTF-8 JSON object (below)
   bytes [20 + H, +32)  SHA-256 of bytes [0, 20 + H): the header's own digest
@@ -29,8 +29,15 @@ File format, version 2 (all integers little-endian; ``PackedModel.save`` / ``loa
 
 A quantized kernel is a uint32 array in its ``code_layout`` (``architecture.CODE_LAYOUTS``):
 ``'bitplanes'`` ``[ceil(kh*kw*I*O / 32), bits]``, exactly ``bits`` bits per weight, or
-``'words'`` ``[ceil(kh*kw*I / floor(32/bits)), O]``. Version 1 files (still read) have no
-header digest, no per-array CRCs and no ``code_layout`` (always ``'words'``).
+``'words'`` ``[ceil(kh*kw*I / floor(32/bits)), O]``, each at its own layer's width. A
+layer whose input is quantized stores its activation quantizer's learned parameters as
+float32 ``'<layer>/activation_<param>'`` (PACT's clipping range: ``activation_clip``).
+
+Version 3 added each layer's own ``quantizer`` and ``activation`` to its layer entry
+and the policy's rules (``layer_quantizers``, ``activation``, ``layer_activations``) to
+the architecture config. Version 2 files (still read) have one quantizer and float
+activations. Version 1 files (still read) also have no header digest, no per-array CRCs
+and no ``code_layout`` (always ``'words'``).
 
 The digests locate damage: a corrupted header is refused by its own SHA-256 and a
 corrupted array by its entry's CRC-32 (4 bytes of header per array, where a SHA-256 in
@@ -64,12 +71,12 @@ import numpy as np
 import shiftjax
 from shiftjax import codes as codes_lib
 from shiftjax import quantizers as qz
-from shiftjax.deploy.architecture import (CODE_LAYOUTS, Layer, PackedModelError,
-                                          build_layers, check_architecture,
-                                          expected_arrays, is_int)
+from shiftjax.deploy.architecture import (  # pylint: disable=unused-import
+    CODE_LAYOUTS, POLICY_KEYS, Layer, PackedModelError, build_layers, check_architecture,
+    expected_arrays, is_int, quantizer_from_json, quantizer_to_json)
 
 MAGIC = b"SHIFTJAX"
-FORMAT_VERSION = 2  # what save writes; READABLE_VERSIONS lists what load reads
+FORMAT_VERSION = 3  # what save writes; READABLE_VERSIONS lists what load reads
 FORMAT_NAME = "shiftjax.packed_model"
 FILE_SUFFIX = ".shiftjax"
 ALIGN = 64
@@ -85,39 +92,6 @@ ARRAY_DTYPES = {
 }
 # Storage of the full-precision kernels (stem, classifier).
 FLOAT_DTYPES = ("float32", "bfloat16")
-
-
-def quantizer_to_json(quantizer: qz.Quantizer | None) -> dict | None:
-  """``{"name": ..., <fields>}`` of a spec (None for float); ``quantizer_from_json`` inverts it."""
-  if quantizer is None:
-    return None
-  fields = {f.name: getattr(quantizer, f.name) for f in dataclasses.fields(quantizer)}
-  return {"name": type(quantizer).__name__,
-          "fields": {k: (int(v) if is_int(v) else v) for k, v in fields.items()},
-          "repr": repr(quantizer)}
-
-
-def quantizer_from_json(spec: Any) -> qz.Quantizer | None:
-  """Rebuilds a quantizer spec from its JSON description (a dataclass, no code run)."""
-  if spec is None:
-    return None
-  if not isinstance(spec, Mapping) or set(spec) != {"name", "fields", "repr"}:
-    raise PackedModelError(f"quantizer must be null or an object with name, fields and "
-                           f"repr, got {spec!r}")
-  cls = qz.QUANTIZERS.get(spec["name"]) if isinstance(spec["name"], str) else None
-  if cls is None:
-    raise PackedModelError(f"unknown quantizer {spec['name']!r}; known: "
-                           f"{', '.join(qz.QUANTIZERS)}")
-  fields = spec["fields"]
-  allowed = {f.name for f in dataclasses.fields(cls)}
-  if (not isinstance(fields, Mapping) or not set(fields) <= allowed
-      or not all(isinstance(v, (int, str)) for v in fields.values())):
-    raise PackedModelError(f"quantizer {spec['name']} fields must be some of "
-                           f"{sorted(allowed)} with integer or string values, got {fields!r}")
-  try:
-    return cls(**fields)
-  except (TypeError, ValueError) as e:
-    raise PackedModelError(f"invalid quantizer {spec['name']}{fields}: {e}") from None
 
 
 def _format_to_json(fmt: codes_lib.CodeFormat | None) -> dict | None:
@@ -138,7 +112,8 @@ class PackedModel:
     architecture: one of ``ARCHITECTURES``.
     config: the architecture's fields (``check_architecture``), including
       ``in_channels`` and the ``full_precision`` layer patterns.
-    quantizer: the spec whose codes the packed kernels hold (None: a float model).
+    quantizer: the default weight spec (None: float); each layer's own, which mixed
+      widths set apart, is its ``Layer.quantizer``.
     layers: the forward pass (``build_layers(architecture, config, quantizer)``).
     arrays: ``{'<layer>/kernel' | '/scale' | '/bias': numpy array}``.
     float_dtype: ``'float32'`` or ``'bfloat16'``, storage of float kernels.
@@ -164,7 +139,7 @@ class PackedModel:
   @property
   def plan(self) -> tuple:
     """The static part of the forward pass (hashable; a ``jax.jit`` static argument)."""
-    return (self.layers, self.code_format, self.code_layout)
+    return (self.layers, self.code_layout)
 
   @functools.cached_property
   def device_arrays(self) -> dict[str, jax.Array]:
@@ -184,7 +159,7 @@ class PackedModel:
                   build_layers(self.architecture, config, self.quantizer))
     declared = {name: (_dtype_name(a.dtype), tuple(a.shape))
                 for name, a in self.arrays.items()}
-    _check_array_specs(declared, expected_arrays(self.layers, self.code_format,
+    _check_array_specs(declared, expected_arrays(self.layers,
                                                  self.float_dtype, self.code_layout))
 
   def size_report(self) -> dict[str, Any]:
@@ -213,7 +188,7 @@ class PackedModel:
   # ------------------------------------------------------------------------ the file
 
   def to_bytes(self) -> bytes:
-    """The file's bytes, format version 2 (see the module docstring); checks the model first."""
+    """The file's bytes, format version 3 (see the module docstring); checks the model first."""
     self.check()
     entries, blobs, data_bytes = [], [], 0
     for name, a in self.arrays.items():
@@ -330,22 +305,33 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
 # ------------------------------------------------------------------------------ loading
 
 
-def _check_layers(stored: Any, expected: Sequence[Layer]) -> None:
+# Layer fields that format version 3 added: each layer's own weight and input specs.
+_LAYER_KEYS_SINCE_3 = ("quantizer", "activation")
+
+
+def _layer_json(layer: Layer, version: int) -> dict:
+  out = layer.to_json()
+  return out if version >= 3 else {k: v for k, v in out.items()
+                                   if k not in _LAYER_KEYS_SINCE_3}
+
+
+def _check_layers(stored: Any, expected: Sequence[Layer],
+                  version: int = FORMAT_VERSION) -> None:
   if not isinstance(stored, list):
     raise PackedModelError(f"layers must be a list, got {type(stored).__name__}")
-  for i, want in enumerate(expected):
+  for i, layer in enumerate(expected):
+    want = _layer_json(layer, version)
     if i >= len(stored):
       raise PackedModelError(f"the file has {len(stored)} layers, the architecture "
-                             f"{len(expected)} (layer {want.name!r} is missing)")
-    if stored[i] != want.to_json():
+                             f"{len(expected)} (layer {layer.name!r} is missing)")
+    if stored[i] != want:
       got = stored[i]
       name = got.get("name") if isinstance(got, dict) else None
-      if isinstance(got, dict) and name == want.name and got.get("shape") != list(
-          want.shape):
+      if isinstance(got, dict) and name == layer.name and got.get("shape") != list(
+          layer.shape):
         raise PackedModelError(f"layer {name!r} has shape {got.get('shape')}, "
-                               f"expected {list(want.shape)}")
-      raise PackedModelError(f"layer {i} is {got}, but the architecture implies "
-                             f"{want.to_json()}")
+                               f"expected {list(layer.shape)}")
+      raise PackedModelError(f"layer {i} is {got}, but the architecture implies {want}")
   if len(stored) > len(expected):
     raise PackedModelError(f"the file has {len(stored)} layers, the architecture "
                            f"{len(expected)}")
@@ -388,6 +374,9 @@ _HEADER_KEYS = {1: {"format", "writer", "architecture", "quantizer", "code_forma
 _HEADER_KEYS[2] = _HEADER_KEYS[1] | {"code_layout"}
 _ARRAY_KEYS = {1: {"name", "dtype", "shape", "offset", "nbytes"}}
 _ARRAY_KEYS[2] = _ARRAY_KEYS[1] | {"crc32"}
+# Version 3: each layer's own weight and input specs (mixed widths, quantized
+# activations) in the layers and the architecture config; the same header fields.
+_HEADER_KEYS[3], _ARRAY_KEYS[3] = _HEADER_KEYS[2], _ARRAY_KEYS[2]
 READABLE_VERSIONS = tuple(sorted(_HEADER_KEYS))
 
 
@@ -400,7 +389,7 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   """Parses and checks a packed model file's bytes (``load`` without the file).
 
   Reads versions 1 and 2. Damage is reported where it is: a truncated file by the byte
-  it ends at, a version 2 file's corrupted header or array by the bytes its digest
+  it ends at, a version 2 or 3 file's corrupted header or array by the bytes its digest
   covers, a non-zero padding byte by its offset; a version 1 file has one digest only.
   """
   buf = bytes(buf)
@@ -491,6 +480,10 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
   if not isinstance(arch, dict) or set(arch) != {"name", "config"}:
     raise PackedModelError(f"architecture must be an object with name and config, got "
                            f"{arch!r}")
+  if version < 3 and isinstance(arch["config"], dict) and set(arch["config"]) & set(
+      POLICY_KEYS):
+    raise PackedModelError(f"architecture config fields {sorted(POLICY_KEYS)} need format "
+                           f"version 3, the file is version {version}")
   config = check_architecture(arch["name"], arch["config"])
   quantizer = quantizer_from_json(header["quantizer"])
   fmt = None if quantizer is None else quantizer.code_format
@@ -506,7 +499,7 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
     raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got "
                            f"{float_dtype!r}")
   layers = build_layers(arch["name"], config, quantizer)
-  _check_layers(header["layers"], layers)
+  _check_layers(header["layers"], layers, version)
   if not isinstance(header["metadata"], dict):
     raise PackedModelError("metadata must be a JSON object")
 
@@ -548,7 +541,7 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
   for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
     if start < end:
       raise PackedModelError(f"arrays {a!r} and {b!r} overlap")
-  _check_array_specs(declared, expected_arrays(layers, fmt, float_dtype, code_layout))
+  _check_array_specs(declared, expected_arrays(layers, float_dtype, code_layout))
   if version >= 2:
     for e in entries:
       start = data_start + e["offset"]
@@ -569,7 +562,7 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
     arrays[e["name"]] = a.astype(storage.newbyteorder("="), copy=True).view(
         loaded).reshape(e["shape"])
   ordered = {name: arrays[name]
-             for name in expected_arrays(layers, fmt, float_dtype, code_layout)}
+             for name in expected_arrays(layers, float_dtype, code_layout)}
   return PackedModel(arch["name"], config, quantizer, layers, ordered, float_dtype,
                      header["metadata"], code_layout)
 

@@ -6,6 +6,8 @@ As in the S3/DenseShift reference code, shortcuts that change shape are 1x1 conv
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,10 @@ class CifarResNet(nn.Module):
     width_multiplier: scales the 16-32-64 stage widths.
     quantizer: spec for the quantized convs (None: a float model).
     full_precision: glob patterns of layers that stay float (see ``LayerPolicy``).
+    layer_quantizers: ``(pattern, spec)`` rules: per-layer weight specs (mixed widths).
+    activation: input spec of the quantized layers (``shiftjax.activations``; None:
+      float activations).
+    layer_activations: ``(pattern, activation spec or None)`` rules (stem, head, ...).
     fast_grad: CPU-fast conv gradients (None: on for CPU).
   Input: float images [N, H, W, C], already normalized. Output: logits [N, num_classes].
   """
@@ -32,6 +38,9 @@ class CifarResNet(nn.Module):
   width_multiplier: float = 1.0
   quantizer: qz.Quantizer | None = None
   full_precision: tuple[str, ...] = layers.DEFAULT_FULL_PRECISION
+  layer_quantizers: tuple = ()
+  activation: Any = None
+  layer_activations: tuple = ()
   fast_grad: bool | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -42,7 +51,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    policy = layers.LayerPolicy(self.quantizer, tuple(self.full_precision))
+    policy = layers.policy_of(self)
     conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
                                       dtype=self.dtype)
     widths = [int(round(w * self.width_multiplier)) for w in (16, 32, 64)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,13 +23,16 @@ class ImageNetResNet(nn.Module):
   num_classes: int = 1000
   quantizer: qz.Quantizer | None = None
   full_precision: tuple[str, ...] = layers.DEFAULT_FULL_PRECISION
+  layer_quantizers: tuple = ()
+  activation: Any = None
+  layer_activations: tuple = ()
   fast_grad: bool | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     block = {"basic": blocks.BasicBlock, "bottleneck": blocks.BottleneckBlock}[self.block]
-    policy = layers.LayerPolicy(self.quantizer, tuple(self.full_precision))
+    policy = layers.policy_of(self)
     conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
                                       dtype=self.dtype)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem")(x)

@@ -17,7 +17,7 @@ strided first stage halved the step time at the same accuracy.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,6 +46,10 @@ class SpeechResNet(nn.Module):
     first_stride: stride of the first stage (the later stages halve the size).
     quantizer: spec for the quantized convs (None: a float model).
     full_precision: glob patterns of layers that stay float (see ``LayerPolicy``).
+    layer_quantizers: ``(pattern, spec)`` rules: per-layer weight specs (mixed widths).
+    activation: input spec of the quantized layers (``shiftjax.activations``; None:
+      float activations).
+    layer_activations: ``(pattern, activation spec or None)`` rules (stem, head, ...).
     fast_grad: CPU-fast conv gradients (None: on for CPU).
     pooling: how the last feature map ``[B, T', F', C]`` becomes ``[B, C]``: ``'mean'``
       over time and frequency, ``'max'`` over time of the mean over frequency (a word
@@ -60,6 +64,9 @@ class SpeechResNet(nn.Module):
   first_stride: int = 2
   quantizer: qz.Quantizer | None = None
   full_precision: tuple[str, ...] = layers.DEFAULT_FULL_PRECISION
+  layer_quantizers: tuple = ()
+  activation: Any = None
+  layer_activations: tuple = ()
   fast_grad: bool | None = None
   pooling: str = "max"
   dtype: jnp.dtype = jnp.float32
@@ -78,7 +85,7 @@ class SpeechResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"expected features [batch, time, mels, 1], got shape {x.shape}")
-    policy = layers.LayerPolicy(self.quantizer, tuple(self.full_precision))
+    policy = layers.policy_of(self)
     conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
                                       dtype=self.dtype)
     widths = stage_widths(self.widths, self.width_multiplier)

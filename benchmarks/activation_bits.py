@@ -1,0 +1,95 @@
+"""DenseShift 3-bit weights with float, 8-bit and 4-bit activations on Fashion-MNIST.
+
+The main job's model and budget (``experiments/configs/fashion_mnist.py``), changing only
+``activation_bits`` (PACT, the inputs of every quantized conv; stem and classifier
+inputs stay float, as in DenseShift's detection setting where only the shift layers' inputs
+were quantized). Prints each setting's test accuracy over seeds with the gap to float
+activations, and for every run the agreement of the packed file (``packed_apply``,
+weights and activations quantized from the file) with the training model's top-1 over
+the full test set, which must be 1.0:
+
+    python benchmarks/activation_bits.py [--seeds=1] [--bits=8,4] [--workdir=/tmp/fmnist_accuracy]
+
+The float-activation run is ``benchmarks/fashion_mnist_accuracy.py``'s "DenseShift
+3-bit" (same directory name): with the same ``--workdir`` it is not trained again.
+"""
+
+import os
+import tempfile
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import jax
+import numpy as np
+
+from shiftjax import data as data_lib
+from shiftjax import deploy
+from shiftjax import host_memory
+from shiftjax import train
+import method_comparison  # benchmarks/, the directory of this script
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),
+                    "Parent directory; one subdirectory per setting and seed.")
+flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every setting.", lower_bound=1)
+flags.DEFINE_list("bits", ["8", "4"], "Activation widths to compare with float.")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
+                           "fashion_mnist.py"), "Base config (the main job's).")
+
+REFERENCE = "DenseShift 3-bit"
+
+
+def fashion_mnist_test_set():
+  """The full test split as normalized NHWC float32 images and labels (Debian's files)."""
+  read = lambda name: data_lib.read_idx(
+      os.path.join(data_lib.fashion_mnist.DEFAULT_SOURCE_DIR, name))
+  images = np.asarray(data_lib.normalize(read("t10k-images-idx3-ubyte.gz")[..., None],
+                                         "fashion_mnist"))
+  return images, read("t10k-labels-idx1-ubyte.gz")
+
+
+def predictions(fn, images, batch=1000) -> np.ndarray:
+  return np.concatenate([np.argmax(np.asarray(fn(images[i:i + batch])), -1)
+                         for i in range(0, len(images), batch)])
+
+
+def top1_trained_and_packed(config, workdir, images) -> tuple[np.ndarray, np.ndarray]:
+  """Top-1 predictions of a run's training model (restored checkpoint, eval mode) and
+  of its packed file (exported, serialized and read back)."""
+  model, variables, _ = train.restore_variables(config, workdir)
+  packed = deploy.from_bytes(train.packed_from_checkpoint(config, workdir).to_bytes())
+  trained = predictions(jax.jit(lambda x: model.apply(variables, x, train=False)), images)
+  return trained, predictions(lambda x: deploy.packed_apply(packed, x), images)
+
+
+def main(argv):
+  del argv
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
+  logging.set_verbosity(logging.WARNING)
+  settings = {REFERENCE: {"quantizer": "DenseShift", "bits": 3, "activation_bits": 0}}
+  for bits in FLAGS.bits:
+    settings[f"{REFERENCE} act {int(bits)}-bit"] = {
+        "quantizer": "DenseShift", "bits": 3, "activation_bits": int(bits)}
+  base = FLAGS.config
+  summaries = method_comparison.train_each(base, settings, FLAGS.workdir, range(FLAGS.seeds))
+  images, labels = fashion_mnist_test_set()
+  print(f"\nFashion-MNIST, {base.model}, {base.num_epochs:g} epochs, batch "
+        f"{base.batch_size}: DenseShift 3-bit weights, PACT activations (inputs of the "
+        f"quantized convs), seeds 0..{FLAGS.seeds - 1}")
+  method_comparison.print_table(summaries, REFERENCE)
+  print(f"\n{'run':<34} {'trained top-1':>13} {'packed top-1':>12} {'agreement':>10}")
+  for name, overrides in settings.items():
+    for seed in range(FLAGS.seeds):
+      config = base.copy_and_resolve_references()
+      config.update(overrides, seed=seed)
+      workdir = os.path.join(FLAGS.workdir, method_comparison.directory_name(name, seed))
+      trained, packed = top1_trained_and_packed(config, workdir, images)
+      print(f"{name + f' seed {seed}':<34} {np.mean(trained == labels):13.4f} "
+            f"{np.mean(packed == labels):12.4f} {np.mean(trained == packed):10.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
