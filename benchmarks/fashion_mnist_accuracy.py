@@ -36,20 +36,28 @@ METHODS = {"float": {"quantizer": "float"},
            "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
            "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
            "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
+# Variants tried to close the gap to float (the README's tried-variants table); run only
+# when named in --methods.
+VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
+                                        "encoding": "binary"},
+            "DenseShift 3-bit binary": {"quantizer": "DenseShift", "bits": 3,
+                                        "encoding": "binary"},
+            "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"}}
 
 
 def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
+  known = {**METHODS, **VARIANTS}
   names = FLAGS.methods or list(METHODS)
-  unknown = [n for n in names if n not in METHODS]
+  unknown = [n for n in names if n not in known]
   if unknown:
-    raise app.UsageError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    raise app.UsageError(f"unknown methods {unknown}; known: {list(known)}")
   if "float" not in names:
     names = ["float", *names]  # the reference every gap is measured against
   base = FLAGS.config
-  summaries = method_comparison.train_each(base, {n: METHODS[n] for n in names},
+  summaries = method_comparison.train_each(base, {n: known[n] for n in names},
                                            FLAGS.workdir, range(FLAGS.seeds))
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "

@@ -71,17 +71,31 @@ class ActivationQuantizer:
     raise NotImplementedError
 
 
+def _pact_scales(alpha: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """``(alpha / n, n / alpha)``, each a correctly rounded division.
+
+  XLA would otherwise change them: it turns a division by a constant (``alpha / 7``) into a
+  multiplication by the rounded reciprocal (``alpha * 0.142857149``, an ulp off), and a
+  division by a broadcast scalar (``y / step``, or ``alpha / n`` under vmap) into
+  ``y * (1 / step)``, in some programs and not others (eager and jit disagreed). So ``n``
+  is made from alpha's value (batched like alpha under vmap, never a broadcast constant)
+  and both pass a barrier that keeps a constant alpha from being folded differently.
+  """
+  n = jnp.where(jnp.isnan(alpha), alpha, jnp.asarray(n, alpha.dtype))
+  alpha, n = jax.lax.optimization_barrier((alpha, n))
+  return alpha / n, n / alpha
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _pact(x: jax.Array, alpha: jax.Array, n: int, signed: bool) -> jax.Array:
-  # The deploy path and ``levels`` rely on exactly these ops in this order. Under jit XLA
-  # rewrites a division by a constant into a multiplication by its rounded reciprocal
-  # (``alpha * 0.142857149`` for n = 7 is an ulp off ``alpha / 7``), and a constant alpha
-  # would make ``step`` constant too; the barrier hides both from that rewrite, so eager,
-  # jitted, traced and closed-over alphas all give the same, correctly rounded levels.
-  alpha, n = jax.lax.optimization_barrier((alpha, jnp.asarray(n, alpha.dtype)))
+  # ``levels`` and the deploy path rely on exactly these ops in this order. Per element
+  # there are only clip, multiply and round, which IEEE arithmetic rounds one way and XLA
+  # leaves alone; ``y / step`` would be rewritten (see _pact_scales). The two scalar
+  # divisions are IEEE on CPU; XLA:GPU's f32 division may be an ulp off, which moves the
+  # levels there, but equally in training and deployment.
+  step, inv_step = _pact_scales(alpha, n)
   lo = -alpha if signed else jnp.zeros_like(alpha)
-  step = alpha / n
-  return jnp.round(jnp.clip(x, lo, alpha) / step) * step
+  return jnp.round(jnp.clip(x, lo, alpha) * inv_step) * step
 
 
 @_pact.defjvp
@@ -104,8 +118,10 @@ class PACT(ActivationQuantizer):
 
   Unsigned (after a ReLU): ``n = 2**bits - 1``, ``y = clip(x, 0, alpha)``; signed (inputs
   that can be negative, e.g. normalized images at a stem): ``n = 2**(bits-1) - 1``,
-  ``y = clip(x, -alpha, alpha)``. Then ``step = alpha / n``, ``q = round(y / step) * step``
-  (half to even), levels ``k * step`` for k in 0..n (or -n..n). The top level is
+  ``y = clip(x, -alpha, alpha)``. Then ``step = alpha / n`` and
+  ``q = round(y * (n / alpha)) * step`` (half to even; the multiplication stands for
+  ``y / step``, which XLA would not compute as written: see ``_pact_scales``), levels
+  ``k * step`` for k in 0..n (or -n..n). The top level is
   ``n * (alpha / n)`` in floating point, which can differ from ``alpha`` by one ulp.
 
   Gradients (paper eqs. 3-4, straight through round): ``dq/dx = 1`` for ``lo <= x <=

@@ -26,8 +26,8 @@ def pact_numpy(x, alpha, bits, signed):
   alpha = np.float32(alpha)
   n = np.float32(2 ** (bits - 1) - 1 if signed else 2 ** bits - 1)
   lo = -alpha if signed else np.float32(0)
-  step = alpha / n
-  return np.round(np.clip(x, lo, alpha) / step) * step
+  step, inv_step = alpha / n, n / alpha
+  return np.round(np.clip(x, lo, alpha) * inv_step) * step
 
 
 def dense_grid(levels):
@@ -73,6 +73,35 @@ def test_pact_top_level_is_n_times_step_within_one_ulp_of_alpha():
   q = spec.quantize(pact_params(alpha), jnp.asarray([100.0, alpha], jnp.float32))
   np.testing.assert_array_equal(np.asarray(q), [top, top])
   assert spec.levels(pact_params(alpha))[-1] == top
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_is_bit_identical_eager_jit_vmap_and_constant(signed):
+  # Training (jit, traced clip) and deployment (maybe eager, maybe a closed-over constant
+  # clip, maybe batched) must agree bit for bit, also at exact ties such as 0.35 = 1.5
+  # steps of 0.7 / 3, where an ulp in ``y / step`` decides the level.
+  spec = act.PACT(bits=3, signed=signed)
+  alpha = np.float32(0.7)
+  levels = spec.levels(pact_params(alpha))
+  ties = (levels[:-1] + levels[1:]) / 2
+  x = np.concatenate([ties, np.float32([0.35, -0.35]), levels,
+                      np.random.default_rng(0).uniform(-1, 1, 320).astype(np.float32)])[:320]
+  want = pact_numpy(x, alpha, 3, signed)
+  xj, params = jnp.asarray(x), pact_params(alpha)
+  outs = {
+      "eager": spec.quantize(params, xj),
+      "eager_scalar": jnp.concatenate([spec.quantize(params, xj[i:i + 1])
+                                       for i in range(40)]),
+      "jit": jax.jit(spec.quantize)(params, xj),
+      "jit_constant_clip": jax.jit(lambda x: spec.quantize(pact_params(alpha), x))(xj),
+      "vmap_x": jax.vmap(spec.quantize, in_axes=(None, 0))(params, xj.reshape(-1, 8)),
+      "vmap_clip": jax.vmap(lambda c: spec.quantize({"clip": c}, xj))(
+          jnp.full((3,), alpha))[1],
+      "grad_primal": jax.jvp(lambda x: spec.quantize(params, x), (xj,), (xj,))[0],
+  }
+  for name, q in outs.items():
+    q = np.asarray(q).reshape(-1)
+    np.testing.assert_array_equal(q, want[:len(q)], err_msg=name)
 
 
 def test_pact_keeps_dtype_and_shape():

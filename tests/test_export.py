@@ -107,7 +107,7 @@ def split_file(buf):
 
 
 def join_file(version, header, data):
-  head = json.dumps(header).encode()
+  head = json.dumps(header, separators=(",", ":")).encode()  # compact, as save writes
   body = struct.pack("<8sIQ", b"SHIFTJAX", version, len(head)) + head
   body += hashlib.sha256(body).digest()
   body += b"\0" * (-len(body) % 64) + data

@@ -147,7 +147,7 @@ def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path)
     ({"layer_quantizers": "stage1_*/*=4,*/conv1=2"},
      "layer 'stage1_block0/conv1' gets two weight specs: pattern 'stage1_*/*' gives "
      "DenseShift(bits=4"),
-    ({"layer_quantizers": "head=8"}, "layer 'head' gets two weight specs: pattern 'head' "
+    ({"layer_quantizers": "head=4"}, "layer 'head' gets two weight specs: pattern 'head' "
                                      "gives float and pattern 'head' gives"),
     ({"layer_quantizers": "stage1_*/*=9"}, "config.layer_quantizers entry 'stage1_*/*=9': "
                                            "DenseShift supports bits in 2..5, got 9"),

@@ -327,3 +327,30 @@ def test_finetune_recipe_without_init_from_says_what_to_pass():
   with pytest.raises(ValueError, match="--config.init_from="):
     transfer.init_from_config(None, Cfg(init_from="", init_from_required=True), None)
   assert transfer.init_from_config("state", Cfg(init_from=""), None) == "state"
+
+
+def test_mixed_widths_convert_each_layer_by_its_own_spec(float_resnet8):
+  _, _, float_vars = float_resnet8
+  model = models.resnet8(width_multiplier=0.5, quantizer=sj.DenseShift(3),
+                         layer_quantizers=(("stage1_*/*", sj.DenseShift(4)),
+                                           ("stage3_*/*", sj.S3(2))),
+                         activation=sj.PACT(4))
+  shift_vars = jax.jit(model.init)(KEY(0), X)
+  specs = sj.layers.policy_of(model).weight_specs(
+      train.quantized_kernels(shift_vars["params"]))
+  assert {str(q) for q in specs.values()} == {str(sj.DenseShift(4)), str(sj.DenseShift(3)),
+                                              str(sj.S3(2))}
+  converted = transfer.variables_from_float(shift_vars, float_vars, specs)
+  exponents = transfer.scale_exponents(shift_vars["params"], float_vars["params"], specs)
+  for name, spec in specs.items():
+    path = tuple(name.split("/"))
+    latents = at(converted["params"], path + ("kernel",))
+    assert set(latents) == set(at(shift_vars["params"], path + ("kernel",)))
+    want = transfer.target_weights(np.asarray(at(float_vars["params"], path + ("kernel",))),
+                                   spec, scale_exponent=exponents[path])
+    np.testing.assert_array_equal(np.asarray(spec.weight(as_jnp(latents))), want)
+    # The activation range the float model has no counterpart of keeps its init.
+    assert float(at(converted["params"], path + ("activation", "clip"))) == 6.0
+  # One spec for a model whose layers differ is refused, naming a layer.
+  with pytest.raises(ValueError, match="layer 'stage1_block0/conv1': latents"):
+    transfer.variables_from_float(shift_vars, float_vars, sj.DenseShift(3))

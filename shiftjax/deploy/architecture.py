@@ -180,8 +180,15 @@ class Layer:
     return {"op": self.op, "name": self.name, "input": self.input,
             "residual": self.residual, "relu": self.relu, "quantized": self.quantized,
             "shape": list(self.shape), "strides": list(self.strides), "padding": padding,
-            "window": list(self.window), "quantizer": quantizer_to_json(self.quantizer),
+            "window": list(self.window), "quantizer": _layer_spec_json(self.quantizer),
             "activation": act_lib.to_json(self.activation)}
+
+
+def _layer_spec_json(quantizer: qz.Quantizer | None) -> dict | None:
+  """A layer's weight spec in its entry: name and fields (the layers are checked against
+  the architecture, never parsed, so the header's ``repr`` is left out)."""
+  spec = quantizer_to_json(quantizer)
+  return None if spec is None else {"name": spec["name"], "fields": spec["fields"]}
 
 
 def speech_pool_op(how: str) -> str:

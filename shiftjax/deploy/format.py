@@ -215,7 +215,8 @@ class PackedModel:
         "data_bytes": data_bytes,
         "metadata": self.metadata,
     }
-    head = json.dumps(header, sort_keys=False, allow_nan=False).encode("utf-8")
+    head = json.dumps(header, sort_keys=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")
     head_end = _PREFIX.size + len(head)
     start = _data_start(FORMAT_VERSION, len(head))
     buf = bytearray(start + data_bytes)
