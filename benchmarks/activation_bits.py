@@ -24,7 +24,6 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from shiftjax import data as data_lib
 from shiftjax import deploy
 from shiftjax import host_memory
 from shiftjax import train
@@ -42,27 +41,15 @@ config_flags.DEFINE_config_file(
 REFERENCE = "DenseShift 3-bit"
 
 
-def fashion_mnist_test_set():
-  """The full test split as normalized NHWC float32 images and labels (Debian's files)."""
-  read = lambda name: data_lib.read_idx(
-      os.path.join(data_lib.fashion_mnist.DEFAULT_SOURCE_DIR, name))
-  images = np.asarray(data_lib.normalize(read("t10k-images-idx3-ubyte.gz")[..., None],
-                                         "fashion_mnist"))
-  return images, read("t10k-labels-idx1-ubyte.gz")
-
-
-def predictions(fn, images, batch=1000) -> np.ndarray:
-  return np.concatenate([np.argmax(np.asarray(fn(images[i:i + batch])), -1)
-                         for i in range(0, len(images), batch)])
-
-
 def top1_trained_and_packed(config, workdir, images) -> tuple[np.ndarray, np.ndarray]:
   """Top-1 predictions of a run's training model (restored checkpoint, eval mode) and
   of its packed file (exported, serialized and read back)."""
   model, variables, _ = train.restore_variables(config, workdir)
   packed = deploy.from_bytes(train.packed_from_checkpoint(config, workdir).to_bytes())
-  trained = predictions(jax.jit(lambda x: model.apply(variables, x, train=False)), images)
-  return trained, predictions(lambda x: deploy.packed_apply(packed, x), images)
+  trained = method_comparison.predictions(
+      jax.jit(lambda x: model.apply(variables, x, train=False)), images)
+  return trained, method_comparison.predictions(lambda x: deploy.packed_apply(packed, x),
+                                                images)
 
 
 def main(argv):
@@ -75,7 +62,7 @@ def main(argv):
         "quantizer": "DenseShift", "bits": 3, "activation_bits": int(bits)}
   base = FLAGS.config
   summaries = method_comparison.train_each(base, settings, FLAGS.workdir, range(FLAGS.seeds))
-  images, labels = fashion_mnist_test_set()
+  images, labels = method_comparison.fashion_mnist_test_set()
   print(f"\nFashion-MNIST, {base.model}, {base.num_epochs:g} epochs, batch "
         f"{base.batch_size}: DenseShift 3-bit weights, PACT activations (inputs of the "
         f"quantized convs), seeds 0..{FLAGS.seeds - 1}")

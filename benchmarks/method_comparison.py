@@ -7,7 +7,9 @@ import statistics
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
+from shiftjax import data as data_lib
 from shiftjax import train
 
 
@@ -31,6 +33,27 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
       summaries[name].append(train.train_and_evaluate(
           config, os.path.join(parent_workdir, directory_name(name, seed))))
   return summaries
+
+
+def fashion_mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
+  """The full test split as normalized NHWC float32 images and labels (Debian's files)."""
+  return fashion_mnist_images("t10k"), _read_fashion_mnist("t10k-labels-idx1-ubyte.gz")
+
+
+def fashion_mnist_images(split: str, count: int | None = None) -> np.ndarray:
+  """The first ``count`` images of ``'train'`` or ``'t10k'``, normalized NHWC float32."""
+  images = _read_fashion_mnist(f"{split}-images-idx3-ubyte.gz")[:count, ..., None]
+  return np.asarray(data_lib.normalize(images, "fashion_mnist"))
+
+
+def _read_fashion_mnist(name: str) -> np.ndarray:
+  return data_lib.read_idx(os.path.join(data_lib.fashion_mnist.DEFAULT_SOURCE_DIR, name))
+
+
+def predictions(fn: Callable, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+  """Top-1 of ``fn(images)`` (logits), in batches."""
+  return np.concatenate([np.argmax(np.asarray(fn(images[i:i + batch])), -1)
+                         for i in range(0, len(images), batch)])
 
 
 def directory_name(name: str, seed: int) -> str:
