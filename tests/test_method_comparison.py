@@ -55,3 +55,17 @@ def test_every_method_and_seed_trains_in_its_own_directory(monkeypatch, tmp_path
   assert [(c.quantizer, c.bits, c.seed) for c, _ in calls[3:]] == [
       ("float", 3, 1), ("DenseShift", 2, 1), ("DenseShift", 3, 1)]
   assert not any(c.export_packed for c, _ in calls) and base.seed == 7
+
+
+def test_predictions_are_the_top1_of_every_batch():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  labels = np.arange(2500) % 7
+  images = labels.astype(np.float32)[:, None]
+  seen = []
+  def one_hot(x):
+    seen.append(len(x))
+    return np.eye(7)[x[:, 0].astype(int)]
+  got = method_comparison.predictions(one_hot, images, batch=1000)
+  np.testing.assert_array_equal(got, labels)
+  assert seen == [1000, 1000, 500]
+  assert method_comparison.directory_name("S3 3-bit dense init", 2) == "s3_3-bit_dense_init_seed2"
