@@ -42,6 +42,8 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                                         "encoding": "binary"},
             "DenseShift 3-bit binary": {"quantizer": "DenseShift", "bits": 3,
                                         "encoding": "binary"},
+            "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4,
+                                       "surrogate": "exact"},
             "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"}}
 
 
