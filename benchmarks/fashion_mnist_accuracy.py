@@ -44,7 +44,11 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                                         "encoding": "binary"},
             "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4,
                                        "surrogate": "exact"},
-            "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"}}
+            "DenseShift 3-bit exact": {"quantizer": "DenseShift", "bits": 3,
+                                       "surrogate": "exact"},
+            "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
+            "S3 3-bit low-variance init": {"quantizer": "S3", "bits": 3,
+                                           "init_method": "low_variance"}}
 
 
 def main(argv):

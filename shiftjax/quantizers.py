@@ -366,13 +366,17 @@ class S3(Quantizer):
   through the product and ``2**P``: pruned weights (``1(W_sparse) = 0``) give zero
   gradient to their sign and shift latents.
 
-  init: ``'he'`` (every latent ~ N(0, 2/fan_out), the final reference code) or
-  ``'dense'`` (every weight starts at +-1: ``W_sparse = |N|``, shift latents ``-|N|``).
+  init: ``'he'`` (every latent ~ N(0, 2/fan_out), the final reference code),
+  ``'dense'`` (every weight starts at +-1: ``W_sparse = |N|``, shift latents ``-|N|``) or
+  ``'low_variance'`` (every latent ~ N(0, 1e-3**2), DenseShift's init; not in the S3
+  paper). Why the third: the latents' gradients scale like those of weights of magnitude
+  1..4, so He-sized latents (std ~0.06 in a 3x3x64 conv) take many steps to cross a
+  threshold; latents next to their thresholds flip from the first steps on.
   """
   init_method: str = "he"
 
   def _check_options(self):
-    _check_choice(self.name, "init_method", self.init_method, ("he", "dense"))
+    _check_choice(self.name, "init_method", self.init_method, ("he", "dense", "low_variance"))
 
   @property
   def num_shift_latents(self) -> int:
@@ -385,7 +389,8 @@ class S3(Quantizer):
   def init(self, key, shape, dtype=jnp.float32):
     shape = tuple(shape)
     keys = jax.random.split(key, 3)
-    std = he_fan_out_std(shape)
+    std = (DenseShift.LOW_VARIANCE_STD if self.init_method == "low_variance"
+           else he_fan_out_std(shape))
     latents = {
         "sign": scaled_normal(keys[0], shape, dtype, std),
         "sparse": scaled_normal(keys[1], shape, dtype, std),

@@ -322,6 +322,10 @@ def test_initializations():
   expected = math.sqrt(2 / (3 * 3 * 128))  # He fan-out
   for leaf in he.values():
     assert abs(float(jnp.std(leaf)) / expected - 1) < 0.02
+  s3_lv = sj.S3(bits=3, init_method="low_variance").init(jax.random.key(0), shape)
+  assert s3_lv["shift"].shape == (2,) + shape
+  for leaf in s3_lv.values():
+    assert abs(float(jnp.std(leaf)) - 1e-3) < 5e-5
   dense = sj.S3(bits=3, init_method="dense")
   np.testing.assert_array_equal(jnp.abs(dense.weight(dense.init(jax.random.key(0), shape))), 1)
   ps = sj.DeepShiftPS(bits=5).init(jax.random.key(0), shape)
@@ -353,7 +357,7 @@ def test_s3_regularizer_sums_negative_sparse_latents_over_layers():
     (lambda: sj.DenseShift(bits=3, encoding="unary"), "encoding must be one of"),
     (lambda: sj.DenseShift(bits=3, surrogate="tanh"), "'tanh'"),
     (lambda: sj.DenseShift(bits=3, init_method="xavier"), "'xavier'"),
-    (lambda: sj.S3(bits=3, init_method="low_variance"), "('he', 'dense')"),
+    (lambda: sj.S3(bits=3, init_method="xavier"), "('he', 'dense', 'low_variance')"),
     (lambda: sj.DeepShiftQ(rounding="up"), "rounding"),
     (lambda: sj.DenseShift(bits=3, e0=0.5), "e0 must be an integer"),
     (lambda: sj.DeepShiftQ(bits=8), "outside float32's normal range"),
