@@ -10,7 +10,7 @@
 2. scan: the same gradient summed over 2 micro-batches in ``lax.scan`` (gradient
    accumulation), 32x32x16 layer.
 3. kgrad: the kernel gradient alone, per conv shape: the native C++ kernel
-   (``shiftjax.kernels.training.native``, what the fast gradient uses on CPU), the XLA matmul loop
+   (``shiftjax.kernels.cpu.native``, what the fast gradient uses on CPU), the XLA matmul loop
    it replaced (``native.disabled()``) and XLA's autodiff, with GFLOP/s.
 4. step: a ResNet-20 train step (``shiftjax.models.resnet20``, BatchNorm, SGD) with
    ``fast_grad`` off and on.
@@ -37,7 +37,7 @@ import optax
 import shiftjax as sj
 from shiftjax import models
 from shiftjax.kernels.training import conv as sc
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 

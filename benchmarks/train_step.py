@@ -11,7 +11,7 @@ jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (3
 each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
 ``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv and
 BatchNorm gradients, ``shiftjax.kernels.training.conv`` and ``shiftjax.batch_norm``, convs and kernel
-gradients on the native C++ kernels, ``shiftjax.kernels.training.native``, and the remaining XLA
+gradients on the native C++ kernels, ``shiftjax.kernels.cpu.native``, and the remaining XLA
 convolutions on Eigen, ``conv.eigen_conv_options``);
 "DenseShift3 fast grad" has our gradients on XLA's default libraries and "DenseShift3
 fast no native" everything but the native kernels, to show each part's share. This process
@@ -53,7 +53,7 @@ from shiftjax import host_memory
 from shiftjax import models
 from shiftjax import train
 from shiftjax.kernels.training import conv
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 BATCH_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10

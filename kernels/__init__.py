@@ -1,14 +1,18 @@
-"""shiftjax's kernels, imported as ``shiftjax.kernels``; two folders by purpose.
+"""shiftjax's kernels, imported as ``shiftjax.kernels``; three folders by purpose.
 
 * ``shiftjax.kernels.inference``: run packed N-bit power-of-two codes, no gradients.
   ``pow2_matmul`` multiplies by packed zero-free weights (Pallas on GPU/TPU, XLA on CPU);
-  ``pow2_conv`` is the NHWC convolution built on it. Re-exported here: this is the
+  ``pow2_conv`` is the NHWC convolution built on it; ``fused_conv`` a layer's conv and
+  epilogue on float (decoded) weights. Re-exported here: this is the
   deployment API (``shiftjax.deploy`` runs packed models on it).
 * ``shiftjax.kernels.training``: the differentiable float convolution that training's
-  layers call (``conv2d`` with its CPU-fast custom VJP) and the native C++ CPU kernels it
-  runs on (``native``, ``cpu_conv.cc``). Not imported here: deployment does not need it.
+  layers call (``conv2d`` with its CPU-fast custom VJP). Not imported here: deployment
+  does not need it.
+* ``shiftjax.kernels.cpu``: the native C++ CPU kernels (``native``, ``cpu_conv.cc``) both
+  run on: the forward conv (with a fused epilogue for inference) and the kernel gradient.
 """
 
+from shiftjax.kernels.inference.conv import fused_conv
 from shiftjax.kernels.inference.conv import pow2_conv
 from shiftjax.kernels.inference.matmul import BACKENDS
 from shiftjax.kernels.inference.matmul import Blocks
@@ -22,5 +26,5 @@ from shiftjax.kernels.inference.matmul import unpack_codes
 
 __all__ = [
     "BACKENDS", "Blocks", "SUPPORTED_BITS", "codes_per_word", "decode_slot",
-    "default_blocks", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
+    "default_blocks", "fused_conv", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
 ]

@@ -231,6 +231,55 @@ def test_conv_matches_lax_conv_of_decoded_kernel(case):
   _assert_close(y, ref, bound)
 
 
+@pytest.mark.parametrize("cout", [32, 12], ids=["native-on-cpu", "xla-conv"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_fused_residual_and_relu_match_reference(cout, stride):
+  # A ResNet layer's whole step: relu(conv * scale + bias + residual). On the CPU, 32
+  # output channels run on the native conv with the epilogue in its registers, 12 on
+  # XLA's conv; the Pallas interpreter applies residual and relu after its matmul.
+  bits, e0, cin = 3, -4, 5
+  rng = np.random.default_rng(cout + stride)
+  hwio = rng.integers(0, 1 << bits, size=(3, 3, cin, cout))
+  packed = _pack(hwio.reshape(-1, cout), bits)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6, cin)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2, cout), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(cout), jnp.float32)
+  ref, bound = _conv_reference(x, jnp.asarray(hwio), scale, bias, bits=bits, e0=e0,
+                               stride=stride, padding="SAME")
+  residual = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+  want = jnp.maximum(ref + residual, 0)
+  bound = bound + 2.0**-22 * jnp.abs(residual)
+  args = dict(bits=bits, e0=e0, kernel_shape=(3, 3, cin, cout), strides=stride,
+              padding="SAME", scale=scale, bias=bias, residual=residual, relu=True)
+  xla = lambda x, w: kernels.pow2_conv(x, w, backend="xla", **args)
+  uses_native = "shiftjax_fused_conv" in str(jax.make_jaxpr(xla)(x, packed))
+  assert uses_native == (cout % 16 == 0 and jax.default_backend() == "cpu"
+                         and _native_available())
+  _assert_close(xla(x, packed), want, bound)
+  _assert_close(_fast(lambda x, w, r: kernels.pow2_conv(
+      x, w, backend="pallas_interpret", block_m=32, block_n=8,
+      **{**args, "residual": r}), x, packed, residual), want, bound)
+  w = codes_lib.decode(jnp.asarray(hwio), codes_lib.CodeFormat(bits=bits, e0=e0))
+  _assert_close(kernels.fused_conv(x, w, strides=stride, padding="SAME", scale=scale,
+                                   bias=bias, residual=residual, relu=True), want, bound)
+
+
+def _native_available():
+  from shiftjax.kernels.cpu import native  # pylint: disable=import-outside-toplevel
+  return native.available()
+
+
+def test_conv_residual_shape_is_checked():
+  x = jnp.zeros((1, 6, 6, 5), jnp.float32)
+  packed = jnp.zeros((5, 16), jnp.uint32)
+  with pytest.raises(ValueError, match=r"residual must have the conv output's shape "
+                                       r"\(1, 3, 3, 16\), got \(1, 6, 6, 16\)"):
+    kernels.pow2_conv(x, packed, bits=3, e0=0, kernel_shape=(3, 3, 5, 16), strides=2,
+                      residual=jnp.zeros((1, 6, 6, 16)))
+  with pytest.raises(ValueError, match="residual must have"):
+    kernels.fused_conv(x, jnp.zeros((3, 3, 5, 12)), residual=jnp.zeros((1, 6, 6, 16)))
+
+
 # ------------------------------------------------------------------------------------
 # Lowering for GPU and TPU without the hardware.
 

@@ -34,7 +34,7 @@ TRAINING_STACK = ("flax", "optax", "orbax", "tensorflow_datasets", "ml_collectio
 DEPLOY_MAY_IMPORT = ("shiftjax", "shiftjax.activations", "shiftjax.codes",
                      "shiftjax.quantizers", "shiftjax.policy",
                      "shiftjax.pooling", "shiftjax.kernels", "shiftjax.kernels.inference",
-                     "shiftjax.deploy")
+                     "shiftjax.kernels.cpu", "shiftjax.deploy")
 
 
 def package_modules() -> dict[str, str]:
@@ -145,7 +145,7 @@ def test_find_cycle_and_imported_modules():
 def test_package_has_no_import_cycle():
   graph = import_graph()
   # The walk saw every part (an empty graph has no cycle either).
-  assert {"shiftjax.train", "shiftjax.deploy.format", "shiftjax.kernels.training.native",
+  assert {"shiftjax.train", "shiftjax.deploy.format", "shiftjax.kernels.cpu.native",
           "shiftjax.data.readers", "shiftjax.data.slu.synthetic"} <= set(graph)
   assert "shiftjax.export" in graph["shiftjax.train"]
   assert "shiftjax.data.pipeline" in graph["shiftjax.data.imagenet"]
@@ -166,13 +166,16 @@ def test_deploy_imports_only_codes_quantizers_and_inference_kernels():
 
 
 def test_convolution_code_has_one_home():
-  # Differentiable training convs and inference kernels, each under its own folder.
+  # Differentiable training convs, inference kernels and the native CPU kernels both run
+  # on, each under its own folder.
   modules = package_modules()
   conv_modules = sorted(m for m in modules if m.rpartition(".")[2] in ("conv", "native"))
-  assert conv_modules == ["shiftjax.kernels.inference.conv", "shiftjax.kernels.training.conv",
-                          "shiftjax.kernels.training.native"]
-  cc = [f for f in os.listdir(os.path.join(REPO, "kernels", "training")) if f.endswith(".cc")]
-  assert cc == ["cpu_conv.cc"]
+  assert conv_modules == ["shiftjax.kernels.cpu.native", "shiftjax.kernels.inference.conv",
+                          "shiftjax.kernels.training.conv"]
+  cc = [os.path.relpath(os.path.join(root, f), REPO)
+        for root, _, files in os.walk(os.path.join(REPO, "kernels")) for f in files
+        if f.endswith(".cc")]
+  assert cc == [os.path.join("kernels", "cpu", "cpu_conv.cc")]
 
 
 # Runs in the subprocess: refuses every module of the training stack, then loads the

@@ -1,4 +1,4 @@
-"""The native C++ CPU conv and kernel gradient (shiftjax.kernels.training.native) against XLA."""
+"""The native C++ CPU conv and kernel gradient (shiftjax.kernels.cpu.native) against XLA."""
 
 import warnings
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shiftjax.kernels.training import conv as sc
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 DN = ("NHWC", "HWIO", "NHWC")
 TARGET = "shiftjax_conv_kernel_grad"
@@ -124,6 +124,74 @@ def test_exact_on_integers():
   y = jax.jit(lambda x, k: native.conv(x, k, (sh, sw), pads))(
       jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
   np.testing.assert_array_equal(np.asarray(y), y_want.astype(np.float32))
+
+
+FUSED_TARGET = "shiftjax_fused_conv"
+
+
+@needs_native
+@pytest.mark.parametrize("parts", ["none", "scale", "bias", "residual", "relu", "all"])
+@pytest.mark.parametrize("name", ["3x3_s1_same_odd", "3x3_s2_same", "1x1_s2", "explicit_pads",
+                                  "one_image_wide"])
+def test_fused_conv_equals_conv_then_xla_epilogue(name, parts):
+  x, kernel, g, s, p = _data(CASES[name])
+  pads = sc._explicit(p, x.shape, kernel.shape[:2], s)  # pylint: disable=protected-access
+  rng = np.random.default_rng(3)
+  co = kernel.shape[-1]
+  use = lambda part: parts in (part, "all")
+  scale = jnp.asarray(rng.uniform(0.5, 2, co), jnp.float32) if use("scale") else None
+  bias = jnp.asarray(rng.standard_normal(co), jnp.float32) if use("bias") else None
+  residual = g if use("residual") else None  # g has the conv output's shape
+  relu = use("relu")
+  y = lax.conv_general_dilated(x, kernel, s, pads, dimension_numbers=DN,
+                               precision=lax.Precision.HIGHEST)
+  want = y * (1 if scale is None else scale) + (0 if bias is None else bias)
+  want = want + (0 if residual is None else residual)
+  want = jnp.maximum(want, 0) if relu else want
+  fused = lambda x, k: native.fused_conv(x, k, s, pads, scale=scale, bias=bias,
+                                         residual=residual, relu=relu)
+  assert FUSED_TARGET in str(jax.make_jaxpr(fused)(x, kernel))
+  got = jax.jit(fused)(x, kernel)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  if relu:
+    assert float(jnp.min(got)) == 0.0
+
+
+@needs_native
+def test_fused_conv_exact_on_integers_and_powers_of_two():
+  # Integer x, kernel, bias and residual, power-of-two scales: every step is exact in
+  # float32, so the fused epilogue must equal numpy's int64 result bit for bit, relu
+  # included (negative sums present).
+  n, h, w, ci, co = 2, 6, 5, 3, 32
+  rng = np.random.default_rng(4)
+  x = rng.integers(-4, 5, (n, h, w, ci))
+  kernel = rng.integers(-4, 5, (3, 3, ci, co))
+  bias = rng.integers(-20, 21, co)
+  scale_exp = rng.integers(-2, 3, co)
+  residual = rng.integers(-30, 31, (n, h, w, co))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + w], kernel[i, j])
+          for i in range(3) for j in range(3)).astype(np.float64)
+  want = np.maximum(y * 2.0 ** scale_exp + bias + residual, 0)
+  assert (y * 2.0 ** scale_exp + bias + residual < 0).any()
+  got = jax.jit(lambda *a: native.fused_conv(
+      a[0], a[1], (1, 1), ((1, 1), (1, 1)), scale=a[2], bias=a[3], residual=a[4],
+      relu=True))(*(jnp.asarray(v, jnp.float32) for v in (
+          x, kernel, 2.0 ** scale_exp, bias, residual)))
+  np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+@needs_native
+def test_fused_conv_checks_epilogue_shapes():
+  x, kernel, g, s, p = _data(CASES["3x3_s2_same"])
+  pads = ((1, 1), (1, 1))
+  with pytest.raises(ValueError, match=r"bias must have shape \(32,\), got \(16,\)"):
+    native.fused_conv(x, kernel, s, pads, bias=jnp.zeros(16))
+  with pytest.raises(ValueError, match=r"residual must have shape \(3, 4, 4, 32\)"):
+    native.fused_conv(x, kernel, s, pads, residual=jnp.zeros((3, 4, 4, 16)))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    native.fused_conv(x, kernel[..., :12], s, pads)
 
 
 @needs_native

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4
@@ -51,7 +51,7 @@ def step(strides, padding):
 SCRIPT = COMMON + r"""
 import json, re, sys
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 if not native.available():
   print("SKIP native kernels not available (no C++ compiler?)")
@@ -216,7 +216,7 @@ def flat(loss, grads):  # {"loss": loss, "<path of each gradient leaf>": leaf}, 
 MODEL_SCRIPT = MODEL_COMMON + r"""
 import re, sys
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 if not native.available():
   print("SKIP native kernels not available (no C++ compiler?)")

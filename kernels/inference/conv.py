@@ -2,9 +2,14 @@
 
 The HWIO kernel's codes are flattened to ``[kh * kw * I, O]`` (row ``(dy * kw + dx) * I + c``,
 i.e. the C-order reshape of HWIO) and packed along that contraction axis like a
-``pow2_matmul`` weight. The XLA path decodes the kernel and calls
-``lax.conv_general_dilated``; the Pallas path builds image patches in the same
-``(dy, dx, c)`` order (im2col) and calls ``pow2_matmul``.
+``pow2_matmul`` weight. The XLA path decodes the kernel and calls ``fused_conv``; the
+Pallas path builds image patches in the same ``(dy, dx, c)`` order (im2col) and calls
+``pow2_matmul``.
+
+``fused_conv`` is a layer's whole inference step on float weights: the conv, then
+``* scale + bias``, ``+ residual`` and relu. On the CPU it runs on the native kernel
+(``shiftjax.kernels.cpu.native``) with that epilogue applied in its registers, elsewhere (or
+for shapes the native kernel does not take) on ``lax.conv_general_dilated`` and XLA ops.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import codes as codes_lib
+from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference import matmul as mm
 
 
@@ -60,9 +66,62 @@ def _im2col(x, kernel_hw, strides, pads):
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
+def fused_conv(x, kernel, *, strides=1, padding="SAME", scale=None, bias=None,
+               residual=None, relu: bool = False):
+  """``relu?(conv(x, kernel) * scale + bias + residual)``: one inference layer, NHWC/HWIO.
+
+  Args:
+    x: float32 or bfloat16 ``[B, H, W, I]``.
+    kernel: float ``[kh, kw, I, O]`` (decoded power-of-two weights, or a float layer's).
+    strides: int or (sh, sw).
+    padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``.
+    scale, bias: optional float32 ``[O]``.
+    residual: optional float32 ``[B, Ho, Wo, O]``, added after scale and bias.
+    relu: apply relu last.
+  Returns:
+    float32 ``[B, Ho, Wo, O]``. On the CPU, float32 operands and ``O`` a multiple of 16
+    run on the native kernel with the epilogue fused; anything else is
+    ``lax.conv_general_dilated`` (float32 accumulation) and XLA ops. The two agree up to
+    float rounding (the sums run in another order).
+  """
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f"fused_conv takes NHWC x and an HWIO kernel with matching channels, "
+                     f"got shapes {tuple(x.shape)} and {tuple(kernel.shape)}")
+  strides = _pair(strides, "strides")
+  pads = _padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
+  _check_residual(residual, x.shape, kernel.shape, strides, pads)
+  if native.supports_conv(x, kernel):
+    return native.fused_conv(x, kernel, strides, pads, scale=scale, bias=bias,
+                             residual=residual, relu=relu)
+  y = lax.conv_general_dilated(
+      x, kernel.astype(x.dtype), window_strides=strides, padding=pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+      preferred_element_type=jnp.float32)
+  return _residual_relu(mm.xla_epilogue(y, scale, bias), residual, relu)
+
+
+def _check_residual(residual, x_shape, kernel_shape, strides, pads):
+  """The residual, if any, must have the conv output's shape (no silent broadcasting)."""
+  if residual is None:
+    return
+  out = (x_shape[0], *((x_shape[1 + a] + sum(pads[a]) - kernel_shape[a]) // strides[a] + 1
+                       for a in range(2)), kernel_shape[-1])
+  if tuple(residual.shape) != out:
+    raise ValueError(f"residual must have the conv output's shape {out}, got "
+                     f"{tuple(residual.shape)}")
+
+
+def _residual_relu(y, residual, relu):
+  if residual is not None:
+    y = y + residual
+  return jax.nn.relu(y) if relu else y
+
+
 def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
-              strides=1, padding="SAME", scale=None, bias=None,
-              backend: str | None = None, platform: str | None = None, **block_kwargs):
+              strides=1, padding="SAME", scale=None, bias=None, residual=None,
+              relu: bool = False, backend: str | None = None, platform: str | None = None,
+              **block_kwargs):
   """Convolution of NHWC ``x`` with a packed HWIO power-of-two kernel.
 
   Args:
@@ -74,8 +133,11 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
     strides: int or (sh, sw).
     padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``.
     scale, bias: optional float32 ``[O]``.
+    residual: optional float32 ``[B, Ho, Wo, O]``, added after scale and bias.
+    relu: apply relu last (a ResNet layer's whole step in one call; on the CPU the
+      native conv applies scale, bias, residual and relu in its registers).
     backend, platform: as ``pow2_matmul`` (None: Pallas im2col + matmul on GPU/TPU,
-      decode + ``lax.conv_general_dilated`` on CPU).
+      decode + ``fused_conv`` on CPU).
     **block_kwargs: ``block_m``, ``block_n``, ``block_k``, ``num_warps``, ``num_stages``
       for the Pallas matmul.
   Returns:
@@ -109,26 +171,25 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
   if unknown:
     raise TypeError(f"pow2_conv got unexpected keyword arguments {sorted(unknown)}")
 
+  _check_residual(residual, x.shape, kernel_shape, strides, pads)
   if backend == "xla":
     # Checks dtypes and the scale/bias shapes with the matmul's messages.
     mm._check_operands(  # pylint: disable=protected-access
         jax.ShapeDtypeStruct((1, k), x.dtype), packed, bits, scale, bias, k)
-    return _xla_conv(x, packed, scale, bias, bits=bits, e0=e0,
-                     kernel_shape=(kh, kw, cin, cout), strides=strides, pads=pads)
+    return _xla_conv(x, packed, scale, bias, residual, bits=bits, e0=e0,
+                     kernel_shape=(kh, kw, cin, cout), strides=strides, pads=pads, relu=relu)
   patches = _im2col(x, (kh, kw), strides, pads)
-  return mm.pow2_matmul(patches, packed, bits=bits, e0=e0, scale=scale, bias=bias,
-                        backend=backend, platform=platform, **block_kwargs)
+  y = mm.pow2_matmul(patches, packed, bits=bits, e0=e0, scale=scale, bias=bias,
+                     backend=backend, platform=platform, **block_kwargs)
+  return _residual_relu(y, residual, relu)
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("bits", "e0", "kernel_shape", "strides", "pads"))
-def _xla_conv(x, packed, scale, bias, *, bits, e0, kernel_shape, strides, pads):
-  kh, kw, cin, cout = kernel_shape
+                   static_argnames=("bits", "e0", "kernel_shape", "strides", "pads", "relu"))
+def _xla_conv(x, packed, scale, bias, residual, *, bits, e0, kernel_shape, strides, pads,
+              relu):
+  kh, kw, cin, _ = kernel_shape
   fmt = codes_lib.CodeFormat(bits=bits, e0=e0)
   w = codes_lib.decode(mm.unpack_codes(packed, bits, kh * kw * cin), fmt, x.dtype)
-  y = lax.conv_general_dilated(
-      x, w.reshape(kernel_shape), window_strides=strides, padding=pads,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
-      preferred_element_type=jnp.float32)
-  return mm.xla_epilogue(y, scale, bias)
+  return fused_conv(x, w.reshape(kernel_shape), strides=strides, padding=pads, scale=scale,
+                    bias=bias, residual=residual, relu=relu)

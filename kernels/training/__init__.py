@@ -1,1 +1,1 @@
-"""Differentiable float convolution for training: ``conv`` (custom VJP) on ``native`` CPU kernels."""
+"""Differentiable float convolution for training: ``conv`` (custom VJP) on the native CPU kernels (``shiftjax.kernels.cpu``)."""

@@ -48,7 +48,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from shiftjax.kernels.training import native
+from shiftjax.kernels.cpu import native
 
 # flax's nn.Conv with a 4-D input
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -3,10 +3,12 @@
 The weights stay packed in memory and are decoded inside each call. On GPU/TPU a
 quantized conv calls ``shiftjax.kernels.pow2_conv`` (Pallas) on the kernels' word layout
 (bit-plane files are repacked into words in the jitted pass); on the CPU, words go to
-``pow2_conv``'s XLA path and bit planes are decoded directly, both then ``lax.conv``. The
-kernels serve zero-free formats of 2..5 bits (DenseShift, DeepShift-Q up to 5 bits);
-formats with a zero code (S3, DeepShift-PS) and wider codes are unpacked and decoded
-(``codes.decode``) in XLA and convolved with ``lax.conv`` on every backend. Each layer
+``pow2_conv``'s XLA path and bit planes are decoded directly, both then
+``kernels.fused_conv``: the native CPU conv with the layer's scale, bias, residual and
+relu applied in its registers. The kernels serve zero-free formats of 2..5 bits
+(DenseShift, DeepShift-Q up to 5 bits); formats with a zero code (S3, DeepShift-PS) and
+wider codes are unpacked and decoded (``codes.decode``) in XLA and convolved with
+``kernels.fused_conv`` on every backend. Each layer
 runs at its own width (mixed widths), and a layer whose input is quantized first
 quantizes it as training did (``shiftjax.activations``, the learned ranges from the file).
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
+from shiftjax.kernels.cpu import native
 from shiftjax import pooling
 from shiftjax.deploy.architecture import SPEECH_POOLS, Layer, PackedModelError
 from shiftjax.deploy.format import PackedModel, write_atomic
@@ -74,23 +77,22 @@ def _runs_kernel(layer: Layer, code_layout, backend, platform) -> bool:
   return code_layout == "words" or kernels.resolve_backend(backend, platform)[0] != "xla"
 
 
-def _conv_layer(layer: Layer, arrays, x, code_layout, backend, platform):
+def _conv_layer(layer: Layer, arrays, x, residual, code_layout, backend, platform):
+  """The layer's whole step: conv, scale (quantized layers), bias, residual, relu."""
   kernel = arrays[f"{layer.name}/kernel"]
   bias = arrays[f"{layer.name}/bias"]
+  scale = arrays[f"{layer.name}/scale"] if layer.quantized else None
   fmt = layer.code_format
   if _runs_kernel(layer, code_layout, backend, platform):
     return kernels.pow2_conv(x, _kernel_words(layer, kernel, fmt, code_layout), bits=fmt.bits,
                              e0=fmt.e0, kernel_shape=layer.shape, strides=layer.strides,
-                             padding=layer.padding, scale=arrays[f"{layer.name}/scale"],
-                             bias=bias, backend=backend, platform=platform)
+                             padding=layer.padding, scale=scale, bias=bias,
+                             residual=residual, relu=layer.relu, backend=backend,
+                             platform=platform)
   w = (decode_kernel(kernel, fmt, layer.shape, code_layout) if layer.quantized
        else kernel.astype(jnp.float32))
-  y = lax.conv_general_dilated(x, w, window_strides=layer.strides, padding=layer.padding,
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                               precision=lax.Precision.HIGHEST)
-  if layer.quantized:
-    y = y * arrays[f"{layer.name}/scale"]
-  return y + bias
+  return kernels.fused_conv(x, w, strides=layer.strides, padding=layer.padding, scale=scale,
+                            bias=bias, residual=residual, relu=layer.relu)
 
 
 def _dense_layer(layer: Layer, arrays, x, code_layout, backend, platform):
@@ -114,6 +116,18 @@ def _quantized_input(layer: Layer, arrays, x):
   return layer.activation.quantize(params, x)
 
 
+def _pool_or_dense_layer(layer: Layer, arrays, x, code_layout, backend, platform):
+  if layer.op == "max_pool":
+    return pooling.max_pool(x, layer.window, layer.strides, layer.padding)
+  if layer.op == "mean_pool":
+    return jnp.mean(x, axis=(1, 2))
+  if layer.op in SPEECH_POOLS:
+    return pooling.speech_pool(x, SPEECH_POOLS[layer.op])
+  if layer.op == "dense":
+    return _dense_layer(layer, arrays, x, code_layout, backend, platform)
+  raise PackedModelError(f"unknown layer op {layer.op!r}")
+
+
 def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
             backend: str | None = None, platform: str | None = None) -> jax.Array:
   """The packed forward pass (traceable); ``plan`` is ``PackedModel.plan``."""
@@ -123,21 +137,13 @@ def forward(arrays: Mapping[str, jax.Array], images: jax.Array, plan: tuple, *,
     x = acts[layer.input]
     if layer.activation is not None:
       x = _quantized_input(layer, arrays, x)
-    if layer.op == "conv":
-      y = _conv_layer(layer, arrays, x, code_layout, backend, platform)
-      if layer.residual is not None:
-        y = y + acts[layer.residual]
-    elif layer.op == "max_pool":
-      y = pooling.max_pool(x, layer.window, layer.strides, layer.padding)
-    elif layer.op == "mean_pool":
-      y = jnp.mean(x, axis=(1, 2))
-    elif layer.op in SPEECH_POOLS:
-      y = pooling.speech_pool(x, SPEECH_POOLS[layer.op])
-    elif layer.op == "dense":
-      y = _dense_layer(layer, arrays, x, code_layout, backend, platform)
+    if layer.op == "conv":  # the layer's residual and relu included
+      residual = acts[layer.residual] if layer.residual is not None else None
+      acts[layer.name] = _conv_layer(layer, arrays, x, residual, code_layout, backend,
+                                     platform)
     else:
-      raise PackedModelError(f"unknown layer op {layer.op!r}")
-    acts[layer.name] = jax.nn.relu(y) if layer.relu else y
+      y = _pool_or_dense_layer(layer, arrays, x, code_layout, backend, platform)
+      acts[layer.name] = jax.nn.relu(y) if layer.relu else y
   return acts[layers[-1].name]
 
 
@@ -196,7 +202,8 @@ def export_serialized(packed: PackedModel, batch_shape: Sequence[int | None], *,
     platforms: ``jax.export`` lowering platforms (default: this machine's), e.g.
       ``['cpu', 'cuda']`` for one artifact that runs on both.
     backend, platform: passed to ``shiftjax.kernels``. The default ``'xla'`` decodes
-      the packed words with XLA ops, which serialize for every platform. The GPU Pallas
+      the packed words with XLA ops and convolves with XLA's conv (never the native CPU
+      kernel), which serialize for every platform. The GPU Pallas
       kernel lowers to a Triton custom call, which ``jax.export`` refuses to serialize
       (no compatibility guarantee); ``backend='pallas', platform='tpu'`` with
       ``platforms=['tpu']`` embeds the Mosaic TPU kernel (UNVERIFIED: no TPU here).
@@ -214,8 +221,11 @@ def export_serialized(packed: PackedModel, batch_shape: Sequence[int | None], *,
   def infer(images):
     return forward(arrays, images, plan, backend=backend, platform=platform)
 
-  exported = jax.export.export(jax.jit(infer), platforms=platforms)(
-      jax.ShapeDtypeStruct(shape, jnp.float32))
+  # Plain XLA ops only: the native CPU conv is an FFI call of a library built on this
+  # machine, which the artifact could not carry (and jax.export refuses to serialize).
+  with native.disabled():
+    exported = jax.export.export(jax.jit(infer), platforms=platforms)(
+        jax.ShapeDtypeStruct(shape, jnp.float32))
   return bytes(exported.serialize())
 
 

@@ -1,6 +1,7 @@
 // 2-D NHWC convolution and its kernel (weight) gradient on the CPU, as XLA FFI handlers.
 //
 //   conv:        y[n, h, w, co]    = sum_{i, j, ci} x[n, h*sh + i - pt, w*sw + j - pl, ci] * k[i, j, ci, co]
+//   fused conv:  relu?(conv * scale[co] + bias[co] + residual[n, h, w, co])   (inference)
 //   kernel grad: dk[i, j, ci, co] = sum_{n, h, w} x[n, h*sh + i - pt, w*sw + j - pl, ci] * g[n, h, w, co]
 //
 // Both read x in place: taps that fall in the padding are skipped (kernel gradient) or read
@@ -139,11 +140,34 @@ void Blocks(int64_t total, int max_rows, F fn) {
 constexpr int64_t kMaxZeroRow = 4096;
 alignas(64) const float kZeroRow[kMaxZeroRow] = {};
 
+// What the inference conv does to its sums before storing them, each part optional (null
+// pointers, relu false: the plain conv). Applied to the register tile, so a packed layer's
+// scale, bias, residual and relu cost no pass over memory of their own.
+struct Epilogue {
+  const float* scale = nullptr;     // [co]
+  const float* bias = nullptr;      // [co]
+  const float* residual = nullptr;  // this image's [ho, wo, co]
+  bool relu = false;
+};
+
+// In the order of the XLA path (shiftjax.kernels.inference.conv): y * scale + bias, then
+// + residual, then relu.
+Vec Finish(Vec y, const Epilogue& e, int64_t position, int64_t co, int64_t o) {
+  if (e.scale) y *= Load(e.scale + o);
+  if (e.bias) y += Load(e.bias + o);
+  if (e.residual) y += Load(e.residual + position * co + o);
+  if (e.relu) {
+    const Vec zero = {};
+    y = y > zero ? y : zero;
+  }
+  return y;
+}
+
 // y[R consecutive output positions of one image, C vectors of co from o0].
 template <int R, int C>
 struct ConvTile {
-  static void Run(const Geometry& d, const float* x, const float* k, int64_t p0, int64_t o0,
-                  float* y) {
+  static void Run(const Geometry& d, const Epilogue& e, const float* x, const float* k,
+                  int64_t p0, int64_t o0, float* y) {
     int64_t oh[R], ow[R];
     for (int r = 0; r < R; ++r) oh[r] = (p0 + r) / d.wo, ow[r] = (p0 + r) % d.wo;
     Vec acc[R][C] = {};
@@ -166,11 +190,14 @@ struct ConvTile {
         }
       }
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < C; ++v) Store(y + (p0 + r) * d.co + o0 + v * kLanes, acc[r][v]);
+      for (int v = 0; v < C; ++v) {
+        const int64_t o = o0 + v * kLanes;
+        Store(y + (p0 + r) * d.co + o, Finish(acc[r][v], e, p0 + r, d.co, o));
+      }
   }
 };
-using ConvTileFn = void (*)(const Geometry&, const float*, const float*, int64_t, int64_t,
-                            float*);
+using ConvTileFn = void (*)(const Geometry&, const Epilogue&, const float*, const float*,
+                            int64_t, int64_t, float*);
 
 // Each row of a conv tile broadcasts from its own input pointer. With more rows than the
 // general-purpose registers hold (16 on x86-64, less what the loop needs) the pointers
@@ -178,30 +205,67 @@ using ConvTileFn = void (*)(const Geometry&, const float*, const float*, int64_t
 // (32x32x16 convs, AVX-512), 12 rows were fastest for two vectors of co.
 int ConvRows(int cols, int max_rows) { return std::min(max_rows, cols == 1 ? 8 : 12); }
 
-void ConvImage(const Geometry& d, const float* x, const float* k, float* y) {
+void ConvImage(const Geometry& d, const Epilogue& e, const float* x, const float* k,
+               float* y) {
   const auto [cols, accumulator_rows] = TileShape(d.co / kLanes);
   const int max_rows = ConvRows(cols, accumulator_rows);
   Blocks(d.ho * d.wo, max_rows, [&](int64_t p0, int rows) {
     const ConvTileFn tile = TileFor<ConvTileFn, ConvTile>(rows, cols);
-    for (int64_t o0 = 0; o0 < d.co; o0 += cols * kLanes) tile(d, x, k, p0, o0, y);
+    for (int64_t o0 = 0; o0 < d.co; o0 += cols * kLanes) tile(d, e, x, k, p0, o0, y);
   });
+}
+
+bool ConvShapesAgree(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& k,
+                     ffi::ResultBuffer<ffi::F32>& y) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  return xd.size() == 4 && kd.size() == 4 && yd.size() == 4 && yd[0] == xd[0] &&
+         kd[2] == xd[3] && kd[3] == yd[3] && yd[3] % kLanes == 0 && xd[3] <= kMaxZeroRow;
+}
+
+ffi::Error RunConv(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                   const ffi::Buffer<ffi::F32>& k, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pl, Epilogue e, ffi::ResultBuffer<ffi::F32>& y) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  const Geometry d{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1],
+                   sh, sw, pt, pl};
+  const float *xs = x.typed_data(), *ks = k.typed_data();
+  float* ys = y->typed_data();
+  ParallelFor(pool, d.n, [&d, &e, xs, ks, ys](int64_t n) {
+    const int64_t out = n * d.ho * d.wo * d.co;
+    Epilogue image = e;  // per task: the tasks run concurrently
+    if (e.residual) image.residual = e.residual + out;
+    ConvImage(d, image, xs + n * d.h * d.w * d.ci, ks, ys + out);
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                 int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                 ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
-      kd[2] != xd[3] || kd[3] != yd[3] || yd[3] % kLanes != 0 || xd[3] > kMaxZeroRow)
+  if (!ConvShapesAgree(x, k, y))
     return ffi::Error::InvalidArgument("shiftjax conv: inconsistent shapes");
-  const Geometry d{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1],
-                   sh, sw, pt, pl};
-  const float *xs = x.typed_data(), *ks = k.typed_data();
-  float* ys = y->typed_data();
-  ParallelFor(pool, d.n, [&d, xs, ks, ys](int64_t n) {
-    ConvImage(d, xs + n * d.h * d.w * d.ci, ks, ys + n * d.ho * d.wo * d.co);
-  });
-  return ffi::Error::Success();
+  return RunConv(pool, x, k, sh, sw, pt, pl, Epilogue{}, y);
+}
+
+// The inference conv with its epilogue. scale, bias and residual are each either empty
+// (not applied) or of their full shape ([co], [co], y's shape).
+ffi::Error FusedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::F32> residual, int64_t sh, int64_t sw, int64_t pt,
+                     int64_t pl, bool relu, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t co = y->dimensions().size() == 4 ? y->dimensions()[3] : -1;
+  auto optional = [](const ffi::Buffer<ffi::F32>& b, int64_t size, bool* ok) {
+    *ok = *ok && (b.element_count() == 0 || static_cast<int64_t>(b.element_count()) == size);
+    return b.element_count() ? b.typed_data() : nullptr;
+  };
+  bool ok = ConvShapesAgree(x, k, y);
+  Epilogue e;
+  e.scale = optional(scale, co, &ok);
+  e.bias = optional(bias, co, &ok);
+  e.residual = optional(residual, static_cast<int64_t>(y->element_count()), &ok);
+  e.relu = relu;
+  if (!ok) return ffi::Error::InvalidArgument("shiftjax fused conv: inconsistent shapes");
+  return RunConv(pool, x, k, sh, sw, pt, pl, e, y);
 }
 
 // ---------------------------------------------------------------------- kernel gradient
@@ -288,4 +352,18 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       .Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxConv, Conv, SHIFTJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxFusedConv, FusedConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual or empty
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<bool>("relu")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxConvKernelGrad, KernelGrad, SHIFTJAX_CONV_BINDING);
