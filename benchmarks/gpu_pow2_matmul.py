@@ -11,7 +11,9 @@
    Each timed executable runs the product over R distinct weight copies (more than twice
    the L2 cache in all) so that weights come from HBM, not L2, and the launch overhead of
    one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
-   With the sweep, a few tile/warp settings are timed too and the best is reported.
+   With the sweep, a few tile/split-K/warp settings are timed too (one knob at a time
+   around the default) and each shape prints every setting's time, then the best: the
+   table the defaults of ``kernels.default_blocks`` are to be picked from.
 
 On a machine without a GPU it says so, runs a tiny interpret-mode check of both Pallas
 kernels against the XLA path, and exits 0.
@@ -89,6 +91,8 @@ def correctness(interpret: bool) -> bool:
                f"{'scale+bias' if affine else 'plain'}"
                + (f" ({platform} kernel, interpreted)" if interpret else ""))
       blocks = dict(block_m=8, block_n=16, block_k=2 * (32 // bits)) if interpret else {}
+      if interpret and platform == "gpu":
+        blocks["split_k"] = 2  # the small-M path: partial products summed in XLA
       try:
         ok &= _check(x, packed, bits, e0, scale, bias, label, platform=platform,
                      **extra, **blocks)
@@ -150,7 +154,7 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
   hbm = _copy_bandwidth()
   print(f"\nCopy bandwidth (a * 2 over 1 GiB f32): {hbm / 1e9:.0f} GB/s")
   header = (f"{'M':>4} {'K=N':>5} | {'bf16 dot us':>11} {'GB/s':>6} | {'pow2 us':>8} "
-            f"{'GB/s':>6} {'speedup':>7} | {'xla-decode us':>13} | tiles (bm, bn, bkw, warps)")
+            f"{'GB/s':>6} {'speedup':>7} | {'xla-decode us':>13} | tiles (bm, bn, bkw, split_k, warps)")
   print("\n4-bit codes, x bfloat16, time per matmul (median), speedup = bf16 dot / pow2")
   print(header)
   print("-" * len(header))
@@ -179,21 +183,23 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
           for x, w in zip(xs, ws)])
       t_xla = _time(xla_path, xs, packed_all) / copies
       default = kernels.default_blocks(m, n, k, bits, jnp.bfloat16, "gpu")
-      configs = [(default.m, default.n, default.k_words, 4)]
+      configs = [(default.m, default.n, default.k_words, default.split_k, 4)]
       if sweep:  # one knob at a time around the default: a few compiles per shape
-        bm, bn0, bkw0, _ = configs[0]
-        alternatives = ([(bm, bn, bkw0, 4) for bn in (32, 64, 128)]
-                        + [(bm, bn0, bkw, 4) for bkw in (16, 32, 64)]
-                        + [(bm, bn0, bkw0, 8), (bm, bn0, bkw0, 2)])
+        bm, bn0, bkw0, split0, _ = configs[0]
+        alternatives = ([(bm, bn, bkw0, split0, 4) for bn in (32, 64, 128)]
+                        + [(bm, bn0, bkw, split0, 4) for bkw in (16, 32, 64)]
+                        + [(bm, bn0, bkw0, split, 4) for split in (1, 2, 4, 8)]
+                        + [(bm, bn0, bkw0, split0, 8), (bm, bn0, bkw0, split0, 2)])
         configs += [c for c in dict.fromkeys(alternatives) if c not in configs]
       results = {}
-      for bm, bn, bkw, warps in configs:
-        f = jax.jit(lambda xs, ws, bm=bm, bn=bn, bkw=bkw, warps=warps: [
+      for bm, bn, bkw, split, warps in configs:
+        f = jax.jit(lambda xs, ws, bm=bm, bn=bn, bkw=bkw, split=split, warps=warps: [
             kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas", block_m=bm,
-                                block_n=bn, block_k=bkw * 8, num_warps=warps)
+                                block_n=bn, block_k=bkw * 8, split_k=split,
+                                num_warps=warps)
             for x, w in zip(xs, ws)])
         try:
-          results[(bm, bn, bkw, warps)] = _time(f, xs, packed_all) / copies
+          results[(bm, bn, bkw, split, warps)] = _time(f, xs, packed_all) / copies
         except Exception as e:  # pylint: disable=broad-except
           msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
           print(f"      tiles {(bm, bn, bkw, warps)} failed: {type(e).__name__}: {msg}",
@@ -210,6 +216,9 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
       if sweep and configs[0] in results:
         line += f"; default {configs[0]}: {results[configs[0]] * 1e6:.1f} us"
       print(line, flush=True)
+      if sweep:
+        print("      sweep: " + ", ".join(f"{c} {t * 1e6:.1f}" for c, t in results.items()),
+              flush=True)
 
 
 def main() -> int:

@@ -280,6 +280,33 @@ def test_conv_residual_shape_is_checked():
     kernels.fused_conv(x, jnp.zeros((3, 3, 5, 12)), residual=jnp.zeros((1, 6, 6, 16)))
 
 
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4])
+def test_split_k_partial_products_sum_to_the_product(split_k):
+  # K = 100 codes at 4 bits = 13 words: every split pads K with zero words of its own.
+  m, k, n, bits, e0 = 3, 100, 33, 4, -3
+  rng = np.random.default_rng(split_k)
+  codes = rng.integers(0, 1 << bits, size=(k, n))
+  packed = _pack(codes, bits)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  ref, bound = _reference(x, jnp.asarray(codes), scale, bias, bits=bits, e0=e0)
+  y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
+            x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
+            platform="gpu", block_m=8, block_n=16, block_k=16, split_k=split_k)
+  _assert_close(y, ref, bound)
+
+
+def test_default_split_k_only_for_small_m_on_gpu():
+  small = kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu")
+  # 128 (M, N) tiles of 32 columns; split into 4 parts of 2 steps of 64 words each.
+  assert (small.n, small.k_words, small.split_k) == (32, 64, 4)
+  assert kernels.default_blocks(16, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 2
+  assert kernels.default_blocks(128, 4096, 4096, 4, jnp.bfloat16, "gpu").split_k == 1
+  assert kernels.default_blocks(1, 4096, 256, 4, jnp.bfloat16, "gpu").split_k == 1  # short K
+  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "tpu").split_k == 1
+
+
 # ------------------------------------------------------------------------------------
 # Lowering for GPU and TPU without the hardware.
 
@@ -396,6 +423,10 @@ def _ok_args():
     (dict(bits=3, e0=0, backend="pallas"), "pass platform='gpu' or 'tpu'"),
     (dict(bits=3, e0=0, backend="pallas_interpret", block_k=16), "multiple of the 10"),
     (dict(bits=3, e0=0, backend="pallas_interpret", block_m=0), "positive integer"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", split_k=0),
+     "split_k must be a positive integer, got 0"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", split_k=2),
+     "split_k=2 is for the GPU kernel only"),
     (dict(bits=3, e0=0, backend="pallas", platform="gpu", block_n=48), "power of two"),
     (dict(bits=3, e0=0, backend="pallas", platform="tpu", block_n=4, block_m=8),
      "multiple of 128"),

@@ -27,8 +27,10 @@ Two grids, because GPU and TPU Pallas differ in how a reduction over K may be wr
   * TPU (Mosaic): grid ``(M/bm, N/bn, K/bk)``, the K axis ``"arbitrary"``; a float32 VMEM
     accumulator zeroed at ``k == 0`` and the scale/bias epilogue at the last k step.
   * GPU (Triton): every Pallas grid axis runs in parallel on GPU (no ordered revisits of an
-    output block, no scratch memory), so the grid is ``(M/bm, N/bn)`` and each program
-    loops over K with ``lax.fori_loop``, the accumulator in registers. Triton is selected
+    output block, no scratch memory), so the grid is ``(M/bm, N/bn, split_k)`` and each
+    program loops over its part of K with ``lax.fori_loop``, the accumulator in
+    registers; with ``split_k > 1`` the parts' float32 partial products are summed in XLA
+    (``Blocks``). Triton is selected
     explicitly with ``jax.experimental.pallas.triton.CompilerParams``: the default GPU
     lowering of jax 0.10 is Mosaic GPU, which cannot lower this dot.
 
@@ -215,10 +217,17 @@ def xla_epilogue(y, scale, bias):
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """Kernel tile: ``m`` rows of x, ``n`` output channels, ``k_words`` packed word rows
-  (``k_words * codes_per_word(bits)`` contraction steps) per grid step / loop step."""
+  (``k_words * codes_per_word(bits)`` contraction steps) per grid step / loop step.
+
+  ``split_k`` (GPU only): K is cut into that many equal parts, each a program of its own
+  writing a float32 partial product; XLA sums the parts and applies scale and bias. At
+  small M the product is a weight stream with too few (M, N) tiles to keep every SM
+  reading: splitting K multiplies the programs without reading any weight twice.
+  """
   m: int
   n: int
   k_words: int
+  split_k: int = 1
 
 
 def _round_up(a: int, b: int) -> int:
@@ -252,7 +261,7 @@ def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str) ->
     x_row_bytes = codes_per_word(bits) * bm * jnp.dtype(x_dtype).itemsize
     fits = [c for c in (64, 32, 16) if c * x_row_bytes <= 32 << 10] or [16]
     bkw = _largest_dividing(words, fits) or fits[0]
-    return Blocks(bm, bn, bkw)
+    return Blocks(bm, bn, bkw, _default_split_k(m, -(-m // bm) * -(-n // bn), words, bkw))
   # TPU (Mosaic): the last two dims of every block are multiples of (8, 128) or the
   # whole array dim. Whole dims when small (no padding, no weight copy); otherwise
   # lane-aligned tiles that divide the shape when possible.
@@ -272,11 +281,33 @@ def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str) ->
   return Blocks(bm, bn, bkw)
 
 
+# Programs a weight-streaming product should launch: two per SM of an H100/H200 (132 SMs),
+# so that one program's memory latency is hidden behind another's loads.
+_GPU_TARGET_PROGRAMS = 264
+_MAX_SPLIT_K = 8
+
+
+def _default_split_k(m: int, tiles: int, words: int, bkw: int) -> int:
+  """K parts for the GPU kernel: 1 unless M is small (<= 16, a weight stream) and the
+  (M, N) tiles alone are fewer than ``_GPU_TARGET_PROGRAMS``; then the smallest power of
+  two that reaches it, at most 8, keeping at least two ``bkw`` steps per part.
+
+  UNVERIFIED on hardware: chosen from the GEMV practice of filling every SM, pending the
+  tile sweep of ``benchmarks/gpu_pow2_matmul.py`` on a GPU.
+  """
+  split = 1
+  while (m <= 16 and tiles * split < _GPU_TARGET_PROGRAMS and split < _MAX_SPLIT_K
+         and words >= 2 * bkw * split * 2):
+    split *= 2
+  return split
+
+
 def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_n,
-                    block_k) -> Blocks:
+                    block_k, split_k=None) -> Blocks:
   p = codes_per_word(bits)
   d = default_blocks(m, n, k, bits, x_dtype, platform)
-  for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+  for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                  ("split_k", split_k)):
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
                           or v <= 0):
       raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -284,8 +315,12 @@ def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_
     raise ValueError(
         f"block_k={block_k} must be a multiple of the {p} codes per uint32 word of "
         f"{bits}-bit codes (so that no word straddles two blocks)")
+  if platform != "gpu" and split_k not in (None, 1):
+    raise ValueError(f"split_k={split_k} is for the GPU kernel only; the {platform} kernel "
+                     f"walks K on its grid (use 1 or None)")
   b = Blocks(int(block_m) if block_m else d.m, int(block_n) if block_n else d.n,
-             int(block_k) // p if block_k else d.k_words)
+             int(block_k) // p if block_k else d.k_words,
+             int(split_k) if split_k else (d.split_k if platform == "gpu" else 1))
   if interpret:
     return b  # the interpreter takes any tile; small tiles keep CPU tests small
   words = -(-k // p)
@@ -386,13 +421,15 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
   n = packed.shape[1]
   p = codes_per_word(bits)
   words = packed.shape[0]
+  split = blocks.split_k
   if platform == "gpu":  # Triton tiles are powers of two: always pad to whole tiles
     bm, bn, bkw = blocks.m, blocks.n, blocks.k_words
   else:  # a tile at least as large as the dim means "the whole dim", unpadded
     bm = min(blocks.m, m)
     bn = min(blocks.n, n)
     bkw = min(blocks.k_words, words)
-  mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw)
+  # Every K part holds a whole number of bkw steps (zero words pad the last ones).
+  mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw * split)
 
   # x_t[j, m, w] = x[m, w * P + j]: zero rows/columns for the padding.
   x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, p).transpose(2, 0, 1)
@@ -409,8 +446,11 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
   cost = pl.CostEstimate(
       flops=2 * mp * np_ * wp * p, transcendentals=0,
       bytes_accessed=int(x_t.size * x_t.dtype.itemsize * (np_ // bn)
-                         + w.size * 4 * (mp // bm) + mp * np_ * 4))
+                         + w.size * 4 * (mp // bm) + split * mp * np_ * 4))
   out_shape = jax.ShapeDtypeStruct((mp, np_), jnp.float32)
+  if split > 1:  # partial products; scale and bias after their sum
+    operands, has_scale, has_bias = operands[:2], False, False
+    out_shape = jax.ShapeDtypeStruct((split, mp, np_), jnp.float32)
 
   if platform == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
@@ -434,17 +474,20 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     )
   else:
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-    grid = (mp // bm, np_ // bn)
-    in_specs = [pl.BlockSpec((p, bm, wp), lambda i, j: (0, i, 0)),
-                pl.BlockSpec((wp, bn), lambda i, j: (0, j))]
-    in_specs += [pl.BlockSpec((1, bn), lambda i, j: (0, j))] * (has_scale + has_bias)
+    part = wp // split  # words per K part
+    grid = (mp // bm, np_ // bn, split)
+    in_specs = [pl.BlockSpec((p, bm, part), lambda i, j, t: (0, i, t)),
+                pl.BlockSpec((part, bn), lambda i, j, t: (t, j))]
+    in_specs += [pl.BlockSpec((1, bn), lambda i, j, t: (0, j))] * (has_scale + has_bias)
+    out_spec = (pl.BlockSpec((None, bm, bn), lambda i, j, t: (t, i, j)) if split > 1
+                else pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)))
     call = pl.pallas_call(
         functools.partial(_gpu_kernel, bits=bits, e0=e0, has_scale=has_scale,
-                          has_bias=has_bias, k_words=bkw, num_k=wp // bkw),
+                          has_bias=has_bias, k_words=bkw, num_k=part // bkw),
         out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=out_spec,
         # Selects the Triton lowering (jax 0.10 defaults to Mosaic GPU).
         compiler_params=pltriton.CompilerParams(num_warps=num_warps,
                                                 num_stages=num_stages),
@@ -453,6 +496,9 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
         name=f"pow2_matmul_{bits}bit",
     )
   y = call(*operands)
+  if split > 1:
+    y = xla_epilogue(jnp.sum(y, axis=0)[:m, :n], scale, bias)
+    return y
   return y[:m, :n] if (mp, np_) != (m, n) else y
 
 
@@ -464,7 +510,8 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
                 k: int | None = None, backend: str | None = None,
                 platform: str | None = None, block_m: int | None = None,
                 block_n: int | None = None, block_k: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None):
+                split_k: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None):
   """``x @ decode(packed) * scale + bias`` with packed zero-free power-of-two weights.
 
   Args:
@@ -481,6 +528,8 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
       ``jax.export`` for a platform this machine does not have.
     block_m, block_n: tile sizes in rows of x and output channels.
     block_k: tile size along K in codes; a multiple of ``P``.
+    split_k: GPU only: K parts run as separate programs, summed in XLA (``Blocks``);
+      default ``default_blocks``' choice (more than 1 only at M <= 16).
     num_warps, num_stages: Triton launch parameters (GPU only; default 4 and 3).
   Returns:
     float32 ``[..., N]``.
@@ -500,7 +549,7 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
   else:
     interpret = backend == "pallas_interpret"
     blocks = _resolve_blocks(max(m, 1), n, k, bits, x.dtype, platform, interpret,
-                             block_m, block_n, block_k)
+                             block_m, block_n, block_k, split_k)
     if m == 0 or n == 0:
       y = jnp.zeros((m, n), jnp.float32)
     else:
