@@ -6,14 +6,16 @@ One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3), three ways, e
 jitted call with its weights as arguments (nothing decoded ahead of time is cached):
 
   float     the flax model in eval mode with float32 kernels equal to the decoded codes
-            (``CifarResNet(quantizer=None)``: conv, unfolded BatchNorm, relu)
+            (``CifarResNet(quantizer=None)``: conv on the native CPU kernel, unfolded
+            BatchNorm, relu, each a pass of its own)
   folded    the packed forward pass with float32 kernels and BatchNorm folded
-            (``export`` of that float model): the gain of folding alone
+            (``export`` of that float model): ``kernels.fused_conv``, the native conv
+            with scale, bias, residual and relu applied in its registers
   words     ``packed_apply``: N-bit codes in uint32 words of floor(32/N) codes, unpacked
             and decoded inside every call (``shiftjax.kernels.pow2_conv``'s XLA path on
-            CPU), BN folded
+            CPU), then ``fused_conv``
   planes    ``packed_apply`` of the bit-plane layout (exactly N bits per weight, the
-            export default): decoded inside every call, then ``lax.conv``, BN folded
+            export default): decoded inside every call, then ``fused_conv``
 
 Batch 1 and 128; the variants run interleaved, in a rotating order, so that load from
 other processes hits all alike; medians (and 10th/90th percentiles) and the median's

@@ -223,6 +223,28 @@ def test_packed_denseshift_matches_trained_model_on_full_test_set(trained, packe
                                        "step": 60}
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native conv is a CPU kernel")
+def test_packed_conv_layers_run_fused_on_the_native_cpu_conv(packed, fashion_mnist):
+  from shiftjax.kernels.cpu import native  # pylint: disable=import-outside-toplevel
+  images = jnp.asarray(fashion_mnist["test_images"][:500])
+  forward = functools.partial(sj.deploy.apply.forward, plan=packed.plan)
+  jaxpr = str(jax.make_jaxpr(forward)(packed.device_arrays, images))
+  # Each conv with a multiple of 16 output channels (the native kernel's vector), its
+  # epilogue included; the width-1/2 model's 8-channel convs take lax.conv.
+  native_convs = [l for l in packed.layers if l.op == "conv" and l.shape[-1] % 16 == 0]
+  assert 0 < len(native_convs) < sum(l.op == "conv" for l in packed.layers)
+  assert jaxpr.count("shiftjax_fused_conv") == len(native_convs)
+  fused = np.asarray(jax.jit(forward)(packed.device_arrays, images))
+  with native.disabled():  # lax.conv and XLA's scale/bias/residual/relu ops
+    # A new function: jax caches traces by function, and the choice is made when tracing.
+    forward = functools.partial(sj.deploy.apply.forward, plan=packed.plan)
+    jaxpr = str(jax.make_jaxpr(forward)(packed.device_arrays, images))
+    assert "shiftjax_fused_conv" not in jaxpr
+    plain = np.asarray(jax.jit(forward)(packed.device_arrays, images))
+  assert np.max(np.abs(fused - plain)) <= 1e-5 * np.max(np.abs(plain))
+  np.testing.assert_array_equal(np.argmax(fused, -1), np.argmax(plain, -1))
+
+
 def _param(params, path):
   for part in path.split("/"):
     params = params[part]

@@ -90,7 +90,12 @@ def fused_conv(x, kernel, *, strides=1, padding="SAME", scale=None, bias=None,
   strides = _pair(strides, "strides")
   pads = _padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
   _check_residual(residual, x.shape, kernel.shape, strides, pads)
-  if native.supports_conv(x, kernel):
+  return _fused_conv(x, kernel, strides, pads, scale, bias, residual, relu,
+                     native.supports_conv(x, kernel))
+
+
+def _fused_conv(x, kernel, strides, pads, scale, bias, residual, relu, use_native):
+  if use_native:
     return native.fused_conv(x, kernel, strides, pads, scale=scale, bias=bias,
                              residual=residual, relu=relu)
   y = lax.conv_general_dilated(
@@ -176,20 +181,24 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
     # Checks dtypes and the scale/bias shapes with the matmul's messages.
     mm._check_operands(  # pylint: disable=protected-access
         jax.ShapeDtypeStruct((1, k), x.dtype), packed, bits, scale, bias, k)
+    # Whether the native conv runs is decided here, not in the jitted body: jit's cache
+    # would otherwise keep a trace made while it was available (see native.disabled).
+    use_native = native.supports_conv(x, jax.ShapeDtypeStruct((kh, kw, cin, cout), x.dtype))
     return _xla_conv(x, packed, scale, bias, residual, bits=bits, e0=e0,
-                     kernel_shape=(kh, kw, cin, cout), strides=strides, pads=pads, relu=relu)
+                     kernel_shape=(kh, kw, cin, cout), strides=strides, pads=pads, relu=relu,
+                     use_native=use_native)
   patches = _im2col(x, (kh, kw), strides, pads)
   y = mm.pow2_matmul(patches, packed, bits=bits, e0=e0, scale=scale, bias=bias,
                      backend=backend, platform=platform, **block_kwargs)
   return _residual_relu(y, residual, relu)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("bits", "e0", "kernel_shape", "strides", "pads", "relu"))
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "e0", "kernel_shape", "strides", "pads", "relu", "use_native"))
 def _xla_conv(x, packed, scale, bias, residual, *, bits, e0, kernel_shape, strides, pads,
-              relu):
+              relu, use_native):
   kh, kw, cin, _ = kernel_shape
   fmt = codes_lib.CodeFormat(bits=bits, e0=e0)
   w = codes_lib.decode(mm.unpack_codes(packed, bits, kh * kw * cin), fmt, x.dtype)
-  return fused_conv(x, w.reshape(kernel_shape), strides=strides, padding=pads, scale=scale,
-                    bias=bias, residual=residual, relu=relu)
+  return _fused_conv(x, w.reshape(kernel_shape), strides, pads, scale, bias, residual, relu,
+                     use_native)
