@@ -162,6 +162,17 @@ def _attrs(strides, pads) -> tuple:
           ("pl", int(pads[1][0])))
 
 
+def _output_hw(x, kernel, strides, pads) -> tuple[int, int]:
+  """(Ho, Wo) of the conv; an empty output is an error."""
+  (kh, kw), (sh, sw) = kernel.shape[:2], strides
+  ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
+  wo = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
+  if ho < 1 or wo < 1:
+    raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
+                     f"pads {pads} has an empty output ({ho} x {wo})")
+  return ho, wo
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
   """NHWC/HWIO conv, x [N, H, W, Ci], kernel [kh, kw, Ci, Co], explicit ((lo, hi), (lo, hi))
   pads (negative ones crop) -> float32 [N, Ho, Wo, Co]. Check :func:`supports_conv` first.
@@ -170,13 +181,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax
   replicated) and the output stays sharded like x.
   """
   _check(x, kernel, "conv")
-  (kh, kw), (sh, sw) = kernel.shape[:2], strides
-  ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
-  wo = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
-  if ho < 1 or wo < 1:
-    raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
-                     f"pads {pads} has an empty output ({ho} x {wo})")
-  static = (_attrs(strides, pads), (ho, wo))
+  static = (_attrs(strides, pads), _output_hw(x, kernel, strides, pads))
   return _call(_conv_call, _conv_sharded, x, kernel, static)
 
 
@@ -193,13 +198,7 @@ def fused_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, 
   Check :func:`supports_conv` first.
   """
   _check(x, kernel, "fused_conv")
-  (kh, kw), (sh, sw) = kernel.shape[:2], strides
-  ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
-  wo = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
-  out_shape = (x.shape[0], ho, wo, kernel.shape[-1])
-  if ho < 1 or wo < 1:
-    raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
-                     f"pads {pads} has an empty output ({ho} x {wo})")
+  out_shape = (x.shape[0], *_output_hw(x, kernel, strides, pads), kernel.shape[-1])
 
   def operand(a, shape, name):
     if a is None:
