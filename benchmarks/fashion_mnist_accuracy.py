@@ -46,9 +46,10 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                                        "surrogate": "exact"},
             "DenseShift 3-bit exact": {"quantizer": "DenseShift", "bits": 3,
                                        "surrogate": "exact"},
+            "DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bits": 3,
+                                                 "weight_decay_on": "none"},
             "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
-            "S3 3-bit low-variance init": {"quantizer": "S3", "bits": 3,
-                                           "init_method": "low_variance"}}
+            "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
 
 
 def main(argv):

@@ -318,11 +318,11 @@ def test_initializations():
   assert lv["exponent"].shape == (3,) + shape
   for leaf in lv.values():
     assert abs(float(jnp.std(leaf)) - 1e-3) < 5e-5
-  he = sj.S3(bits=3).init(jax.random.key(0), shape)
+  he = sj.S3(bits=3, init_method="he").init(jax.random.key(0), shape)
   expected = math.sqrt(2 / (3 * 3 * 128))  # He fan-out
   for leaf in he.values():
     assert abs(float(jnp.std(leaf)) / expected - 1) < 0.02
-  s3_lv = sj.S3(bits=3, init_method="low_variance").init(jax.random.key(0), shape)
+  s3_lv = sj.S3(bits=3).init(jax.random.key(0), shape)  # the default
   assert s3_lv["shift"].shape == (2,) + shape
   for leaf in s3_lv.values():
     assert abs(float(jnp.std(leaf)) - 1e-3) < 5e-5

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.e0 = 0                        # exponent offset: weights are +-2**(e0 + p)
   c.encoding = "chain"            # DenseShift: 'chain' (reference) or 'binary'
   c.surrogate = "sqrt"            # DenseShift backward: 'sqrt' (reference) or 'exact'
-  c.init_method = ""              # '' = the method's default ('low_variance' / 'he')
+  c.init_method = ""              # '' = the method's default (DenseShift, S3: 'low_variance')
   c.rounding = "deterministic"    # DeepShift: or 'stochastic'
   # Activations: the inputs of the quantized layers (shiftjax/activations.py).
   c.activation_bits = 0           # 0 = float activations; PACT: 2..8

@@ -77,7 +77,9 @@ def base_config(recipe: Recipe) -> ml_collections.ConfigDict:
   c.e0 = 0
   c.encoding = "chain"          # DenseShift reference sign-scale decomposition
   c.surrogate = "sqrt"          # DenseShift reference backward
-  c.init_method = ""            # method default: DenseShift low_variance, S3 he
+  # The reference codes' inits: DenseShift low_variance (its default), S3 he (S3's
+  # default is low_variance, which trained better at short budgets: README).
+  c.init_method = "he" if recipe.method == "s3" else ""
   c.rounding = "deterministic"  # DeepShift
   c.s3_regularizer = 1e-5 if recipe.method == "s3" else 0.0
   c.fast_grad = "auto"
