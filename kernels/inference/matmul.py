@@ -296,8 +296,9 @@ def _default_split_k(m: int, tiles: int, words: int, bkw: int) -> int:
   tile sweep of ``benchmarks/gpu_pow2_matmul.py`` on a GPU.
   """
   split = 1
+  # Doubling must leave each of the 2 * split parts at least two bkw steps.
   while (m <= 16 and tiles * split < _GPU_TARGET_PROGRAMS and split < _MAX_SPLIT_K
-         and words >= 2 * bkw * split * 2):
+         and words >= 2 * split * 2 * bkw):
     split *= 2
   return split
 
@@ -320,7 +321,7 @@ def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_
                      f"walks K on its grid (use 1 or None)")
   b = Blocks(int(block_m) if block_m else d.m, int(block_n) if block_n else d.n,
              int(block_k) // p if block_k else d.k_words,
-             int(split_k) if split_k else (d.split_k if platform == "gpu" else 1))
+             int(split_k) if split_k else d.split_k)  # default_blocks: 1 off the GPU
   if interpret:
     return b  # the interpreter takes any tile; small tiles keep CPU tests small
   words = -(-k // p)
@@ -497,8 +498,7 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     )
   y = call(*operands)
   if split > 1:
-    y = xla_epilogue(jnp.sum(y, axis=0)[:m, :n], scale, bias)
-    return y
+    return xla_epilogue(jnp.sum(y, axis=0)[:m, :n], scale, bias)
   return y[:m, :n] if (mp, np_) != (m, n) else y
 
 
