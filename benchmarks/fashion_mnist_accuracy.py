@@ -49,6 +49,10 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
             "float no weight decay": {"quantizer": "float", "weight_decay_on": "none"},
             "DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bits": 3,
                                                  "weight_decay_on": "none"},
+            "DenseShift 3-bit latents not decayed": {
+                "quantizer": "DenseShift", "bits": 3, "weight_decay_on": "all_but_latents"},
+            "S3 3-bit latents not decayed": {"quantizer": "S3", "bits": 3,
+                                             "weight_decay_on": "all_but_latents"},
             "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
             "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
 
@@ -57,15 +61,12 @@ def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
-  known = {**METHODS, **VARIANTS}
-  names = FLAGS.methods or list(METHODS)
-  unknown = [n for n in names if n not in known]
-  if unknown:
-    raise app.UsageError(f"unknown methods {unknown}; known: {list(known)}")
-  if "float" not in names:
-    names = ["float", *names]  # the reference every gap is measured against
+  try:
+    methods = method_comparison.select_methods(FLAGS.methods, METHODS, VARIANTS)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   base = FLAGS.config
-  summaries = method_comparison.train_each(base, {n: known[n] for n in names},
+  summaries = method_comparison.train_each(base, methods,
                                            FLAGS.workdir, range(FLAGS.seeds))
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "

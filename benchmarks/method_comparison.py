@@ -35,6 +35,20 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   return summaries
 
 
+def select_methods(names: Sequence[str] | None, methods: Mapping[str, dict],
+                   variants: Mapping[str, dict], reference: str = "float") -> dict[str, dict]:
+  """The overrides of each named method (all of ``methods`` when ``names`` is empty),
+  ``reference`` first; a name in neither mapping is a usage error listing the known."""
+  known = {**methods, **variants}
+  names = list(names or methods)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; known: {list(known)}")
+  if reference not in names:
+    names = [reference, *names]  # every gap is measured against it
+  return {n: known[n] for n in names}
+
+
 def fashion_mnist_test_set() -> tuple[np.ndarray, np.ndarray]:
   """The full test split as normalized NHWC float32 images and labels (Debian's files)."""
   return fashion_mnist_images("t10k"), _read_fashion_mnist("t10k-labels-idx1-ubyte.gz")

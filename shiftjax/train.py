@@ -47,7 +47,7 @@ OPTIMIZERS = ("sgd", "radam", "adam")
 SCHEDULES = ("cosine", "constant")
 FAST_GRAD = {"auto": None, "on": True, "off": False}
 EIGEN_CONVS = ("auto", "off")
-WEIGHT_DECAY_ON = ("all", "kernels", "none")
+WEIGHT_DECAY_ON = ("all", "kernels", "all_but_latents", "none")
 
 
 def say(message: str) -> None:
@@ -261,10 +261,18 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> o
 
 
 def weight_decay_mask(params, which: str):
-  """True for parameters that get weight decay (the recipe: all, latents included)."""
+  """True for parameters that get weight decay.
+
+  'all' is the reference recipe (latents included), 'kernels' every ``'kernel'`` (float
+  or latent), 'all_but_latents' everything except quantizer latents: a latent's pull
+  toward 0 is a pull toward its sign or exponent thresholds, not toward small weights.
+  """
   def decide(path, _):
     names = [getattr(k, "key", str(k)) for k in path]
-    return which == "all" or (which == "kernels" and "kernel" in names)
+    # A latent sits one level under its layer's 'kernel' dict; a float kernel is a leaf.
+    is_latent = "kernel" in names[:-1]
+    return (which == "all" or (which == "kernels" and "kernel" in names)
+            or (which == "all_but_latents" and not is_latent))
   return jax.tree_util.tree_map_with_path(decide, params)
 
 

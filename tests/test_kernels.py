@@ -280,6 +280,15 @@ def test_conv_residual_shape_is_checked():
     kernels.fused_conv(x, jnp.zeros((3, 3, 5, 12)), residual=jnp.zeros((1, 6, 6, 16)))
 
 
+@pytest.mark.parametrize("name", ["scale", "bias"])
+def test_fused_conv_checks_scale_and_bias_shapes_on_the_xla_path(name):
+  # 12 output channels: not a multiple of 16, so the XLA fallback, which would broadcast.
+  x = jnp.zeros((1, 6, 6, 5), jnp.float32)
+  with pytest.raises(ValueError, match=rf"{name} must have shape \(12,\) \(one per output "
+                                       r"channel\), got \(1,\)"):
+    kernels.fused_conv(x, jnp.zeros((3, 3, 5, 12)), **{name: jnp.ones((1,))})
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 3, 4])
 def test_split_k_partial_products_sum_to_the_product(split_k):
   # K = 100 codes at 4 bits = 13 words: every split pads K with zero words of its own.

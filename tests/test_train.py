@@ -208,6 +208,17 @@ def test_weight_decay_reaches_latents():
   assert mask["conv"]["kernel"]["sign"] and not mask["bn"]["scale"]
 
 
+def test_weight_decay_all_but_latents_skips_exactly_the_latents():
+  params = {"stem": {"kernel": jnp.ones((3, 3))},
+            "conv": {"kernel": {"sign": jnp.ones(3), "exponent": jnp.ones((3, 3))}},
+            "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+  mask = train.weight_decay_mask(params, "all_but_latents")
+  assert mask == {"stem": {"kernel": True},
+                  "conv": {"kernel": {"sign": False, "exponent": False}},
+                  "bn": {"scale": True, "bias": True}}
+  assert not any(jax.tree.leaves(train.weight_decay_mask(params, "none")))
+
+
 @pytest.mark.slow
 def test_launchers_train_then_evaluate(tmp_path):
   """The absl launchers on the real offline Fashion-MNIST (prepared into a tmp dir)."""

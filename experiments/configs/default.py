@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 1e-4
-  c.weight_decay_on = "all"       # 'all' params (latents included, as the recipe), 'kernels', 'none'
+  c.weight_decay_on = "all"       # 'all' (latents included, as the recipe), 'kernels',
+                                  # 'all_but_latents', 'none'
   c.lr_schedule = "cosine"        # or 'constant'
   c.warmup_epochs = 0.0
   c.num_epochs = 200.0

@@ -90,6 +90,7 @@ def fused_conv(x, kernel, *, strides=1, padding="SAME", scale=None, bias=None,
   strides = _pair(strides, "strides")
   pads = _padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
   _check_residual(residual, x.shape, kernel.shape, strides, pads)
+  mm.check_epilogue(scale, bias, kernel.shape[-1])
   return _fused_conv(x, kernel, strides, pads, scale, bias, residual, relu,
                      native.supports_conv(x, kernel))
 

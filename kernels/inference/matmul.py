@@ -148,11 +148,17 @@ def _check_operands(x, packed, bits, scale, bias, k) -> tuple[int, int]:
     raise ValueError(
         f"x has K={k}, which packs {bits}-bit codes into ceil({k}/{p})={-(-k // p)} "
         f"words, but packed has {words} words (shape {tuple(packed.shape)})")
+  check_epilogue(scale, bias, n)
+  return k, n
+
+
+def check_epilogue(scale, bias, n: int) -> None:
+  """``scale`` and ``bias``, where given, are one value per output channel (``[n]``): a
+  wrong shape would otherwise broadcast silently."""
   for name, v in (("scale", scale), ("bias", bias)):
     if v is not None and tuple(v.shape) != (n,):
       raise ValueError(f"{name} must have shape ({n},) (one per output channel), got "
                        f"{tuple(v.shape)}")
-  return k, n
 
 
 # ----------------------------------------------------------------------------------------
