@@ -95,7 +95,9 @@ def print_table(summaries: Mapping[str, list[dict]], reference: str,
   extra = dict(extra or {})
   seeds = len(next(iter(summaries.values())))
   ref = [s["test_accuracy"] for s in summaries[reference]]
-  print(f"{'method':<18} {'accuracy per seed':>{8 * seeds}} {'mean':>7} {'std':>7} "
+  width = max(18, *map(len, summaries))
+  acc_width = max(len("accuracy per seed"), 8 * seeds)
+  print(f"{'method':<{width}} {'accuracy per seed':>{acc_width}} {'mean':>7} {'std':>7} "
         f"{'gap to ' + reference:>16} {'steps':>6} {'wall s':>7}"
         + "".join(f" {h:>10}" for h in extra))
   for name, runs in summaries.items():
@@ -103,7 +105,7 @@ def print_table(summaries: Mapping[str, list[dict]], reference: str,
     mean, std = mean_and_std(acc)
     gap, se = gap_to(ref, acc)
     wall = statistics.fmean(s["training_wall_seconds"] for s in runs)
-    print(f"{name:<18} {''.join(f'{a:8.4f}' for a in acc):>{8 * seeds}} {mean:7.4f} "
+    print(f"{name:<{width}} {''.join(f'{a:8.4f}' for a in acc):>{acc_width}} {mean:7.4f} "
           f"{std:7.4f} {100 * gap:+9.2f} +- {100 * se:4.2f} {runs[0]['steps']:6d} "
           f"{wall:7.0f}" + "".join(f" {fn(runs[0]):>10.1f}" for fn in extra.values()))
   print("gap in points (x100), +- its standard error over seeds")

@@ -69,3 +69,26 @@ def test_predictions_are_the_top1_of_every_batch():
   np.testing.assert_array_equal(got, labels)
   assert seen == [1000, 1000, 500]
   assert method_comparison.directory_name("S3 3-bit dense init", 2) == "s3_3-bit_dense_init_seed2"
+
+
+def test_long_method_names_keep_the_columns_aligned(capsys):
+  runs = lambda accs: [{"test_accuracy": a, "steps": 10, "training_wall_seconds": 5.0}
+                       for a in accs]
+  long_name = "DenseShift 3-bit latents not decayed"
+  method_comparison.print_table({"float": runs([0.90]), long_name: runs([0.88])}, "float")
+  header, float_row, long_row = capsys.readouterr().out.splitlines()[:3]
+  # Every row's accuracy column starts where the header's does.
+  column = header.index("accuracy per seed") + len("accuracy per seed")
+  assert float_row[:column].endswith("0.9000") and long_row[:column].endswith("0.8800")
+
+
+def test_select_methods_puts_the_reference_first_and_names_the_unknown():
+  methods = {"float": {"quantizer": "float"}, "S3 3-bit": {"quantizer": "S3"}}
+  variants = {"S3 3-bit he init": {"quantizer": "S3", "init_method": "he"}}
+  assert method_comparison.select_methods(None, methods, variants) == methods
+  chosen = method_comparison.select_methods(["S3 3-bit he init"], methods, variants)
+  assert list(chosen) == ["float", "S3 3-bit he init"]
+  assert chosen["S3 3-bit he init"] == {"quantizer": "S3", "init_method": "he"}
+  with pytest.raises(ValueError, match=r"unknown methods \['S4'\]; known: \['float', "
+                                       r"'S3 3-bit', 'S3 3-bit he init'\]"):
+    method_comparison.select_methods(["S4"], methods, variants)

@@ -162,14 +162,14 @@ def _attrs(strides, pads) -> tuple:
           ("pl", int(pads[1][0])))
 
 
-def _output_hw(x, kernel, strides, pads) -> tuple[int, int]:
-  """(Ho, Wo) of the conv; an empty output is an error."""
-  (kh, kw), (sh, sw) = kernel.shape[:2], strides
-  ho = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
-  wo = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
+def output_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
+  """(Ho, Wo) of an NHWC/HWIO conv with explicit pads; an empty output is an error."""
+  (kh, kw), (sh, sw) = kernel_shape[:2], strides
+  ho = (x_shape[1] + sum(pads[0]) - kh) // sh + 1
+  wo = (x_shape[2] + sum(pads[1]) - kw) // sw + 1
   if ho < 1 or wo < 1:
-    raise ValueError(f"conv of {x.shape} with kernel {kernel.shape}, strides {strides} and "
-                     f"pads {pads} has an empty output ({ho} x {wo})")
+    raise ValueError(f"conv of {tuple(x_shape)} with kernel {tuple(kernel_shape)}, strides "
+                     f"{strides} and pads {pads} has an empty output ({ho} x {wo})")
   return ho, wo
 
 
@@ -181,7 +181,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads) -> jax
   replicated) and the output stays sharded like x.
   """
   _check(x, kernel, "conv")
-  static = (_attrs(strides, pads), _output_hw(x, kernel, strides, pads))
+  static = (_attrs(strides, pads), output_hw(x.shape, kernel.shape, strides, pads))
   return _call(_conv_call, _conv_sharded, x, kernel, static)
 
 
@@ -198,7 +198,7 @@ def fused_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, 
   Check :func:`supports_conv` first.
   """
   _check(x, kernel, "fused_conv")
-  out_shape = (x.shape[0], *_output_hw(x, kernel, strides, pads), kernel.shape[-1])
+  out_shape = (x.shape[0], *output_hw(x.shape, kernel.shape, strides, pads), kernel.shape[-1])
 
   def operand(a, shape, name):
     if a is None:

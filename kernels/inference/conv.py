@@ -111,8 +111,8 @@ def _check_residual(residual, x_shape, kernel_shape, strides, pads):
   """The residual, if any, must have the conv output's shape (no silent broadcasting)."""
   if residual is None:
     return
-  out = (x_shape[0], *((x_shape[1 + a] + sum(pads[a]) - kernel_shape[a]) // strides[a] + 1
-                       for a in range(2)), kernel_shape[-1])
+  out = (x_shape[0], *native.output_hw(x_shape, kernel_shape, strides, pads),
+         kernel_shape[-1])
   if tuple(residual.shape) != out:
     raise ValueError(f"residual must have the conv output's shape {out}, got "
                      f"{tuple(residual.shape)}")
