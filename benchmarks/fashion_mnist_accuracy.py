@@ -53,6 +53,10 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                 "quantizer": "DenseShift", "bits": 3, "weight_decay_on": "all_but_latents"},
             "S3 3-bit latents not decayed": {"quantizer": "S3", "bits": 3,
                                              "weight_decay_on": "all_but_latents"},
+            "DenseShift 3-bit latent lr x4": {"quantizer": "DenseShift", "bits": 3,
+                                              "latent_lr_scale": 4.0},
+            "DenseShift 3-bit latent lr x0.25": {"quantizer": "DenseShift", "bits": 3,
+                                                 "latent_lr_scale": 0.25},
             "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
             "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
 

@@ -95,6 +95,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{config.num_epochs} and {config.num_train_steps}")
   if config.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}")
+  if config.get("latent_lr_scale", 1.0) <= 0:
+    raise ValueError(f"config.latent_lr_scale must be positive, got {config.latent_lr_scale}")
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
@@ -260,6 +262,18 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> o
   return optax.join_schedules([ramp, main], [warmup])
 
 
+def _is_latent(path) -> bool:
+  """A quantizer latent sits one level under its layer's ``'kernel'`` dict; a float
+  kernel is itself the leaf."""
+  names = [getattr(k, "key", str(k)) for k in path]
+  return "kernel" in names[:-1]
+
+
+def latent_mask(params):
+  """True for the quantizer latents of ``params``."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _is_latent(path), params)
+
+
 def weight_decay_mask(params, which: str):
   """True for parameters that get weight decay.
 
@@ -269,27 +283,36 @@ def weight_decay_mask(params, which: str):
   """
   def decide(path, _):
     names = [getattr(k, "key", str(k)) for k in path]
-    # A latent sits one level under its layer's 'kernel' dict; a float kernel is a leaf.
-    is_latent = "kernel" in names[:-1]
     return (which == "all" or (which == "kernels" and "kernel" in names)
-            or (which == "all_but_latents" and not is_latent))
+            or (which == "all_but_latents" and not _is_latent(path)))
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
 def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
-  """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer."""
+  """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer,
+  with the latents' updates scaled by ``config.latent_lr_scale``.
+
+  The forward pass reads only which side of its thresholds a latent is on, and its
+  gradient does not depend on its value, so scaling the latents' step by m acts as
+  dividing their init's spread by m: it sets how soon, and how often, weights flip.
+  """
   if config.optimizer == "sgd":
     opt = optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov)
   elif config.optimizer == "radam":
     opt = optax.radam(lr_fn)
   else:
     opt = optax.adam(lr_fn)
+  parts = []
   if config.weight_decay and config.weight_decay_on != "none":
-    decay = optax.add_decayed_weights(
+    parts.append(optax.add_decayed_weights(
         config.weight_decay, mask=functools.partial(weight_decay_mask,
-                                                    which=config.weight_decay_on))
-    return optax.chain(decay, opt)
-  return opt
+                                                    which=config.weight_decay_on)))
+  parts.append(opt)
+  # Only when it changes something: the optimizer state (and so checkpoints) keeps the
+  # structure of runs made before the option existed.
+  if config.get("latent_lr_scale", 1.0) != 1.0:
+    parts.append(optax.masked(optax.scale(config.latent_lr_scale), latent_mask))
+  return optax.chain(*parts) if len(parts) > 1 else opt
 
 
 def init_key(seed: int) -> jax.Array:

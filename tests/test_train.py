@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -217,6 +218,37 @@ def test_weight_decay_all_but_latents_skips_exactly_the_latents():
                   "conv": {"kernel": {"sign": False, "exponent": False}},
                   "bn": {"scale": True, "bias": True}}
   assert not any(jax.tree.leaves(train.weight_decay_mask(params, "none")))
+
+
+def test_latent_lr_scale_scales_only_the_latents_steps():
+  params = {"stem": {"kernel": jnp.ones(2)},
+            "conv": {"kernel": {"sign": jnp.ones(2), "exponent": jnp.ones(2)}}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  config = tiny_config(momentum=0.0, weight_decay=1e-2, weight_decay_on="all",
+                       latent_lr_scale=4.0)
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # SGD on (g + wd * p): float params step -lr * 0.51, latents m = 4 times that.
+  np.testing.assert_allclose(updates["stem"]["kernel"], -0.1 * 0.51, rtol=1e-6)
+  for latent in updates["conv"]["kernel"].values():
+    np.testing.assert_allclose(latent, -4 * 0.1 * 0.51, rtol=1e-6)
+
+
+def test_latent_lr_scale_of_one_keeps_the_optimizer_state_structure():
+  params = {"conv": {"kernel": {"sign": jnp.ones(2)}}}
+  state = lambda scale: jax.tree.structure(train.create_optimizer(
+      tiny_config(latent_lr_scale=scale), optax.constant_schedule(0.1)).init(params))
+  # What create_optimizer built before the option existed.
+  reference = optax.chain(
+      optax.add_decayed_weights(1e-4, mask=lambda p: jax.tree.map(lambda _: True, p)),
+      optax.sgd(optax.constant_schedule(0.1), momentum=0.9))
+  assert state(1.0) == jax.tree.structure(reference.init(params))
+  assert state(2.0) != state(1.0)
+
+
+def test_latent_lr_scale_must_be_positive():
+  with pytest.raises(ValueError, match="config.latent_lr_scale must be positive, got 0.0"):
+    train.validate_config(tiny_config(latent_lr_scale=0.0))
 
 
 @pytest.mark.slow
