@@ -45,7 +45,11 @@ VARIANTS = {"DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bit
                 "quantizer": "DenseShift", "bits": 3, "weight_decay_on": "all_but_latents"},
             "S3 3-bit latents not decayed": {"quantizer": "S3", "bits": 3,
                                              "weight_decay_on": "all_but_latents"},
-            "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
+            "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"},
+            "S3 3-bit regularizer x10": {"quantizer": "S3", "bits": 3,
+                                         "s3_regularizer": 1e-4},
+            "S3 3-bit regularizer x100": {"quantizer": "S3", "bits": 3,
+                                          "s3_regularizer": 1e-3}}
 
 
 def main(argv):
