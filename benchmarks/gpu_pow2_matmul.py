@@ -186,7 +186,11 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
       configs = [(default.m, default.n, default.k_words, default.split_k, 4)]
       if sweep:  # one knob at a time around the default: a few compiles per shape
         bm, bn0, bkw0, split0, _ = configs[0]
-        alternatives = ([(bm, bn, bkw0, split0, 4) for bn in (32, 64, 128)]
+        # Larger M tiles too (the default stops at 64): M = 128 reads every weight tile
+        # twice with bm = 64, once with bm = 128.
+        alternatives = ([(m_tile, bn0, bkw0, split0, 4) for m_tile in (32, 64, 128)
+                         if 16 <= m_tile <= max(16, m)]
+                        + [(bm, bn, bkw0, split0, 4) for bn in (32, 64, 128, 256)]
                         + [(bm, bn0, bkw, split0, 4) for bkw in (16, 32, 64)]
                         + [(bm, bn0, bkw0, split, 4) for split in (1, 2, 4, 8)]
                         + [(bm, bn0, bkw0, split0, 8), (bm, bn0, bkw0, split0, 2)])
