@@ -57,6 +57,11 @@ VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                                               "latent_lr_scale": 4.0},
             "DenseShift 3-bit latent lr x0.25": {"quantizer": "DenseShift", "bits": 3,
                                                  "latent_lr_scale": 0.25},
+            "DenseShift 3-bit float warm start": {"quantizer": "DenseShift", "bits": 3,
+                                                  "float_start_epochs": 2},
+            "DenseShift 3-bit float warm start lr 0.01": {
+                "quantizer": "DenseShift", "bits": 3, "float_start_epochs": 2,
+                "learning_rate": 0.01},
             "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
             "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
 

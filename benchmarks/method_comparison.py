@@ -21,17 +21,38 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   ``<parent_workdir>/<name, lower case, spaces as _>[_seed<s>]`` so that an interrupted
   benchmark resumes (and "DenseShift 2-bit" and "DenseShift 3-bit" never share one);
   nothing is exported.
+
+  A method whose overrides hold ``float_start_epochs=k`` is a float warm start at the
+  same budget: float for k epochs (in ``<its directory>_float_start``), converted
+  (``config.init_from``), then the method for the remaining epochs; its training time
+  is the two stages'.
   """
   summaries = {name: [] for name in methods}
   for seed in seeds:
     for name, overrides in methods.items():
+      overrides = dict(overrides)
+      float_epochs = overrides.pop("float_start_epochs", 0)
       config = base.copy_and_resolve_references()
       config.unlock()
       config.update(overrides)
       config.seed = int(seed)
       config.export_packed = False
-      summaries[name].append(train.train_and_evaluate(
-          config, os.path.join(parent_workdir, directory_name(name, seed))))
+      workdir = os.path.join(parent_workdir, directory_name(name, seed))
+      if not float_epochs:
+        summaries[name].append(train.train_and_evaluate(config, workdir))
+        continue
+      if not 0 < float_epochs < base.num_epochs:
+        raise ValueError(f"{name}: float_start_epochs must be in (0, {base.num_epochs}), "
+                         f"got {float_epochs}")
+      start = config.copy_and_resolve_references()
+      start.quantizer, start.num_epochs = "float", float(float_epochs)
+      float_summary = train.train_and_evaluate(start, workdir + "_float_start")
+      config.init_from = workdir + "_float_start"
+      config.num_epochs = base.num_epochs - float_epochs
+      summary = dict(train.train_and_evaluate(config, workdir))
+      summary["training_wall_seconds"] += float_summary["training_wall_seconds"]
+      summary["steps"] += float_summary["steps"]
+      summaries[name].append(summary)
   return summaries
 
 

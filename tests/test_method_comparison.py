@@ -92,3 +92,27 @@ def test_select_methods_puts_the_reference_first_and_names_the_unknown():
   with pytest.raises(ValueError, match=r"unknown methods \['S4'\]; known: \['float', "
                                        r"'S3 3-bit', 'S3 3-bit he init'\]"):
     method_comparison.select_methods(["S4"], methods, variants)
+
+
+def test_float_warm_start_splits_the_epochs_between_two_stages(monkeypatch, tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  calls = []
+  def fake_train(config, workdir):
+    calls.append((config.copy_and_resolve_references(), workdir))
+    return {"test_accuracy": 0.9, "training_wall_seconds": 10.0 * config.num_epochs,
+            "steps": int(100 * config.num_epochs)}
+  monkeypatch.setattr(method_comparison.train, "train_and_evaluate", fake_train)
+  base = ml_collections.ConfigDict({"quantizer": "float", "bits": 3, "seed": 0,
+                                    "num_epochs": 6.0, "init_from": "",
+                                    "export_packed": True})
+  methods = {"warm": {"quantizer": "DenseShift", "float_start_epochs": 2}}
+  summary, = method_comparison.train_each(base, methods, str(tmp_path))["warm"]
+  (start, start_dir), (shift, shift_dir) = calls
+  assert (start.quantizer, start.num_epochs, start.init_from) == ("float", 2.0, "")
+  assert start_dir == str(tmp_path / "warm_float_start")
+  assert (shift.quantizer, shift.num_epochs, shift.init_from) == (
+      "DenseShift", 4.0, start_dir)
+  assert shift_dir == str(tmp_path / "warm") and "float_start_epochs" not in shift
+  assert summary["training_wall_seconds"] == 60.0 and summary["steps"] == 600
+  with pytest.raises(ValueError, match=r"float_start_epochs must be in \(0, 6.0\), got 6"):
+    method_comparison.train_each(base, {"warm": {"float_start_epochs": 6}}, str(tmp_path))
