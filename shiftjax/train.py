@@ -288,13 +288,15 @@ def weight_decay_mask(params, which: str):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config, lr_fn: optax.Schedule,
+                     params=None) -> optax.GradientTransformation:
   """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer,
   with the latents' updates scaled by ``config.latent_lr_scale``.
 
   The forward pass reads only which side of its thresholds a latent is on, and its
   gradient does not depend on its value, so scaling the latents' step by m acts as
   dividing their init's spread by m: it sets how soon, and how often, weights flip.
+  Given ``params`` without latents (a float model), the scale is left out.
   """
   if config.optimizer == "sgd":
     opt = optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov)
@@ -309,8 +311,10 @@ def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformat
                                                     which=config.weight_decay_on)))
   parts.append(opt)
   # Only when it changes something: the optimizer state (and so checkpoints) keeps the
-  # structure of runs made before the option existed.
-  if config.get("latent_lr_scale", 1.0) != 1.0:
+  # structure of runs made before the option existed, and a float run's that of a plain
+  # optimizer whatever the scale.
+  has_latents = params is None or any(jax.tree.leaves(latent_mask(params)))
+  if config.get("latent_lr_scale", 1.0) != 1.0 and has_latents:
     parts.append(optax.masked(optax.scale(config.latent_lr_scale), latent_mask))
   return optax.chain(*parts) if len(parts) > 1 else opt
 
@@ -335,7 +339,8 @@ def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
   """A fresh ``TrainState``: initialized variables and ``config``'s optimizer."""
   params, batch_stats = initialized(key, model, image_shape)
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config, lr_fn), batch_stats=batch_stats)
+                           tx=create_optimizer(config, lr_fn, params),
+                           batch_stats=batch_stats)
 
 
 # ---------------------------------------------------------------------------- steps

@@ -244,6 +244,12 @@ def test_latent_lr_scale_of_one_keeps_the_optimizer_state_structure():
       optax.sgd(optax.constant_schedule(0.1), momentum=0.9))
   assert state(1.0) == jax.tree.structure(reference.init(params))
   assert state(2.0) != state(1.0)
+  # A float model has nothing to scale: its state is a plain optimizer's at any scale.
+  float_params = {"stem": {"kernel": jnp.ones(2)}}
+  float_state = lambda scale: jax.tree.structure(train.create_optimizer(
+      tiny_config(latent_lr_scale=scale), optax.constant_schedule(0.1), float_params
+  ).init(float_params))
+  assert float_state(4.0) == float_state(1.0)
 
 
 def test_latent_lr_scale_must_be_positive():
