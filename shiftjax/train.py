@@ -288,15 +288,13 @@ def weight_decay_mask(params, which: str):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def create_optimizer(config, lr_fn: optax.Schedule,
-                     params=None) -> optax.GradientTransformation:
+def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
   """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer,
   with the latents' updates scaled by ``config.latent_lr_scale``.
 
   The forward pass reads only which side of its thresholds a latent is on, and its
   gradient does not depend on its value, so scaling the latents' step by m acts as
   dividing their init's spread by m: it sets how soon, and how often, weights flip.
-  Given ``params`` without latents (a float model), the scale is left out.
   """
   if config.optimizer == "sgd":
     opt = optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov)
@@ -304,19 +302,30 @@ def create_optimizer(config, lr_fn: optax.Schedule,
     opt = optax.radam(lr_fn)
   else:
     opt = optax.adam(lr_fn)
-  parts = []
   if config.weight_decay and config.weight_decay_on != "none":
-    parts.append(optax.add_decayed_weights(
+    decay = optax.add_decayed_weights(
         config.weight_decay, mask=functools.partial(weight_decay_mask,
-                                                    which=config.weight_decay_on)))
-  parts.append(opt)
-  # Only when it changes something: the optimizer state (and so checkpoints) keeps the
-  # structure of runs made before the option existed, and a float run's that of a plain
-  # optimizer whatever the scale.
-  has_latents = params is None or any(jax.tree.leaves(latent_mask(params)))
-  if config.get("latent_lr_scale", 1.0) != 1.0 and has_latents:
-    parts.append(optax.masked(optax.scale(config.latent_lr_scale), latent_mask))
-  return optax.chain(*parts) if len(parts) > 1 else opt
+                                                    which=config.weight_decay_on))
+    opt = optax.chain(decay, opt)
+  return scale_latent_updates(opt, config.get("latent_lr_scale", 1.0))
+
+
+def scale_latent_updates(inner: optax.GradientTransformation,
+                         scale: float) -> optax.GradientTransformation:
+  """``inner`` with its updates of quantizer latents multiplied by ``scale``.
+
+  Stateless on top of ``inner``: the optimizer state, and so a checkpoint, has the same
+  structure at every scale (a run restores or exports under any ``latent_lr_scale``).
+  """
+  if scale == 1.0:
+    return inner
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    scaled = jax.tree.map(lambda u, latent: u * scale if latent else u, updates,
+                          latent_mask(updates))
+    return scaled, state
+  return optax.GradientTransformation(inner.init, update)
 
 
 def init_key(seed: int) -> jax.Array:
@@ -339,8 +348,7 @@ def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
   """A fresh ``TrainState``: initialized variables and ``config``'s optimizer."""
   params, batch_stats = initialized(key, model, image_shape)
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config, lr_fn, params),
-                           batch_stats=batch_stats)
+                           tx=create_optimizer(config, lr_fn), batch_stats=batch_stats)
 
 
 # ---------------------------------------------------------------------------- steps
