@@ -49,6 +49,8 @@ VARIANTS = {"DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bit
                                               "latent_lr_scale": 4.0},
             "S3 3-bit latent lr x4": {"quantizer": "S3", "bits": 3, "latent_lr_scale": 4.0},
             "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"},
+            "S3 3-bit reference regularizer": {"quantizer": "S3", "bits": 3,
+                                               "s3_regularizer": 1e-5},
             "S3 3-bit regularizer x10": {"quantizer": "S3", "bits": 3,
                                          "s3_regularizer": 1e-4},
             "S3 3-bit regularizer x100": {"quantizer": "S3", "bits": 3,

@@ -28,6 +28,10 @@ def get_config():
   c.eval_batch_size = 200
   c.learning_rate = 0.1
   c.weight_decay = 1e-4
+  # S3 only (slu_s3.py): 100x the reference's dense-weight regularizer. At 1e-5, 36 % of
+  # the trained weights were zero and S3 trailed float by 1.1 points over 3 seeds; at
+  # 1e-3 none are, and it is level with float (benchmarks/slu_accuracy.py).
+  c.s3_regularizer = 1e-3
   c.num_epochs = 40.0             # 7,480 steps (24 epochs: 96.9-97.6 %, too close to 97)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
