@@ -36,40 +36,12 @@ METHODS = {"float": {"quantizer": "float"},
            "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
            "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
            "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
-# Variants tried to close the gap to float (the README's tried-variants table); run only
-# when named in --methods.
-VARIANTS = {"DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
-                                        "encoding": "binary"},
-            "DenseShift 3-bit binary": {"quantizer": "DenseShift", "bits": 3,
+# Variants only this benchmark has (method_comparison.VARIANTS has the rest).
+VARIANTS = {**method_comparison.VARIANTS,
+            "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
                                         "encoding": "binary"},
             "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4,
-                                       "surrogate": "exact"},
-            "DenseShift 3-bit exact": {"quantizer": "DenseShift", "bits": 3,
-                                       "surrogate": "exact"},
-            "float no weight decay": {"quantizer": "float", "weight_decay_on": "none"},
-            "DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bits": 3,
-                                                 "weight_decay_on": "none"},
-            "DenseShift 3-bit latents not decayed": {
-                "quantizer": "DenseShift", "bits": 3, "weight_decay_on": "all_but_latents"},
-            "S3 3-bit latents not decayed": {"quantizer": "S3", "bits": 3,
-                                             "weight_decay_on": "all_but_latents"},
-            "DenseShift 3-bit latent lr x1": {"quantizer": "DenseShift", "bits": 3,
-                                              "latent_lr_scale": 1.0},
-            "DenseShift 3-bit latent lr x4": {"quantizer": "DenseShift", "bits": 3,
-                                              "latent_lr_scale": 4.0},
-            "DenseShift 3-bit latent lr x16": {"quantizer": "DenseShift", "bits": 3,
-                                               "latent_lr_scale": 16.0},
-            "S3 3-bit latent lr x1": {"quantizer": "S3", "bits": 3, "latent_lr_scale": 1.0},
-            "S3 3-bit latent lr x4": {"quantizer": "S3", "bits": 3, "latent_lr_scale": 4.0},
-            "DenseShift 3-bit latent lr x0.25": {"quantizer": "DenseShift", "bits": 3,
-                                                 "latent_lr_scale": 0.25},
-            "DenseShift 3-bit float warm start": {"quantizer": "DenseShift", "bits": 3,
-                                                  "float_start_epochs": 2},
-            "DenseShift 3-bit float warm start lr 0.01": {
-                "quantizer": "DenseShift", "bits": 3, "float_start_epochs": 2,
-                "learning_rate": 0.01},
-            "S3 3-bit dense init": {"quantizer": "S3", "bits": 3, "init_method": "dense"},
-            "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"}}
+                                       "surrogate": "exact"}}
 
 
 def main(argv):

@@ -13,6 +13,41 @@ from shiftjax import data as data_lib
 from shiftjax import train
 
 
+def _ds3(**overrides):
+  return {"quantizer": "DenseShift", "bits": 3, **overrides}
+
+
+def _s3(**overrides):
+  return {"quantizer": "S3", "bits": 3, **overrides}
+
+
+# Variants of the training settings tried to close the gap to float, for either
+# benchmark (the README's tried-variants tables); run only when named in --methods.
+# Values are absolute: "latent lr x4" is latent_lr_scale=4.0 whatever the base config's.
+VARIANTS = {
+    "float no weight decay": {"quantizer": "float", "weight_decay_on": "none"},
+    "DenseShift 3-bit no weight decay": _ds3(weight_decay_on="none"),
+    "DenseShift 3-bit latents not decayed": _ds3(weight_decay_on="all_but_latents"),
+    "S3 3-bit latents not decayed": _s3(weight_decay_on="all_but_latents"),
+    "DenseShift 3-bit latent lr x0.25": _ds3(latent_lr_scale=0.25),
+    "DenseShift 3-bit latent lr x1": _ds3(latent_lr_scale=1.0),
+    "DenseShift 3-bit latent lr x4": _ds3(latent_lr_scale=4.0),
+    "DenseShift 3-bit latent lr x16": _ds3(latent_lr_scale=16.0),
+    "S3 3-bit latent lr x1": _s3(latent_lr_scale=1.0),
+    "S3 3-bit latent lr x4": _s3(latent_lr_scale=4.0),
+    "DenseShift 3-bit binary": _ds3(encoding="binary"),
+    "DenseShift 3-bit exact": _ds3(surrogate="exact"),
+    "DenseShift 3-bit float warm start": _ds3(float_start_epochs=2),
+    "DenseShift 3-bit float warm start lr 0.01": _ds3(float_start_epochs=2,
+                                                      learning_rate=0.01),
+    "S3 3-bit dense init": _s3(init_method="dense"),
+    "S3 3-bit he init": _s3(init_method="he"),
+    "S3 3-bit reference regularizer": _s3(s3_regularizer=1e-5),
+    "S3 3-bit regularizer x10": _s3(s3_regularizer=1e-4),
+    "S3 3-bit regularizer x100": _s3(s3_regularizer=1e-3),
+}
+
+
 def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[str, Any]],
                parent_workdir: str, seeds: Sequence[int] = (0,)) -> dict[str, list[dict]]:
   """{method name: [summary of each seed]} of ``base`` trained once per method and seed.

@@ -37,28 +37,6 @@ config_flags.DEFINE_config_file(
 METHODS = {"float": {"quantizer": "float"},
            "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
            "S3 3-bit": {"quantizer": "S3", "bits": 3}}
-# Variants tried to close the gap to float (the README's speech table); run only when
-# named in --methods.
-VARIANTS = {"DenseShift 3-bit no weight decay": {"quantizer": "DenseShift", "bits": 3,
-                                                 "weight_decay_on": "none"},
-            "DenseShift 3-bit latents not decayed": {
-                "quantizer": "DenseShift", "bits": 3, "weight_decay_on": "all_but_latents"},
-            "S3 3-bit latents not decayed": {"quantizer": "S3", "bits": 3,
-                                             "weight_decay_on": "all_but_latents"},
-            "DenseShift 3-bit latent lr x4": {"quantizer": "DenseShift", "bits": 3,
-                                              "latent_lr_scale": 4.0},
-            "DenseShift 3-bit latent lr x0.25": {"quantizer": "DenseShift", "bits": 3,
-                                                 "latent_lr_scale": 0.25},
-            "DenseShift 3-bit exact": {"quantizer": "DenseShift", "bits": 3,
-                                       "surrogate": "exact"},
-            "S3 3-bit latent lr x4": {"quantizer": "S3", "bits": 3, "latent_lr_scale": 4.0},
-            "S3 3-bit he init": {"quantizer": "S3", "bits": 3, "init_method": "he"},
-            "S3 3-bit reference regularizer": {"quantizer": "S3", "bits": 3,
-                                               "s3_regularizer": 1e-5},
-            "S3 3-bit regularizer x10": {"quantizer": "S3", "bits": 3,
-                                         "s3_regularizer": 1e-4},
-            "S3 3-bit regularizer x100": {"quantizer": "S3", "bits": 3,
-                                          "s3_regularizer": 1e-3}}
 
 
 def main(argv):
@@ -66,7 +44,8 @@ def main(argv):
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
   try:
-    methods = method_comparison.select_methods(FLAGS.methods, METHODS, VARIANTS)
+    methods = method_comparison.select_methods(FLAGS.methods, METHODS,
+                                               method_comparison.VARIANTS)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   base = FLAGS.config
