@@ -58,7 +58,8 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   nothing is exported.
 
   A method whose overrides hold ``float_start_epochs=k`` is a float warm start at the
-  same budget: float for k epochs (in ``<its directory>_float_start``), converted
+  same budget: float for k epochs (in ``<its directory>_float_start``; the method's other
+  overrides, a learning rate for one, apply to this stage too), converted
   (``config.init_from``), then the method for the remaining epochs; its training time
   is the two stages'.
   """
