@@ -31,25 +31,14 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "fashion_mnist.py"), "Base config (the main job's).")
 
-METHODS = {"float": {"quantizer": "float"},
-           "S3 3-bit": {"quantizer": "S3", "bits": 3},
-           "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
-           "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
-           "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
-# Variants only this benchmark has (method_comparison.VARIANTS has the rest).
-VARIANTS = {**method_comparison.VARIANTS,
-            "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4,
-                                        "encoding": "binary"},
-            "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4,
-                                       "surrogate": "exact"}}
-
 
 def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
   try:
-    methods = method_comparison.select_methods(FLAGS.methods, METHODS, VARIANTS)
+    methods = method_comparison.select_methods(
+        FLAGS.methods, method_comparison.FASHION_MNIST_METHODS, method_comparison.VARIANTS)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   base = FLAGS.config

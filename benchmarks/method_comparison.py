@@ -21,6 +21,16 @@ def _s3(**overrides):
   return {"quantizer": "S3", "bits": 3, **overrides}
 
 
+# The methods each accuracy benchmark trains by default (its table's rows).
+FASHION_MNIST_METHODS = {"float": {"quantizer": "float"},
+                         "S3 3-bit": _s3(),
+                         "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
+                         "DenseShift 3-bit": _ds3(),
+                         "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
+SLU_METHODS = {"float": {"quantizer": "float"},
+               "DenseShift 3-bit": _ds3(),
+               "S3 3-bit": _s3()}
+
 # Variants of the training settings tried to close the gap to float, for either
 # benchmark (the README's tried-variants tables); run only when named in --methods.
 # Values are absolute: "latent lr x4" is latent_lr_scale=4.0 whatever the base config's.
@@ -40,12 +50,30 @@ VARIANTS = {
     "DenseShift 3-bit float warm start": _ds3(float_start_epochs=2),
     "DenseShift 3-bit float warm start lr 0.01": _ds3(float_start_epochs=2,
                                                       learning_rate=0.01),
+    "float label smoothing 0.1": {"quantizer": "float", "label_smoothing": 0.1},
+    "DenseShift 3-bit label smoothing 0.1": _ds3(label_smoothing=0.1),
     "S3 3-bit dense init": _s3(init_method="dense"),
     "S3 3-bit he init": _s3(init_method="he"),
     "S3 3-bit reference regularizer": _s3(s3_regularizer=1e-5),
     "S3 3-bit regularizer x10": _s3(s3_regularizer=1e-4),
     "S3 3-bit regularizer x100": _s3(s3_regularizer=1e-3),
+    "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4, "encoding": "binary"},
+    "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4, "surrogate": "exact"},
 }
+# Every named method of either benchmark: what a run's directory name stands for.
+ALL_METHODS = {**FASHION_MNIST_METHODS, **SLU_METHODS, **VARIANTS}
+
+
+def method_config(base: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                  seed: int) -> ml_collections.ConfigDict:
+  """``base`` with a method's overrides (``float_start_epochs`` aside) and ``seed``, not
+  exporting: the config ``train_each`` trains for that method and seed."""
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  config.update({k: v for k, v in overrides.items() if k != "float_start_epochs"})
+  config.seed = int(seed)
+  config.export_packed = False
+  return config
 
 
 def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[str, Any]],
@@ -66,13 +94,8 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   summaries = {name: [] for name in methods}
   for seed in seeds:
     for name, overrides in methods.items():
-      overrides = dict(overrides)
-      float_epochs = overrides.pop("float_start_epochs", 0)
-      config = base.copy_and_resolve_references()
-      config.unlock()
-      config.update(overrides)
-      config.seed = int(seed)
-      config.export_packed = False
+      float_epochs = overrides.get("float_start_epochs", 0)
+      config = method_config(base, overrides, seed)
       workdir = os.path.join(parent_workdir, directory_name(name, seed))
       if not float_epochs:
         summaries[name].append(train.train_and_evaluate(config, workdir))
@@ -130,6 +153,16 @@ def predictions(fn: Callable, images: np.ndarray, batch: int = 1000) -> np.ndarr
 def directory_name(name: str, seed: int) -> str:
   """``'denseshift_3-bit_seed1'``: the workdir of a method and seed below the parent."""
   return "_".join(name.lower().split()) + (f"_seed{seed}" if seed else "")
+
+
+def finished_runs(parent: str, max_seed: int = 9):
+  """``(method name, seed, workdir)`` of every finished run (one with a summary) of the
+  methods in ``ALL_METHODS`` below ``parent``, as ``train_each`` names them."""
+  for name in ALL_METHODS:
+    for seed in range(max_seed + 1):
+      workdir = os.path.join(parent, directory_name(name, seed))
+      if os.path.exists(os.path.join(workdir, train.SUMMARY_FILE)):
+        yield name, seed, workdir
 
 
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:

@@ -34,18 +34,14 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "slu_denseshift3.py"), "Base config (DenseShift 3-bit).")
 
-METHODS = {"float": {"quantizer": "float"},
-           "DenseShift 3-bit": {"quantizer": "DenseShift", "bits": 3},
-           "S3 3-bit": {"quantizer": "S3", "bits": 3}}
-
 
 def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   logging.set_verbosity(logging.WARNING)
   try:
-    methods = method_comparison.select_methods(FLAGS.methods, METHODS,
-                                               method_comparison.VARIANTS)
+    methods = method_comparison.select_methods(
+        FLAGS.methods, method_comparison.SLU_METHODS, method_comparison.VARIANTS)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   base = FLAGS.config
@@ -58,7 +54,8 @@ def main(argv):
   print(f"\n{base.dataset}, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
         f"seeds 0..{FLAGS.seeds - 1}")
-  method_comparison.print_table(summaries, "float", {"packed KiB": lambda s: s["packed_weight_bytes"] / 1024})
+  method_comparison.print_table(
+      summaries, "float", {"packed KiB": lambda s: s["packed_weight_bytes"] / 1024})
 
 if __name__ == "__main__":
   app.run(main)

@@ -97,6 +97,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}")
   if config.get("latent_lr_scale", 1.0) <= 0:
     raise ValueError(f"config.latent_lr_scale must be positive, got {config.latent_lr_scale}")
+  if not 0.0 <= config.get("label_smoothing", 0.0) < 1.0:
+    raise ValueError("config.label_smoothing must be in [0, 1), got "
+                     f"{config.label_smoothing}")
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
@@ -354,18 +357,27 @@ def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
 # ---------------------------------------------------------------------------- steps
 
 
-def cross_entropy_loss(logits, labels, mask=None):
+def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0):
   """Mean softmax cross-entropy of ``logits [B, C]`` and int ``labels [B]``; a ``mask [B]``
-  averages over the examples it keeps (padded evaluation batches)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  averages over the examples it keeps (padded evaluation batches).
+
+  ``label_smoothing`` (eps) trains against ``(1 - eps) * one_hot + eps / C`` instead of
+  the one-hot labels (Szegedy et al. 2016); 0 is the plain loss.
+  """
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if mask is None:
     return jnp.mean(losses)
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def train_step(state: TrainState, batch, *, dataset: str, s3_alpha: float,
-               rounding_key) -> tuple[TrainState, dict]:
-  """One SGD step; returns the new state and summed metrics of the batch."""
+               rounding_key, label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
+  """One SGD step; returns the new state and summed metrics of the batch (its loss is the
+  training objective: smoothed labels, S3's regularizer)."""
   images = data_lib.normalize(batch["image"], dataset)
   labels = batch["label"]
   rngs = {"rounding": jax.random.fold_in(rounding_key, state.step)}
@@ -374,7 +386,7 @@ def train_step(state: TrainState, batch, *, dataset: str, s3_alpha: float,
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs=rngs)
-    loss = cross_entropy_loss(logits, labels)
+    loss = cross_entropy_loss(logits, labels, label_smoothing=label_smoothing)
     if s3_alpha:
       loss = loss + s3_alpha * qz.s3_regularizer(params)
     return loss, (logits, updates)
@@ -615,6 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               else 0.0)
   p_train_step = jax.jit(functools.partial(
       train_step, dataset=config.dataset, s3_alpha=s3_alpha,
+      label_smoothing=config.get("label_smoothing", 0.0),
       rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
       compiler_options=step_compiler_options(config))
   p_eval_step = jit_eval_step(config)

@@ -4,6 +4,7 @@ import math
 import os
 import sys
 
+import ml_collections
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -116,3 +117,24 @@ def test_float_warm_start_splits_the_epochs_between_two_stages(monkeypatch, tmp_
   assert summary["training_wall_seconds"] == 60.0 and summary["steps"] == 600
   with pytest.raises(ValueError, match=r"float_start_epochs must be in \(0, 6.0\), got 6"):
     method_comparison.train_each(base, {"warm": {"float_start_epochs": 6}}, str(tmp_path))
+
+
+def test_finished_runs_lists_the_runs_with_a_summary(tmp_path):
+  for name in ("denseshift_3-bit", "denseshift_3-bit_seed2", "float"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / method_comparison.train.SUMMARY_FILE).write_text("{}")
+  (tmp_path / "s3_3-bit").mkdir()  # interrupted: no summary
+  got = list(method_comparison.finished_runs(str(tmp_path)))
+  assert got == [("float", 0, str(tmp_path / "float")),
+                 ("DenseShift 3-bit", 0, str(tmp_path / "denseshift_3-bit")),
+                 ("DenseShift 3-bit", 2, str(tmp_path / "denseshift_3-bit_seed2"))]
+
+
+def test_method_config_applies_the_overrides_and_seed_and_never_exports():
+  base = ml_collections.ConfigDict({"quantizer": "float", "bits": 3, "seed": 0,
+                                    "learning_rate": 0.1, "export_packed": True})
+  config = method_comparison.method_config(
+      base, {"quantizer": "DenseShift", "learning_rate": 0.01, "float_start_epochs": 2}, 3)
+  assert (config.quantizer, config.learning_rate, config.seed) == ("DenseShift", 0.01, 3)
+  assert not config.export_packed and "float_start_epochs" not in config
+  assert base.quantizer == "float" and base.export_packed  # the base is not changed

@@ -252,6 +252,29 @@ def test_latent_lr_scale_must_be_positive():
     train.validate_config(tiny_config(latent_lr_scale=0.0))
 
 
+def test_label_smoothing_loss_matches_the_smoothed_targets_by_hand():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+  labels = jnp.array([0, 1])
+  log_p = np.log(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+  eps, classes = 0.3, 3
+  # Targets: 1 - eps + eps / C on the label, eps / C elsewhere.
+  targets = np.full((2, 3), eps / classes)
+  targets[[0, 1], [0, 1]] += 1 - eps
+  expected = -(targets * log_p).sum(-1).mean()
+  np.testing.assert_allclose(
+      train.cross_entropy_loss(logits, labels, label_smoothing=eps), expected, rtol=1e-6)
+  # Zero smoothing is the plain one-hot loss.
+  np.testing.assert_allclose(train.cross_entropy_loss(logits, labels),
+                             -log_p[[0, 1], [0, 1]].mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0])
+def test_label_smoothing_outside_zero_to_one_is_refused(eps):
+  message = f"config.label_smoothing must be in \\[0, 1\\), got {eps}"
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(tiny_config(label_smoothing=eps))
+
+
 @pytest.mark.slow
 def test_launchers_train_then_evaluate(tmp_path):
   """The absl launchers on the real offline Fashion-MNIST (prepared into a tmp dir)."""

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay_on = "all"       # 'all' (latents included, as the recipe), 'kernels',
                                   # 'all_but_latents', 'none'
   c.latent_lr_scale = 1.0         # quantizer latents step at learning_rate * this
+  c.label_smoothing = 0.0         # eps: targets (1 - eps) * one_hot + eps / classes
   c.lr_schedule = "cosine"        # or 'constant'
   c.warmup_epochs = 0.0
   c.num_epochs = 200.0
