@@ -66,7 +66,11 @@ def main(argv):
   changes = collections.defaultdict(list)
   for name, seed, workdir in method_comparison.finished_runs(FLAGS.workdir, FLAGS.max_seed):
     config = method_comparison.method_config(base, method_comparison.ALL_METHODS[name], seed)
-    model, variables, _ = train.restore_variables(config, workdir)
+    try:
+      model, variables, _ = train.restore_variables(config, workdir)
+    except ValueError as e:  # e.g. a checkpoint of an older optimizer layout
+      print(f"{name:<{width}} {seed:4d} not restored: {str(e).splitlines()[0]}")
+      continue
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                     tx=optax.identity(),
                                     batch_stats=variables["batch_stats"])
