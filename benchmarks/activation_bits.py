@@ -70,8 +70,7 @@ def main(argv):
   print(f"\n{'run':<34} {'trained top-1':>13} {'packed top-1':>12} {'agreement':>10}")
   for name, overrides in settings.items():
     for seed in range(FLAGS.seeds):
-      config = base.copy_and_resolve_references()
-      config.update(overrides, seed=seed)
+      config = method_comparison.method_config(base, overrides, seed)
       workdir = os.path.join(FLAGS.workdir, method_comparison.directory_name(name, seed))
       trained, packed = top1_trained_and_packed(config, workdir, images)
       print(f"{name + f' seed {seed}':<34} {np.mean(trained == labels):13.4f} "

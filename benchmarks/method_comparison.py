@@ -27,9 +27,8 @@ FASHION_MNIST_METHODS = {"float": {"quantizer": "float"},
                          "DenseShift 2-bit": {"quantizer": "DenseShift", "bits": 2},
                          "DenseShift 3-bit": _ds3(),
                          "DenseShift 4-bit": {"quantizer": "DenseShift", "bits": 4}}
-SLU_METHODS = {"float": {"quantizer": "float"},
-               "DenseShift 3-bit": _ds3(),
-               "S3 3-bit": _s3()}
+SLU_METHODS = {name: FASHION_MNIST_METHODS[name]
+               for name in ("float", "DenseShift 3-bit", "S3 3-bit")}
 
 # Variants of the training settings tried to close the gap to float, for either
 # benchmark (the README's tried-variants tables); run only when named in --methods.
