@@ -30,6 +30,7 @@ FASHION_MNIST_METHODS = {"float": {"quantizer": "float"},
 SLU_METHODS = {name: FASHION_MNIST_METHODS[name]
                for name in ("float", "DenseShift 3-bit", "S3 3-bit")}
 
+_SPEC_AUGMENT_X2 = {"max_time": 40, "max_freq": 12}
 # Variants of the training settings tried to close the gap to float, for either
 # benchmark (the README's tried-variants tables); run only when named in --methods.
 # Values are absolute: "latent lr x4" is latent_lr_scale=4.0 whatever the base config's.
@@ -56,6 +57,9 @@ VARIANTS = {
     "S3 3-bit reference regularizer": _s3(s3_regularizer=1e-5),
     "S3 3-bit regularizer x10": _s3(s3_regularizer=1e-4),
     "S3 3-bit regularizer x100": _s3(s3_regularizer=1e-3),
+    # Speech only: SpecAugment's widest masks doubled (synthetic_slu: 40 frames, 12 bins).
+    "float SpecAugment x2": {"quantizer": "float", "spec_augment": _SPEC_AUGMENT_X2},
+    "DenseShift 3-bit SpecAugment x2": _ds3(spec_augment=_SPEC_AUGMENT_X2),
     "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4, "encoding": "binary"},
     "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4, "surrogate": "exact"},
 }

@@ -100,11 +100,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.get("label_smoothing", 0.0) < 1.0:
     raise ValueError("config.label_smoothing must be in [0, 1), got "
                      f"{config.label_smoothing}")
+  training_augmentation(config)
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
       raise ValueError(f"config.{field}={config[field]} is not divisible by the "
                        f"{devices} devices of this run")
+
+
+def training_augmentation(config) -> bool | data_lib.SpecAugment:
+  """``config.augment``, or the speech dataset's SpecAugment with the mask sizes that
+  ``config.spec_augment`` sets; ValueError for sizes the dataset cannot take."""
+  sizes = {k: v for k, v in config.get("spec_augment", {}).items() if v is not None}
+  if not sizes:
+    return config.augment
+  spec = data_lib.get_spec(config.dataset)
+  if not isinstance(spec.augment, data_lib.SpecAugment):
+    raise ValueError(f"config.spec_augment sets {sizes}, but {config.dataset} is not a "
+                     f"speech dataset; only these take SpecAugment: "
+                     f"{sorted(data_lib.speech.SPECS)}")
+  if not config.augment:
+    raise ValueError(f"config.spec_augment sets {sizes} with config.augment=False; "
+                     "set config.augment=True to augment")
+  for field, value in sizes.items():
+    if not isinstance(value, int) or value < 0:
+      raise ValueError(f"config.spec_augment.{field} must be a non-negative integer, "
+                       f"got {value!r}")
+  return dataclasses.replace(spec.augment, **sizes)
 
 
 def create_quantizer(config, method: str | None = None,
@@ -603,7 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data_lib.prepare_fashion_mnist(data_dir)
   train_ds = data_lib.make_dataset(config.dataset, batch_size=config.batch_size, train=True,
                                    seed=config.seed, data_dir=data_dir,
-                                   augment=config.augment,
+                                   augment=training_augmentation(config),
                                    image_size=config.get("image_size"))
   eval_ds = make_eval_dataset(config)
   steps_per_epoch = train_ds.steps_per_epoch

@@ -340,6 +340,13 @@ def test_the_reader_field_chooses_the_reader(monkeypatch):
   assert "prefetch" not in calls[0][2] and calls[1][2]["prefetch"] == 0
 
 
+def test_imagenet_refuses_an_augmentation_in_place_of_its_crop(tmp_path):
+  # Refused before any file is opened (tmp_path holds none).
+  with pytest.raises(ValueError, match="augment must be True or False"):
+    imagenet.make_dataset(batch_size=8, train=True, data_dir=tmp_path,
+                          augment=sjd.CropFlip(pad=4, flip=True))
+
+
 def test_max_bytes_limits_memory_but_does_not_choose_the_reader(monkeypatch):
   spec = dataclasses.replace(sjd.get_spec("cifar10"), max_bytes=0)
   monkeypatch.setitem(sjd.SPECS, "cifar10", spec)

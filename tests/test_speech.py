@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import shiftjax as sj
+from shiftjax.data import pipeline
 from shiftjax.data import speech
 from shiftjax.data.slu import fsc
 from shiftjax.data.slu import intents
@@ -225,6 +226,25 @@ def test_numpy_spec_augment_masks_within_bounds():
   # A host's slice of the global batch gets exactly its part of the augmentation.
   half = aug.apply(images[16:], {k: v[16:] for k, v in params.items()})
   np.testing.assert_array_equal(half, out[16:])
+
+
+def test_pipeline_takes_an_augmentation_in_place_of_the_spec_one(tiny_synthetic):
+  stronger = speech.SpecAugment(4, 60, 2, 12, fill=9)
+  plain = sj.data.make_dataset("synthetic_slu", batch_size=4, train=True, seed=3,
+                               data_dir=tiny_synthetic, augment=False, prefetch=0)
+  custom = sj.data.make_dataset("synthetic_slu", batch_size=4, train=True, seed=3,
+                                data_dir=tiny_synthetic, augment=stronger, prefetch=0)
+  standard = sj.data.make_dataset("synthetic_slu", batch_size=4, train=True, seed=3,
+                                  data_dir=tiny_synthetic, prefetch=0)
+  assert custom.augment is stronger
+  assert standard.augment == speech.SPECS["synthetic_slu"].augment
+  # The same batch, masked with the random widths the pipeline draws for step 1.
+  params = stronger.sample(np.random.default_rng([pipeline._AUGMENT_STREAM, 3, 1]), 4)
+  np.testing.assert_array_equal(custom.batch(1)["image"],
+                                stronger.apply(plain.batch(1)["image"], params))
+  with pytest.raises(TypeError, match="augment must be a bool or an augmentation"):
+    sj.data.make_dataset("synthetic_slu", batch_size=4, train=True,
+                         data_dir=tiny_synthetic, augment="strong")
 
 
 @pytest.mark.skipif(not _has_tensorflow(), reason="tfds speech_commands stores wav bytes "

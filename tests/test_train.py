@@ -1,5 +1,6 @@
 """The training loop: resumption bit for bit, divergence, config errors, outputs."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import tensorflow_datasets as tfds
 
 import shiftjax as sj
 from experiments.configs import default
+from shiftjax import data as data_lib
 from shiftjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,6 +275,31 @@ def test_label_smoothing_outside_zero_to_one_is_refused(eps):
   message = f"config.label_smoothing must be in \\[0, 1\\), got {eps}"
   with pytest.raises(ValueError, match=message):
     train.validate_config(tiny_config(label_smoothing=eps))
+
+
+def test_spec_augment_fields_replace_only_the_mask_sizes_they_set():
+  config = tiny_config(dataset="synthetic_slu")
+  standard = data_lib.get_spec("synthetic_slu").augment
+  assert train.training_augmentation(config) is True  # the spec's own
+  config.spec_augment.max_time = 40
+  config.spec_augment.freq_masks = 0
+  assert train.training_augmentation(config) == dataclasses.replace(
+      standard, max_time=40, freq_masks=0)
+  config.augment = False
+  with pytest.raises(ValueError, match="config.augment=False"):
+    train.validate_config(config)
+
+
+@pytest.mark.parametrize("dataset, field, value, message", [
+    ("fashion_mnist", "max_time", 40, "fashion_mnist is not a speech dataset"),
+    ("synthetic_slu", "max_freq", -1, "config.spec_augment.max_freq must be a non-negative "
+                                      "integer, got -1"),
+])
+def test_bad_spec_augment_sizes_are_refused(dataset, field, value, message):
+  config = tiny_config(dataset=dataset)
+  config.spec_augment[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config)
 
 
 @pytest.mark.slow

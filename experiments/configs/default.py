@@ -42,6 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ""                 # '' = the tfds default (~/tensorflow_datasets)
   c.prepare_offline_data = False  # fashion_mnist: build it from Debian's package first
   c.augment = True                # the dataset's standard training augmentation
+  # Speech datasets: SpecAugment's mask counts and widths (frames, mel bins); None = the
+  # dataset's own (shiftjax/data/speech.py: 2 x <= 20 frames, 2 x <= 6 bins for synthetic_slu).
+  c.spec_augment = ml_collections.ConfigDict({
+      "time_masks": ml_collections.config_dict.placeholder(int),
+      "max_time": ml_collections.config_dict.placeholder(int),
+      "freq_masks": ml_collections.config_dict.placeholder(int),
+      "max_freq": ml_collections.config_dict.placeholder(int)})
   c.image_size = ml_collections.config_dict.placeholder(int)  # imagenet2012: crop side
   # Transfer: start a fresh run from a float run's checkpoint (shiftjax/transfer.py).
   c.init_from = ""                # float run's workdir or checkpoint dir; '' = random init

@@ -8,8 +8,19 @@ hosts. Images are uint8 ``[B, H, W, C]`` and stay so.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
+
+
+class Augmentation(Protocol):
+  """What a ``TrainPipeline`` augments with: ``CropFlip``, ``speech.SpecAugment``, ..."""
+
+  def sample(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Random parameters of ``n`` examples (the global batch), each ``[n, ...]``."""
+
+  def apply(self, images: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """``images`` augmented with the rows of ``params`` that belong to them."""
 
 
 def crop_and_flip(images: np.ndarray, dy: np.ndarray, dx: np.ndarray,

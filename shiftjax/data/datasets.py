@@ -11,7 +11,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from shiftjax.data.augment import CropFlip
+from shiftjax.data.augment import Augmentation, CropFlip
 
 # Per-channel statistics of the training split, images scaled to [0, 1].
 FASHION_MNIST_MEAN = (0.2860,)
@@ -56,7 +56,7 @@ class DatasetSpec:
   std: tuple[float, ...]
   train_split: str = "train"
   eval_split: str = "test"
-  augment: CropFlip | None = None
+  augment: Augmentation | None = None
   max_bytes: int = 1 << 29
   reader: str = IN_MEMORY
 

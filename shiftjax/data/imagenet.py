@@ -227,7 +227,7 @@ class ImageSource:
 
 def make_dataset(name: str = NAME, split: str | None = None, *, batch_size: int,
                  train: bool, seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 augment: bool = True, prefetch: int = 4,
+                 augment: bool | pipeline.Augmentation = True, prefetch: int = 4,
                  process_index: int | None = None, process_count: int | None = None,
                  image_size: int | None = None, resize_size: int | None = None,
                  num_threads: int = DEFAULT_THREADS
@@ -241,13 +241,17 @@ def make_dataset(name: str = NAME, split: str | None = None, *, batch_size: int,
     batch_size, train, seed, data_dir, prefetch, process_index, process_count: as in
       ``shiftjax.data.make_dataset``.
     augment: training only: random-resized-crop and flip; False gives the evaluation
-      transform (resize, center crop) in a shuffled training order.
+      transform (resize, center crop) in a shuffled training order. The crop decodes
+      the images itself, so no other augmentation can take its place.
     image_size: side of the served square images (default 224).
     resize_size: evaluation: shorter side before the center crop (default
       ``image_size * 256 / 224``, i.e. 256 for 224).
     num_threads: threads reading and decoding examples.
   """
   # Fail before opening any file.
+  if not isinstance(augment, bool):
+    raise ValueError(f"{name}: augment must be True or False (its crop decodes the "
+                     f"images), got {augment!r}")
   pipeline.host_slice(batch_size, process_index, process_count)
   if train:
     pipeline.check_seed(seed)

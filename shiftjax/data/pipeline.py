@@ -47,7 +47,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from shiftjax.data.augment import CropFlip
+from shiftjax.data.augment import Augmentation
 from shiftjax.data.datasets import DatasetSpec, get_spec
 
 Batch = dict[str, np.ndarray]
@@ -250,7 +250,7 @@ class TrainPipeline:
   """
 
   def __init__(self, source: ArraySource, *, batch_size: int, seed: int,
-               augment: CropFlip | None = None, process_index: int | None = None,
+               augment: Augmentation | None = None, process_index: int | None = None,
                process_count: int | None = None, prefetch: int = 2):
     self._host = host_slice(batch_size, process_index, process_count)
     check_seed(seed)
@@ -358,9 +358,24 @@ class EvalPipeline:
     return self.iterator()
 
 
+def training_augmentation(spec: DatasetSpec,
+                          augment: bool | Augmentation) -> Augmentation | None:
+  """What a training pipeline of ``spec`` augments with: ``augment`` itself when it is
+  an augmentation (a stronger SpecAugment, say), the spec's standard one for True,
+  none for False."""
+  if isinstance(augment, bool):
+    return spec.augment if augment else None
+  if not (callable(getattr(augment, "sample", None))
+          and callable(getattr(augment, "apply", None))):
+    raise TypeError(f"augment must be a bool or an augmentation with sample/apply "
+                    f"methods, got {augment!r}")
+  return augment
+
+
 def make_in_memory_dataset(name: str, split: str | None = None, *, batch_size: int,
                            train: bool, seed: int = 0,
-                           data_dir: str | os.PathLike | None = None, augment: bool = True,
+                           data_dir: str | os.PathLike | None = None,
+                           augment: bool | Augmentation = True,
                            prefetch: int = 2, process_index: int | None = None,
                            process_count: int | None = None,
                            image_size: int | None = None) -> TrainPipeline | EvalPipeline:
@@ -378,6 +393,7 @@ def make_in_memory_dataset(name: str, split: str | None = None, *, batch_size: i
   host_slice(batch_size, process_index, process_count)
   if train:
     check_seed(seed)
+    augmentation = training_augmentation(spec, augment)
   if split is None:
     split = spec.train_split if train else spec.eval_split
   load = getattr(spec, "load", None)  # speech specs decode waveforms into features
@@ -387,5 +403,5 @@ def make_in_memory_dataset(name: str, split: str | None = None, *, batch_size: i
            "prefetch": prefetch}
   if train:
     return TrainPipeline(source, batch_size=batch_size, seed=seed,
-                         augment=spec.augment if augment else None, **hosts)
+                         augment=augmentation, **hosts)
   return EvalPipeline(source, batch_size=batch_size, **hosts)

@@ -33,7 +33,8 @@ def factory(spec: DatasetSpec) -> Callable[..., Pipeline]:
 
 def make_dataset(name: str, split: str | None = None, *, batch_size: int, train: bool,
                  seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 augment: bool = True, prefetch: int | None = None,
+                 augment: bool | pipeline.Augmentation = True,
+                 prefetch: int | None = None,
                  process_index: int | None = None,
                  process_count: int | None = None,
                  image_size: int | None = None) -> Pipeline:
@@ -50,7 +51,8 @@ def make_dataset(name: str, split: str | None = None, *, batch_size: int, train:
       False an ``EvalPipeline`` (in order, every example once, padded and masked).
     seed: non-negative seed of shuffling and augmentation (training only).
     data_dir: tfds data directory, None for the tfds default.
-    augment: apply the dataset's standard training augmentation.
+    augment: True: the dataset's standard training augmentation; False: none; or an
+      augmentation to use instead (``SpecAugment(4, 40, 2, 12)`` for a speech set).
     prefetch: batches built ahead in a background thread (0: none); None: the reader's
       default (2 in memory, 4 streamed).
     process_index, process_count: this host's place; default ``jax.process_index()``
