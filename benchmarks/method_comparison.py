@@ -60,6 +60,8 @@ VARIANTS = {
     # Speech only: SpecAugment's widest masks doubled (synthetic_slu: 40 frames, 12 bins).
     "float SpecAugment x2": {"quantizer": "float", "spec_augment": _SPEC_AUGMENT_X2},
     "DenseShift 3-bit SpecAugment x2": _ds3(spec_augment=_SPEC_AUGMENT_X2),
+    # Distilled from the same seed's float run (trained first; its cost is not counted).
+    "DenseShift 3-bit distilled": _ds3(distill_from_method="float"),
     "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4, "encoding": "binary"},
     "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4, "surrogate": "exact"},
 }
@@ -67,13 +69,17 @@ VARIANTS = {
 ALL_METHODS = {**FASHION_MNIST_METHODS, **SLU_METHODS, **VARIANTS}
 
 
+# Overrides that say how train_each runs a method, not config fields.
+_RUN_KEYS = ("float_start_epochs", "distill_from_method")
+
+
 def method_config(base: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                   seed: int) -> ml_collections.ConfigDict:
-  """``base`` with a method's overrides (``float_start_epochs`` aside) and ``seed``, not
+  """``base`` with a method's overrides (``_RUN_KEYS`` aside) and ``seed``, not
   exporting: the config ``train_each`` trains for that method and seed."""
   config = base.copy_and_resolve_references()
   config.unlock()
-  config.update({k: v for k, v in overrides.items() if k != "float_start_epochs"})
+  config.update({k: v for k, v in overrides.items() if k not in _RUN_KEYS})
   config.seed = int(seed)
   config.export_packed = False
   return config
@@ -88,18 +94,31 @@ def train_each(base: ml_collections.ConfigDict, methods: Mapping[str, Mapping[st
   benchmark resumes (and "DenseShift 2-bit" and "DenseShift 3-bit" never share one);
   nothing is exported.
 
+  A method whose overrides hold ``distill_from_method=<name>`` is distilled
+  (``config.distill_from``) from that method's run of the same seed, which must come
+  earlier in ``methods`` (it is trained first).
+
   A method whose overrides hold ``float_start_epochs=k`` is a float warm start at the
   same budget: float for k epochs (in ``<its directory>_float_start``; the method's other
   overrides, a learning rate for one, apply to this stage too), converted
   (``config.init_from``), then the method for the remaining epochs; its training time
   is the two stages'.
   """
+  names = list(methods)
+  for i, (name, overrides) in enumerate(methods.items()):
+    teacher = overrides.get("distill_from_method")
+    if teacher is not None and teacher not in names[:i]:
+      raise ValueError(f"{name} distills from {teacher!r}, which must be one of the "
+                       f"methods trained before it: {names[:i]}")
   summaries = {name: [] for name in methods}
   for seed in seeds:
     for name, overrides in methods.items():
       float_epochs = overrides.get("float_start_epochs", 0)
       config = method_config(base, overrides, seed)
       workdir = os.path.join(parent_workdir, directory_name(name, seed))
+      teacher = overrides.get("distill_from_method")
+      if teacher is not None:
+        config.distill_from = os.path.join(parent_workdir, directory_name(teacher, seed))
       if not float_epochs:
         summaries[name].append(train.train_and_evaluate(config, workdir))
         continue

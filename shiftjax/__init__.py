@@ -8,7 +8,8 @@
 models (``sj.export``), the kernels (``sj.kernels``: inference on packed codes;
 ``shiftjax.kernels.training``: the differentiable CPU-fast convolution), data pipelines
 (``sj.data``), the log-mel frontend (``sj.audio``), training (``sj.train``,
-``sj.metrics``) and float-to-shift conversion (``sj.transfer``);
+``sj.metrics``), float-to-shift conversion (``sj.transfer``) and distillation from a
+float run (``sj.distill``);
 ``sj.host_memory.reuse_freed_memory()`` at the start of a CPU training program spares
 each step from faulting in XLA's scratch memory again.
 
@@ -30,8 +31,9 @@ __version__ = "0.1.0"
 
 # Imported on first attribute access (PEP 562): these pull in flax, optax, orbax,
 # tensorflow-datasets and ml_collections, which deployment does not need.
-_LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "export", "host_memory",
-                 "kernels", "layers", "metrics", "models", "policy", "train", "transfer")
+_LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "distill", "export",
+                 "host_memory", "kernels", "layers", "metrics", "models", "policy", "train",
+                 "transfer")
 
 
 def __getattr__(name):

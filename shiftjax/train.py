@@ -31,6 +31,7 @@ from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
 from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
+from shiftjax import distill
 from shiftjax.deploy import architecture
 from shiftjax import export as export_lib
 from shiftjax import host_memory
@@ -101,6 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.label_smoothing must be in [0, 1), got "
                      f"{config.label_smoothing}")
   training_augmentation(config)
+  distillation(config)
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
@@ -127,6 +129,35 @@ def training_augmentation(config) -> bool | data_lib.SpecAugment:
       raise ValueError(f"config.spec_augment.{field} must be a non-negative integer, "
                        f"got {value!r}")
   return dataclasses.replace(spec.augment, **sizes)
+
+
+def distillation(config) -> distill.Distillation | None:
+  """``config``'s distillation settings, None when ``config.distill_from`` is empty."""
+  if not config.get("distill_from", ""):
+    return None
+  if not 0.0 < config.distill_weight <= 1.0:
+    raise ValueError(f"config.distill_weight must be in (0, 1], got {config.distill_weight}")
+  if not config.distill_temperature > 0.0:
+    raise ValueError("config.distill_temperature must be positive, got "
+                     f"{config.distill_temperature}")
+  return distill.Distillation(config.distill_weight, config.distill_temperature)
+
+
+def teacher_config(config) -> ml_collections.ConfigDict:
+  """``config``'s model in float, the architecture a distilled run's teacher has."""
+  teacher = config.copy_and_resolve_references()
+  teacher.unlock()
+  teacher.update(quantizer="float", layer_quantizers="", activation_bits=0,
+                 layer_activations="")
+  return teacher
+
+
+def load_teacher(config, image_shape) -> tuple[nn.Module, dict]:
+  """The float teacher's model and variables (host arrays) from ``config.distill_from``."""
+  model = create_model(teacher_config(config), data_lib.get_spec(config.dataset).num_classes)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, *image_shape), jnp.float32))
+  return model, distill.load_teacher(config.distill_from, shapes)
 
 
 def create_quantizer(config, method: str | None = None,
@@ -396,19 +427,29 @@ def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0):
   return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def train_step(state: TrainState, batch, *, dataset: str, s3_alpha: float,
-               rounding_key, label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch, teacher_variables=None, *, dataset: str,
+               s3_alpha: float, rounding_key, label_smoothing: float = 0.0,
+               teacher_apply: Callable | None = None,
+               distillation: distill.Distillation | None = None) -> tuple[TrainState, dict]:
   """One SGD step; returns the new state and summed metrics of the batch (its loss is the
-  training objective: smoothed labels, S3's regularizer)."""
+  training objective: smoothed labels, distillation, S3's regularizer).
+
+  With ``distillation``, ``teacher_apply(teacher_variables, images, train=False)`` gives
+  the float teacher's logits of the same (augmented) batch.
+  """
   images = data_lib.normalize(batch["image"], dataset)
   labels = batch["label"]
   rngs = {"rounding": jax.random.fold_in(rounding_key, state.step)}
+  teacher_logits = (teacher_apply(teacher_variables, images, train=False)
+                    if distillation is not None else None)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs=rngs)
     loss = cross_entropy_loss(logits, labels, label_smoothing=label_smoothing)
+    if distillation is not None:
+      loss = distillation.objective(loss, logits, teacher_logits)
     if s3_alpha:
       loss = loss + s3_alpha * qz.s3_regularizer(params)
     return loss, (logits, updates)
@@ -620,6 +661,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     jax.distributed.initialize()
   validate_config(config)
   spec = data_lib.get_spec(config.dataset)
+  distilling = distillation(config)
+  # A wrong teacher is an error before any data is read or anything compiled.
+  teacher_model, teacher_variables = (load_teacher(config, spec.image_shape) if distilling
+                                      else (None, None))
   data_dir = config.data_dir or None
   if config.dataset == "fashion_mnist" and config.prepare_offline_data:
     data_lib.prepare_fashion_mnist(data_dir)
@@ -650,8 +695,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_train_step = jax.jit(functools.partial(
       train_step, dataset=config.dataset, s3_alpha=s3_alpha,
       label_smoothing=config.get("label_smoothing", 0.0),
-      rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
+      rounding_key=jax.random.fold_in(key, 1), distillation=distilling,
+      teacher_apply=teacher_model.apply if distilling else None), donate_argnums=0,
       compiler_options=step_compiler_options(config))
+  teacher_variables = replicate(teacher_variables, mesh) if distilling else None
   p_eval_step = jit_eval_step(config)
   p_codes = (jax.jit(functools.partial(all_codes, quantizer=quantizers)) if quantizers
              else None)
@@ -666,7 +713,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
   say(f"Training {config.model} ({describe_policy(config)}) on {config.dataset}: {total_steps} "
       f"steps ({steps_per_epoch}/epoch) on {jax.device_count()} device(s), from step "
-      f"{start_step}")
+      f"{start_step}" + (f", distilled from {config.distill_from} (weight "
+                           f"{distilling.weight}, temperature {distilling.temperature})"
+                           if distilling else ""))
 
   prev_codes = p_codes(state.params) if quantizers else None
   window: list[dict] = []
@@ -674,7 +723,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batches = train_ds.iterator(start_step)
   try:
     for step in range(start_step + 1, end_step + 1):
-      state, m = p_train_step(state, shard_batch(next(batches), mesh))
+      state, m = p_train_step(state, shard_batch(next(batches), mesh), teacher_variables)
       window.append(m)
       should_log = step % config.log_every_steps == 0 or step == total_steps
       should_save = step % config.checkpoint_every_steps == 0 or step == end_step
@@ -716,6 +765,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summary.update({"model": config.model, "dataset": config.dataset,
                     "quantizer": repr(quantizer) if quantizer else "float",
                     "policy": describe_policy(config)})
+    if distilling:
+      summary["distilled_from"] = os.path.abspath(config.distill_from)
     if config.export_packed:
       summary.update(export_packed(config, workdir))
   writer.close()

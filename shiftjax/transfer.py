@@ -532,11 +532,12 @@ def recalibrate_batch_stats(apply_fn: Callable, variables: Mapping, batches,
 # --------------------------------------------------------------------- checkpoints
 
 
-def _step_directory(path: str) -> str:
-  """The checkpoint step directory that ``path`` names or holds (latest step)."""
+def _step_directory(path: str, field: str = "init_from") -> str:
+  """The checkpoint step directory that ``path`` names or holds (latest step); errors
+  name the config ``field`` that gave the path."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_from: {path} is not a directory (give a float run's "
+    raise FileNotFoundError(f"{field}: {path} is not a directory (give a float run's "
                             "workdir, its 'checkpoints' directory or one step's)")
   for candidate in (path, os.path.join(path, "checkpoints")):
     steps = [d for d in os.listdir(candidate) if d.isdigit()
@@ -546,23 +547,24 @@ def _step_directory(path: str) -> str:
   if os.path.isdir(os.path.join(path, "default")) or os.path.exists(
       os.path.join(path, "_CHECKPOINT_METADATA")):
     return path
-  raise FileNotFoundError(f"init_from: no checkpoint found in {path} (expected "
+  raise FileNotFoundError(f"{field}: no checkpoint found in {path} (expected "
                           "<workdir>/checkpoints/<step>/default as shiftjax.train writes)")
 
 
-def load_float_params(path: str | os.PathLike) -> dict[str, Any]:
+def load_float_params(path: str | os.PathLike, field: str = "init_from") -> dict[str, Any]:
   """Reads ``params`` and ``batch_stats`` of a training checkpoint as numpy arrays.
 
   Args:
     path: a run's workdir, its ``checkpoints`` directory (latest step) or a step
       directory, as ``shiftjax.train`` writes them.
+    field: the config field named in errors (``init_from``, ``distill_from``).
   Returns:
     ``{'params': ..., 'batch_stats': ..., 'step': int}`` (nested dicts of numpy arrays).
     The arrays are read whole on this host, whatever devices wrote them.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  step_dir = _step_directory(os.fspath(path))
+  step_dir = _step_directory(os.fspath(path), field)
   item_dir = os.path.join(step_dir, "default")
   if not os.path.isdir(item_dir):
     item_dir = step_dir

@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from_required = False    # fine-tuning recipes: error out without init_from
   c.init_margin = 1e-3            # converted latents sit this far from their thresholds
   c.init_granularity = "layer"    # scale exponent offset per 'layer' or per 'channel'
+  # Distillation (shiftjax/distill.py): also train toward a finished float run's
+  # predictions; that run must be of the same model, width and dataset.
+  c.distill_from = ""             # the float run's workdir or checkpoint dir; '' = off
+  c.distill_weight = 0.5          # share of the soft-target term in the loss, (0, 1]
+  c.distill_temperature = 4.0     # T: softmax(logits / T) on both sides
   # Optimization (reference: SGD 0.9, lr 0.1, cosine, 200 epochs, batch 256, wd 1e-4).
   c.optimizer = "sgd"             # 'sgd', 'radam' (DeepShift-PS), 'adam'
   c.learning_rate = 0.1
