@@ -138,3 +138,25 @@ def test_method_config_applies_the_overrides_and_seed_and_never_exports():
   assert (config.quantizer, config.learning_rate, config.seed) == ("DenseShift", 0.01, 3)
   assert not config.export_packed and "float_start_epochs" not in config
   assert base.quantizer == "float" and base.export_packed  # the base is not changed
+
+
+def test_a_distilled_method_learns_from_the_same_seeds_earlier_run(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(method_comparison.train, "train_and_evaluate",
+                      lambda config, workdir: calls.append((config.distill_from, workdir))
+                      or {"test_accuracy": 0.9})
+  base = ml_collections.ConfigDict({"quantizer": "float", "bits": 3, "seed": 0,
+                                    "distill_from": "", "export_packed": True})
+  methods = {"float": {}, "student": {"quantizer": "DenseShift",
+                                      "distill_from_method": "float"}}
+  method_comparison.train_each(base, methods, str(tmp_path), seeds=(0, 1))
+  assert calls == [("", str(tmp_path / "float")),
+                   (str(tmp_path / "float"), str(tmp_path / "student")),
+                   ("", str(tmp_path / "float_seed1")),
+                   (str(tmp_path / "float_seed1"), str(tmp_path / "student_seed1"))]
+  # A teacher that is not trained first is refused before anything trains.
+  calls.clear()
+  with pytest.raises(ValueError, match="student distills from 'float', which must be one "
+                                       "of the methods trained before it: \\[\\]"):
+    method_comparison.train_each(base, dict(reversed(methods.items())), str(tmp_path))
+  assert not calls
