@@ -62,6 +62,7 @@ VARIANTS = {
     "DenseShift 3-bit SpecAugment x2": _ds3(spec_augment=_SPEC_AUGMENT_X2),
     # Distilled from the same seed's float run (trained first; its cost is not counted).
     "DenseShift 3-bit distilled": _ds3(distill_from_method="float"),
+    "float distilled": {"quantizer": "float", "distill_from_method": "float"},  # born again
     "DenseShift 4-bit binary": {"quantizer": "DenseShift", "bits": 4, "encoding": "binary"},
     "DenseShift 4-bit exact": {"quantizer": "DenseShift", "bits": 4, "surrogate": "exact"},
 }
