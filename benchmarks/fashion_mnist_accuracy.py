@@ -27,6 +27,8 @@ flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accur
                     "Parent directory; one subdirectory per method and seed.")
 flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
 flags.DEFINE_list("methods", None, "A subset of the methods (default: all).")
+flags.DEFINE_string("reference", "float", "The method every gap is measured against "
+                    "(trained too when --methods leaves it out).")
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "fashion_mnist.py"), "Base config (the main job's).")
@@ -38,7 +40,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     methods = method_comparison.select_methods(
-        FLAGS.methods, method_comparison.FASHION_MNIST_METHODS, method_comparison.VARIANTS)
+        FLAGS.methods, method_comparison.FASHION_MNIST_METHODS, method_comparison.VARIANTS,
+        reference=FLAGS.reference)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   base = FLAGS.config
@@ -47,7 +50,7 @@ def main(argv):
   print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
         f"seeds 0..{FLAGS.seeds - 1}")
-  method_comparison.print_table(summaries, "float")
+  method_comparison.print_table(summaries, FLAGS.reference)
 
 
 if __name__ == "__main__":

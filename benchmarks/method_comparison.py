@@ -210,8 +210,10 @@ def print_table(summaries: Mapping[str, list[dict]], reference: str,
   ref = [s["test_accuracy"] for s in summaries[reference]]
   width = max(18, *map(len, summaries))
   acc_width = max(len("accuracy per seed"), 8 * seeds)
+  gap_header = "gap to " + reference
+  gap_width = max(17, len(gap_header))
   print(f"{'method':<{width}} {'accuracy per seed':>{acc_width}} {'mean':>7} {'std':>7} "
-        f"{'gap to ' + reference:>16} {'steps':>6} {'wall s':>7}"
+        f"{gap_header:>{gap_width}} {'steps':>6} {'wall s':>7}"
         + "".join(f" {h:>10}" for h in extra))
   for name, runs in summaries.items():
     acc = [s["test_accuracy"] for s in runs]
@@ -219,6 +221,7 @@ def print_table(summaries: Mapping[str, list[dict]], reference: str,
     gap, se = gap_to(ref, acc)
     wall = statistics.fmean(s["training_wall_seconds"] for s in runs)
     print(f"{name:<{width}} {''.join(f'{a:8.4f}' for a in acc):>{acc_width}} {mean:7.4f} "
-          f"{std:7.4f} {100 * gap:+9.2f} +- {100 * se:4.2f} {runs[0]['steps']:6d} "
+          f"{std:7.4f} {f'{100 * gap:+.2f} +- {100 * se:4.2f}':>{gap_width}} "
+          f"{runs[0]['steps']:6d} "
           f"{wall:7.0f}" + "".join(f" {fn(runs[0]):>10.1f}" for fn in extra.values()))
   print("gap in points (x100), +- its standard error over seeds")

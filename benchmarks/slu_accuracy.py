@@ -30,6 +30,8 @@ flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "slu_accuracy
                     "Parent directory; one subdirectory per method and seed.")
 flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
 flags.DEFINE_list("methods", None, "A subset of the methods (default: all).")
+flags.DEFINE_string("reference", "float", "The method every gap is measured against "
+                    "(trained too when --methods leaves it out).")
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                            "slu_denseshift3.py"), "Base config (DenseShift 3-bit).")
@@ -41,7 +43,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     methods = method_comparison.select_methods(
-        FLAGS.methods, method_comparison.SLU_METHODS, method_comparison.VARIANTS)
+        FLAGS.methods, method_comparison.SLU_METHODS, method_comparison.VARIANTS,
+        reference=FLAGS.reference)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   base = FLAGS.config
@@ -55,7 +58,7 @@ def main(argv):
         f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
         f"seeds 0..{FLAGS.seeds - 1}")
   method_comparison.print_table(
-      summaries, "float", {"packed KiB": lambda s: s["packed_weight_bytes"] / 1024})
+      summaries, FLAGS.reference, {"packed KiB": lambda s: s["packed_weight_bytes"] / 1024})
 
 if __name__ == "__main__":
   app.run(main)

@@ -83,6 +83,17 @@ def test_long_method_names_keep_the_columns_aligned(capsys):
   assert float_row[:column].endswith("0.9000") and long_row[:column].endswith("0.8800")
 
 
+def test_a_long_reference_name_keeps_the_gap_column_aligned(capsys):
+  runs = lambda accs: [{"test_accuracy": a, "steps": 10, "training_wall_seconds": 5.0}
+                       for a in accs]
+  method_comparison.print_table({"DenseShift 3-bit": runs([0.90, 0.92]),
+                                 "distilled": runs([0.93, 0.93])}, "DenseShift 3-bit")
+  header, reference_row, row = capsys.readouterr().out.splitlines()[:3]
+  end = header.index("gap to DenseShift 3-bit") + len("gap to DenseShift 3-bit")
+  assert reference_row[:end].endswith("+0.00 +- 1.41")
+  assert row[:end].endswith("+2.00 +- 1.00")
+
+
 def test_select_methods_puts_the_reference_first_and_names_the_unknown():
   methods = {"float": {"quantizer": "float"}, "S3 3-bit": {"quantizer": "S3"}}
   variants = {"S3 3-bit he init": {"quantizer": "S3", "init_method": "he"}}
