@@ -1,7 +1,8 @@
 """Float vs DenseShift 3-bit vs S3 3-bit on synthetic_slu (unseen test voices).
 
 Trains the speech ResNet of ``experiments/configs/slu_denseshift3.py`` once per method
-and seed, changing only the quantizer (and the seed), and prints the test accuracies
+and seed, changing only the quantizer (and the seed; "DenseShift 3-bit distilled" also
+learns from the same seed's float run), and prints the test accuracies
 (2,400 utterances spoken by voices never heard in training): each seed's, their mean and
 standard deviation, and the gap to float with its standard error:
 

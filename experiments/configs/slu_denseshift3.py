@@ -11,7 +11,9 @@ Measured on the 2-core CPU (seed 0 data, default sizes, ``benchmarks/slu_accurac
 training. 24 epochs (before the CPU BatchNorm gradient) gave
 96.88-97.62 % (depending on the CPU conv library's rounding), too close to 97 %.
 ``slu_float.py`` and ``slu_s3.py`` change only the quantizer;
-``benchmarks/slu_accuracy.py`` runs the three.
+``benchmarks/slu_accuracy.py`` runs the three. Distilled from a finished ``slu_float.py``
+run (``--config.distill_from=<its workdir>``), DenseShift 3-bit is level with float
+over 3 seeds, where on its own it trails by 0.4 points (README).
 """
 
 from experiments.configs import default
