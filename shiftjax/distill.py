@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shiftjax import layers
 from shiftjax import transfer
 
 
@@ -36,9 +35,9 @@ class Distillation:
 
   def __post_init__(self):
     if not 0.0 < self.weight <= 1.0:
-      raise ValueError(f"distillation weight must be in (0, 1], got {self.weight}")
+      raise ValueError(f"weight must be in (0, 1], got {self.weight}")
     if not self.temperature > 0.0:
-      raise ValueError(f"distillation temperature must be positive, got {self.temperature}")
+      raise ValueError(f"temperature must be positive, got {self.temperature}")
 
   def objective(self, hard_loss, student_logits, teacher_logits):
     """``(1 - weight) * hard_loss + weight * soft_target_loss``; the teacher's logits are
@@ -56,15 +55,9 @@ def soft_target_loss(student_logits, teacher_logits, temperature: float):
   return temperature ** 2 * jnp.mean(kl)
 
 
-def _shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
-  out = {}
-  for name, value in tree.items():
-    path = f"{prefix}/{name}" if prefix else str(name)
-    if hasattr(value, "items"):
-      out.update(_shapes(value, path))
-    else:
-      out[path] = tuple(np.shape(value))
-  return out
+def _shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
+  return {"/".join(path): tuple(np.shape(leaf))
+          for path, leaf in transfer.flatten(variables).items()}
 
 
 def load_teacher(path: str | os.PathLike, expected: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,11 +71,11 @@ def load_teacher(path: str | os.PathLike, expected: Mapping[str, Any]) -> dict[s
   """
   loaded = transfer.load_float_params(path, field="distill_from")
   variables = {"params": loaded["params"], "batch_stats": loaded["batch_stats"]}
-  latent = [name for name, value in _flat_kernels(loaded["params"])
-            if layers.is_latent_kernel(value)]
+  latent = transfer.latent_layers(loaded["params"])
   if latent:
-    raise ValueError(f"distill_from: {path} is a quantized run (layer {latent[0]} holds "
-                     "latents); the teacher must be a float run of the same model")
+    raise ValueError(f"distill_from: {path} is a quantized run (layer "
+                     f"{'/'.join(latent[0])} holds latents); the teacher must be a float "
+                     "run of the same model")
   want = _shapes({k: expected.get(k, {}) for k in variables})
   have = _shapes(variables)
   if want != have:
@@ -93,11 +86,3 @@ def load_teacher(path: str | os.PathLike, expected: Mapping[str, Any]) -> dict[s
                      "and dataset needed)")
   return variables
 
-
-def _flat_kernels(tree: Mapping, prefix: str = ""):
-  for name, value in tree.items():
-    path = f"{prefix}/{name}" if prefix else str(name)
-    if name == "kernel":
-      yield path, value
-    elif hasattr(value, "items"):
-      yield from _flat_kernels(value, path)

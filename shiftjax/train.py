@@ -135,12 +135,10 @@ def distillation(config) -> distill.Distillation | None:
   """``config``'s distillation settings, None when ``config.distill_from`` is empty."""
   if not config.get("distill_from", ""):
     return None
-  if not 0.0 < config.distill_weight <= 1.0:
-    raise ValueError(f"config.distill_weight must be in (0, 1], got {config.distill_weight}")
-  if not config.distill_temperature > 0.0:
-    raise ValueError("config.distill_temperature must be positive, got "
-                     f"{config.distill_temperature}")
-  return distill.Distillation(config.distill_weight, config.distill_temperature)
+  try:
+    return distill.Distillation(config.distill_weight, config.distill_temperature)
+  except ValueError as e:  # "weight must be ..." -> "config.distill_weight must be ..."
+    raise ValueError(f"config.distill_{e}") from None
 
 
 def teacher_config(config) -> ml_collections.ConfigDict:

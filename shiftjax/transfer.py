@@ -307,7 +307,7 @@ def following_norm(layer: Path) -> Path:
   return layer[:-1] + (name + "_bn",)
 
 
-def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
+def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
   """``{path: leaf}``; a latent kernel dict counts as one leaf (path ends in 'kernel')."""
   out = {}
   for name, value in tree.items():
@@ -315,7 +315,7 @@ def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
     if name == "kernel" and layers.is_latent_kernel(value):
       out[path] = dict(value)
     elif hasattr(value, "items"):
-      out.update(_flatten(value, path))
+      out.update(flatten(value, path))
     else:
       out[path] = value
   return out
@@ -349,8 +349,9 @@ def _is_activation_param(path: Path) -> bool:
   return len(path) >= 2 and path[-2] == "activation"
 
 
-def _latent_layers(shift_params: Mapping) -> list[Path]:
-  return [p[:-1] for p, v in _flatten(shift_params).items() if isinstance(v, dict)]
+def latent_layers(params: Mapping) -> list[Path]:
+  """Paths of the layers whose kernel holds a quantizer's latents."""
+  return [p[:-1] for p, v in flatten(params).items() if isinstance(v, dict)]
 
 
 def _check_same_paths(shift_flat: Mapping, float_flat: Mapping, what: str) -> None:
@@ -375,7 +376,7 @@ def scale_exponents(shift_params: Mapping, float_params: Mapping,
   gets ``k = 0``: nothing could absorb its scale.
   """
   out = {}
-  for layer in _latent_layers(shift_params):
+  for layer in latent_layers(shift_params):
     kernel = _get(float_params, layer + ("kernel",))
     if kernel is None or layers.is_latent_kernel(kernel):
       raise ValueError(f"layer {_name(layer)!r}: the float parameters have no float "
@@ -409,8 +410,8 @@ def init_from_float(shift_params: Mapping, float_params: Mapping,
   Raises:
     ValueError naming the layer when the trees or shapes do not match.
   """
-  shift_flat = _flatten(shift_params)
-  float_flat = _flatten(float_params)
+  shift_flat = flatten(shift_params)
+  float_flat = flatten(float_params)
   # Activation quantizers' learned parameters (PACT's clipping range) that a float model
   # without them lacks keep the shift model's values: their initialization.
   kept = {p: np.asarray(v) for p, v in shift_flat.items()
@@ -460,7 +461,7 @@ def batch_stats_from_float(shift_params: Mapping, float_params: Mapping,
   The norm after a quantized layer with scale exponent ``k`` gets ``mean * 2**-k`` and
   ``2**-2k * (var + eps) - eps``; all other statistics are copied.
   """
-  flat = {p: np.asarray(v) for p, v in _flatten(float_batch_stats).items()}
+  flat = {p: np.asarray(v) for p, v in flatten(float_batch_stats).items()}
   if quantizer is None:
     return _unflatten(flat)
   exponents = scale_exponents(shift_params, float_params, quantizer,
@@ -490,8 +491,8 @@ def variables_from_float(shift_variables: Mapping, float_variables: Mapping,
                            margin=margin, granularity=granularity, norm_for=norm_for)
   out = {"params": params}
   if "batch_stats" in shift_variables or "batch_stats" in float_variables:
-    shift_stats = _flatten(shift_variables.get("batch_stats", {}))
-    float_stats = _flatten(float_variables.get("batch_stats", {}))
+    shift_stats = flatten(shift_variables.get("batch_stats", {}))
+    float_stats = flatten(float_variables.get("batch_stats", {}))
     _check_same_paths(shift_stats, float_stats, "batch_stats")
     out["batch_stats"] = batch_stats_from_float(
         shift_variables["params"], float_variables["params"],
