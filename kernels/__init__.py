@@ -19,12 +19,14 @@ from shiftjax.kernels.inference.matmul import Blocks
 from shiftjax.kernels.inference.matmul import codes_per_word
 from shiftjax.kernels.inference.matmul import decode_slot
 from shiftjax.kernels.inference.matmul import default_blocks
+from shiftjax.kernels.inference.matmul import FMA_MAX_ACCUMULATOR
+from shiftjax.kernels.inference.matmul import GPU_DOTS
 from shiftjax.kernels.inference.matmul import pow2_matmul
 from shiftjax.kernels.inference.matmul import resolve_backend
 from shiftjax.kernels.inference.matmul import SUPPORTED_BITS
 from shiftjax.kernels.inference.matmul import unpack_codes
 
 __all__ = [
-    "BACKENDS", "Blocks", "SUPPORTED_BITS", "codes_per_word", "decode_slot",
-    "default_blocks", "fused_conv", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
+    "BACKENDS", "Blocks", "FMA_MAX_ACCUMULATOR", "GPU_DOTS", "SUPPORTED_BITS",
+    "codes_per_word", "decode_slot", "default_blocks", "fused_conv", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
 ]

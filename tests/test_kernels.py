@@ -306,14 +306,66 @@ def test_split_k_partial_products_sum_to_the_product(split_k):
   _assert_close(y, ref, bound)
 
 
-def test_default_split_k_only_for_small_m_on_gpu():
+# (bits, dtype, M, K, N, e0, tiles (bm, bn, bk), split_k): the GPU kernel's CUDA-core
+# ('fma') variant, interpreted. M = 1 takes the one-row accumulator [bk_words, bn]; the
+# others the [bm, bk_words, bn] one; every case pads in M, N and K.
+FMA_CASES = [
+    (2, jnp.float32, 1, 70, 20, -3, (1, 16, 32), 1),
+    (3, jnp.bfloat16, 3, 95, 9, -12, (4, 8, 20), 2),
+    (4, jnp.bfloat16, 1, 100, 33, -10, (1, 16, 16), 3),
+    (5, jnp.float32, 6, 50, 16, 5, (8, 8, 12), 1),
+]
+
+
+@pytest.mark.parametrize("case", FMA_CASES, ids=_ids(FMA_CASES))
+def test_fma_kernel_agrees_with_dense_reference(case):
+  bits, dtype, m, k, n, e0, (bm, bn, bk), split_k = case
+  codes, packed, x, scale, bias = _case(bits + m, m, k, n, bits, e0, dtype, True, True)
+  ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
+  y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
+            x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
+            platform="gpu", gpu_dot="fma", block_m=bm, block_n=bn, block_k=bk,
+            split_k=split_k)
+  _assert_close(y, ref, bound)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 200])
+def test_default_fma_tiles_fit_the_register_accumulator(m):
+  for bits, k, n in [(4, 4096, 4096), (3, 4096, 1000), (5, 300, 24)]:
+    b = kernels.default_blocks(m, n, k, bits, jnp.bfloat16, "gpu", "fma")
+    assert b.dot == "fma"
+    # x's rows (no 16-row minimum), at most 16.
+    assert b.m == min(16, 1 << max(0, (m - 1).bit_length()))
+    assert b.m * b.k_words * b.n <= mm_lib.FMA_MAX_ACCUMULATOR
+    for v in (b.m, b.n, b.k_words):
+      assert v & (v - 1) == 0  # Triton tiles are powers of two
+  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu").dot == "mma"
+
+
+def test_default_gpu_tiles_split_k_and_warps():
   small = kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu")
-  # 128 (M, N) tiles of 32 columns; split into 4 parts of 2 steps of 64 words each.
-  assert (small.n, small.k_words, small.split_k) == (32, 64, 4)
-  assert kernels.default_blocks(16, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 2
-  assert kernels.default_blocks(128, 4096, 4096, 4, jnp.bfloat16, "gpu").split_k == 1
+  # 64 (M, N) tiles of 64 columns; split into 8 parts of 2 steps of 32 words each.
+  assert (small.m, small.n, small.k_words, small.split_k, small.num_warps) == (
+      16, 64, 32, 8, 4)
+  assert kernels.default_blocks(16, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 4
   assert kernels.default_blocks(1, 4096, 256, 4, jnp.bfloat16, "gpu").split_k == 1  # short K
   assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "tpu").split_k == 1
+  # M = 128: 64 x 128 tiles (8 warps hold that accumulator without spilling); 64 tiles
+  # at N = 4096 fill half the SMs, so K splits in two; 128 tiles at N = 8192 do not.
+  large = kernels.default_blocks(128, 4096, 4096, 4, jnp.bfloat16, "gpu")
+  assert (large.m, large.n, large.split_k, large.num_warps) == (64, 128, 2, 8)
+  assert kernels.default_blocks(128, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 1
+  assert kernels.default_blocks(32, 4096, 4096, 4, jnp.bfloat16, "gpu").num_warps == 4
+
+
+def test_num_warps_overrides_the_default_and_is_checked():
+  blocks = mm_lib._resolve_blocks(  # pylint: disable=protected-access
+      128, 4096, 4096, 4, jnp.bfloat16, "gpu", False, None, None, None, num_warps=4)
+  assert blocks.num_warps == 4 and blocks.n == 128
+  with pytest.raises(ValueError, match="num_warps must be a power of two <= 32 "
+                                       r"\(Triton\), got 6"):
+    kernels.pow2_matmul(jnp.zeros((4, 20)), jnp.zeros((2, 8), jnp.uint32), bits=3, e0=0,
+                        backend="pallas", platform="gpu", num_warps=6)
 
 
 # ------------------------------------------------------------------------------------
@@ -375,7 +427,8 @@ def test_pallas_conv_lowers_for_gpu_and_tpu(platform):
   assert exp.out_avals[0].shape == (2, 4, 4, cout)
 
 
-def test_triton_kernel_ir_verifies():
+@pytest.mark.parametrize("gpu_dot,m", [("mma", 16), ("fma", 1), ("fma", 4)])
+def test_triton_kernel_ir_verifies(gpu_dot, m):
   # Lowering writes the Triton module as bytecode without running the MLIR verifier on
   # the whole module; parse it back and verify it, as XLA's Triton compiler would.
   try:
@@ -385,8 +438,8 @@ def test_triton_kernel_ir_verifies():
   except (ImportError, AttributeError):
     pytest.skip("jax internals for reading Triton IR moved")
   f = lambda x, w: kernels.pow2_matmul(x, w, bits=3, e0=-8, backend="pallas",
-                                       platform="gpu")
-  specs = (jax.ShapeDtypeStruct((16, 640), jnp.bfloat16),
+                                       platform="gpu", gpu_dot=gpu_dot)
+  specs = (jax.ShapeDtypeStruct((m, 640), jnp.bfloat16),
            jax.ShapeDtypeStruct((64, 256), jnp.uint32))
   module = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).compiler_ir()
   configs = []
@@ -405,7 +458,11 @@ def test_triton_kernel_ir_verifies():
     triton_module = ir.Module.parse(ir.StringAttr(configs[0]["ir"]).value_bytes)
     assert triton_module.operation.verify()
     text = str(triton_module)
-  assert "tt.dot" in text and "tt.bitcast" in text and "arith.shrui" in text
+  assert "tt.bitcast" in text and "arith.shrui" in text
+  if gpu_dot == "mma":
+    assert "tt.dot" in text
+  else:  # multiply-adds, one reduction over the accumulator's k axis after the loop
+    assert "tt.dot" not in text and "tt.reduce" in text and "scf.for" in text
 
 
 # ------------------------------------------------------------------------------------
@@ -439,6 +496,15 @@ def _ok_args():
     (dict(bits=3, e0=0, backend="pallas", platform="gpu", block_n=48), "power of two"),
     (dict(bits=3, e0=0, backend="pallas", platform="tpu", block_n=4, block_m=8),
      "multiple of 128"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="simt"),
+     "gpu_dot must be one of \\('mma', 'fma'\\) \\(or None\\), got 'simt'"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", gpu_dot="fma"),
+     "gpu_dot='fma' is for the GPU kernel only"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="fma", block_m=3),
+     "block_m must be a power of two, got 3"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="fma", block_m=16,
+          block_n=64, block_k=640),
+     "16 \\* 64 \\* 64 = 65536 floats in registers; keep it <= 4096"),
 ])
 def test_matmul_errors(kwargs, match):
   x, packed = _ok_args()

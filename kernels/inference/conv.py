@@ -144,8 +144,8 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
       native conv applies scale, bias, residual and relu in its registers).
     backend, platform: as ``pow2_matmul`` (None: Pallas im2col + matmul on GPU/TPU,
       decode + ``fused_conv`` on CPU).
-    **block_kwargs: ``block_m``, ``block_n``, ``block_k``, ``split_k``, ``num_warps``,
-      ``num_stages`` for the Pallas matmul.
+    **block_kwargs: ``block_m``, ``block_n``, ``block_k``, ``split_k``, ``gpu_dot``,
+      ``num_warps``, ``num_stages`` for the Pallas matmul.
   Returns:
     float32 ``[B, Ho, Wo, O]``.
   """
@@ -172,8 +172,8 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
         f"{tuple(packed.shape)}")
   strides = _pair(strides, "strides")
   pads = _padding(padding, tuple(x.shape[1:3]), (kh, kw), strides)
-  unknown = set(block_kwargs) - {"block_m", "block_n", "block_k", "split_k", "num_warps",
-                                 "num_stages"}
+  unknown = set(block_kwargs) - {"block_m", "block_n", "block_k", "split_k", "gpu_dot",
+                                 "num_warps", "num_stages"}
   if unknown:
     raise TypeError(f"pow2_conv got unexpected keyword arguments {sorted(unknown)}")
 

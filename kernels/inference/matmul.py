@@ -34,6 +34,17 @@ Two grids, because GPU and TPU Pallas differ in how a reduction over K may be wr
     explicitly with ``jax.experimental.pallas.triton.CompilerParams``: the default GPU
     lowering of jax 0.10 is Mosaic GPU, which cannot lower this dot.
 
+Two ways to multiply on GPU (``gpu_dot``), because small M is where shift weights pay off:
+  * ``'mma'`` (default): the ``P`` products per K step are tensor-core dots
+    (``tl.dot``), which take at least 16 rows of x, so M = 1 pads x to 16 rows, and
+    each decoded tile is converted to the dot's operand layout.
+  * ``'fma'``: CUDA-core multiply-adds into a float32 accumulator
+    ``acc[bm, bk_words, bn] += x_j[:, :, None] * W_j[None]``, reduced over its middle
+    axis once after the K loop. No row minimum (a tile of 1 row for M = 1), no operand
+    layout conversion; every weight costs its decode and one multiply-add per row of x, so
+    it is for M of a few rows. The accumulator lives in registers: ``bm * bk_words * bn``
+    is capped at ``FMA_MAX_ACCUMULATOR`` floats.
+
 Output: always float32 ``[..., N]`` (float32 accumulation and float32 scale/bias; cast it
 yourself if the next layer wants bfloat16).
 
@@ -62,6 +73,9 @@ from shiftjax import codes as codes_lib
 SUPPORTED_BITS = (2, 3, 4, 5)
 BACKENDS = (None, "xla", "pallas", "pallas_interpret")
 PLATFORMS = ("gpu", "tpu")
+GPU_DOTS = ("mma", "fma")
+# The 'fma' accumulator's floats per program: 32 registers per thread at 4 warps.
+FMA_MAX_ACCUMULATOR = 4096
 X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 _F32_MANTISSA_BITS = 23
@@ -229,11 +243,16 @@ class Blocks:
   writing a float32 partial product; XLA sums the parts and applies scale and bias. At
   small M the product is a weight stream with too few (M, N) tiles to keep every SM
   reading: splitting K multiplies the programs without reading any weight twice.
+
+  ``dot`` (GPU only): ``'mma'`` (tensor-core dots) or ``'fma'`` (CUDA-core multiply-adds);
+  see the module docstring. ``num_warps`` (GPU only): warps per program.
   """
   m: int
   n: int
   k_words: int
   split_k: int = 1
+  dot: str = "mma"
+  num_warps: int = 4
 
 
 def _round_up(a: int, b: int) -> int:
@@ -251,23 +270,46 @@ def _pow2_at_least(v: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(v, 1))))
 
 
-def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str) -> Blocks:
-  """Default tiles for an [m, k] @ [k, n] product (see the module docstring)."""
+def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str,
+                   dot: str = "mma") -> Blocks:
+  """Default tiles for an [m, k] @ [k, n] product (see the module docstring); ``dot``
+  is the GPU multiply (``'mma'`` or ``'fma'``)."""
   words = -(-k // codes_per_word(bits))
+  if platform == "gpu" and dot == "fma":
+    # x's rows (no tensor-core minimum), at most 16 (more rows are the tensor cores'
+    # job); the accumulator [bm, bkw, bn] within FMA_MAX_ACCUMULATOR floats, as many K
+    # words per step as that leaves (<= 32, so that K splits into 8 parts at K = 4096).
+    bm = min(16, _pow2_at_least(m))
+    bn_choices = (64, 32, 16) if bm <= 4 else (32, 16)
+    bn = _largest_dividing(n, bn_choices) or bn_choices[0]
+    fit = max(1, min(32, FMA_MAX_ACCUMULATOR // (bm * bn)))
+    fits = [c for c in (32, 16, 8, 4, 2, 1) if c <= fit]
+    # A dividing tile saves padding the words, but not at the cost of tiny K steps.
+    bkw = _largest_dividing(words, [c for c in fits if c >= min(8, fit)]) or fits[0]
+    return Blocks(bm, bn, bkw, _default_split_k(m, -(-m // bm) * -(-n // bn), words, bkw),
+                  "fma")
   if platform == "gpu":
-    # Triton: power-of-two tiles, >= 16 per dot dimension. Small M is a weight stream:
-    # narrow N tiles give more programs (>= 128 for N >= 4096, about one per H100 SM).
-    # Each loop step loads a [bk_words, bn] word tile and P x tiles [bm, bk_words] (the
-    # dot operands Triton stages in shared memory, num_stages deep): keep those P tiles
-    # within 32 KiB per stage.
+    # Triton: power-of-two tiles, >= 16 per dot dimension. The figures below are from
+    # the sm_90 machine code (benchmarks/gpu_kernel_sass.py), not yet from timings.
+    # * Every (M, N) tile reads its x rows once, so x crosses L2 N / bn times: at M = 16
+    #   and bn = 32 that is twice the packed weights. bn = 64 halves it; small M gets
+    #   its programs from split_k instead of narrow tiles.
+    # * Each loop step loads a [bk_words, bn] word tile and P x tiles [bm, bk_words] (the
+    #   dot operands Triton stages in shared memory, num_stages deep): those P tiles
+    #   within 32 KiB per stage, and bk_words <= 32 at bn = 64 (128 registers per
+    #   thread, 4 programs per SM; 64 words take 168, 3 per SM).
+    # * A 64 x 128 accumulator at 4 warps needs 255 registers and spills (1.3 KB per
+    #   thread in the K loop); 8 warps hold it in 241.
     bm = min(64, max(16, _pow2_at_least(m)))
-    bn_target = 32 if m <= 16 else 64 if m <= 64 else 128
+    bn_target = 64 if m <= 64 else 128
     bn = _largest_dividing(n, [c for c in (128, 64, 32, 16) if c <= bn_target]) or (
         bn_target)
     x_row_bytes = codes_per_word(bits) * bm * jnp.dtype(x_dtype).itemsize
-    fits = [c for c in (64, 32, 16) if c * x_row_bytes <= 32 << 10] or [16]
+    fits = [c for c in (32, 16) if c * x_row_bytes <= 32 << 10] or [16]
     bkw = _largest_dividing(words, fits) or fits[0]
-    return Blocks(bm, bn, bkw, _default_split_k(m, -(-m // bm) * -(-n // bn), words, bkw))
+    warps = 8 if bm * bn >= 64 * 128 else 4
+    return Blocks(bm, bn, bkw, _default_split_k(m, -(-m // bm) * -(-n // bn), words, bkw),
+                  num_warps=warps)
   # TPU (Mosaic): the last two dims of every block are multiples of (8, 128) or the
   # whole array dim. Whole dims when small (no padding, no weight copy); otherwise
   # lane-aligned tiles that divide the shape when possible.
@@ -287,34 +329,48 @@ def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str) ->
   return Blocks(bm, bn, bkw)
 
 
-# Programs a weight-streaming product should launch: two per SM of an H100/H200 (132 SMs),
-# so that one program's memory latency is hidden behind another's loads.
-_GPU_TARGET_PROGRAMS = 264
+# SMs of an H100/H200, and the programs a weight-streaming product should launch: two
+# per SM, so that one program's memory latency is hidden behind another's loads.
+_GPU_SMS = 132
+_GPU_TARGET_PROGRAMS = 2 * _GPU_SMS
 _MAX_SPLIT_K = 8
 
 
 def _default_split_k(m: int, tiles: int, words: int, bkw: int) -> int:
-  """K parts for the GPU kernel: 1 unless M is small (<= 16, a weight stream) and the
-  (M, N) tiles alone are fewer than ``_GPU_TARGET_PROGRAMS``; then the smallest power of
-  two that reaches it, at most 8, keeping at least two ``bkw`` steps per part.
+  """K parts for the GPU kernel, keeping at least two ``bkw`` steps per part.
+
+  * M <= 16 (a weight stream): the smallest power of two that gives at least
+    ``_GPU_TARGET_PROGRAMS`` programs, at most 8.
+  * Larger M (one program per SM: large tiles fill the registers or shared memory): 2
+    when that still gives at most one program per SM, so that half-empty grids (M = 128,
+    N = 4096: 64 tiles) fill the GPU.
 
   UNVERIFIED on hardware: chosen from the GEMV practice of filling every SM, pending the
   tile sweep of ``benchmarks/gpu_pow2_matmul.py`` on a GPU.
   """
+  def room(split):  # each of 2 * split parts would keep two bkw steps
+    return split < _MAX_SPLIT_K and words >= 2 * split * 2 * bkw
+
   split = 1
-  # Doubling must leave each of the 2 * split parts at least two bkw steps.
-  while (m <= 16 and tiles * split < _GPU_TARGET_PROGRAMS and split < _MAX_SPLIT_K
-         and words >= 2 * split * 2 * bkw):
-    split *= 2
+  if m <= 16:
+    while tiles * split < _GPU_TARGET_PROGRAMS and room(split):
+      split *= 2
+  elif 2 * tiles <= _GPU_SMS and room(split):
+    split = 2
   return split
 
 
 def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_n,
-                    block_k, split_k=None) -> Blocks:
+                    block_k, split_k=None, gpu_dot=None, num_warps=None) -> Blocks:
   p = codes_per_word(bits)
-  d = default_blocks(m, n, k, bits, x_dtype, platform)
+  if gpu_dot is not None and gpu_dot not in GPU_DOTS:
+    raise ValueError(f"gpu_dot must be one of {GPU_DOTS} (or None), got {gpu_dot!r}")
+  if platform != "gpu" and gpu_dot not in (None, "mma"):
+    raise ValueError(f"gpu_dot={gpu_dot!r} is for the GPU kernel only; the {platform} "
+                     f"kernel multiplies with its own dot (use None)")
+  d = default_blocks(m, n, k, bits, x_dtype, platform, gpu_dot or "mma")
   for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
-                  ("split_k", split_k)):
+                  ("split_k", split_k), ("num_warps", num_warps)):
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
                           or v <= 0):
       raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -327,11 +383,24 @@ def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_
                      f"walks K on its grid (use 1 or None)")
   b = Blocks(int(block_m) if block_m else d.m, int(block_n) if block_n else d.n,
              int(block_k) // p if block_k else d.k_words,
-             int(split_k) if split_k else d.split_k)  # default_blocks: 1 off the GPU
+             int(split_k) if split_k else d.split_k,  # default_blocks: 1 off the GPU
+             d.dot, int(num_warps) if num_warps else d.num_warps)
   if interpret:
     return b  # the interpreter takes any tile; small tiles keep CPU tests small
   words = -(-k // p)
-  if platform == "gpu":
+  if platform == "gpu" and (b.num_warps & (b.num_warps - 1) or b.num_warps > 32):
+    raise ValueError(f"num_warps must be a power of two <= 32 (Triton), got {b.num_warps}")
+  if platform == "gpu" and b.dot == "fma":
+    for name, v in (("block_m", b.m), ("block_n", b.n),
+                    ("block_k / codes_per_word", b.k_words)):
+      if v & (v - 1):
+        raise ValueError(f"on GPU (Triton) {name} must be a power of two, got {v}")
+    if b.m * b.k_words * b.n > FMA_MAX_ACCUMULATOR:
+      raise ValueError(
+          f"gpu_dot='fma' accumulates block_m * block_k / codes_per_word * block_n = "
+          f"{b.m} * {b.k_words} * {b.n} = {b.m * b.k_words * b.n} floats in registers; "
+          f"keep it <= {FMA_MAX_ACCUMULATOR}")
+  elif platform == "gpu":
     for name, v, lo in (("block_m", b.m, 16), ("block_n", b.n, 16),
                         ("block_k / codes_per_word", b.k_words, 16)):
       if v < lo or v & (v - 1):
@@ -394,24 +463,75 @@ def _tpu_kernel(*refs, bits, e0, has_scale, has_bias):
     o_ref[...] = _apply_epilogue(acc_ref[...], s_ref, b_ref).astype(o_ref.dtype)
 
 
-def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k):
+def _x_rows_loader(x_ref, m):
+  """``load(j, start, k_words)`` -> ``x_ref[j, :, start:start + k_words]`` (``[bm,
+  k_words]``) for the GPU kernels. Rows of the tile past x's ``m`` real rows (the padding
+  of a small M up to a whole tile, e.g. 15 of the 16 rows a tensor-core dot takes at
+  M = 1) are masked: zero, and not read. Every (M, N) tile reads its x rows once per
+  output-column tile, so unmasked padding would multiply that traffic by ``bm / m``.
+  """
+  bm = x_ref.shape[1]
+  rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+
+  def load(j, start, k_words):
+    # An array index: the interpreter's masked-load rule does not take a Python int.
+    ref = x_ref.at[jnp.int32(j), :, pl.ds(start, k_words)]
+    if m % bm == 0:  # no padded rows in any tile
+      return ref[...]
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    # All True on the tiles before the last: one kernel for every tile.
+    return pltriton.load(ref, mask=jnp.broadcast_to(rows < m, (bm, k_words)),
+                         other=jnp.zeros((), x_ref.dtype))
+
+  return load
+
+
+def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
   """Grid (i, j): x_ref [P, bm, Kw], w_ref [Kw, bn] uint32, o_ref [bm, bn] f32; the
   program walks K in steps of ``k_words`` words with the accumulator in registers."""
   x_ref, w_ref, s_ref, b_ref, (o_ref,) = _split_refs(refs, has_scale, has_bias, 1)
   bm, bn = o_ref.shape
+  load_x = _x_rows_loader(x_ref, m)
 
   def body(step, acc):
     start = pl.multiple_of(step * k_words, k_words)
     words = w_ref[pl.ds(start, k_words), :]
     for j in range(codes_per_word(bits)):
       w_j = decode_slot(words, j, bits, e0, x_ref.dtype)
-      x_j = x_ref[j, :, pl.ds(start, k_words)]
+      x_j = load_x(j, start, k_words)
       acc += jnp.dot(x_j, w_j, precision=_dot_precision(x_ref.dtype),
                      preferred_element_type=jnp.float32)
     return acc
 
   acc = lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = _apply_epilogue(acc, s_ref, b_ref).astype(o_ref.dtype)
+
+
+def _gpu_fma_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
+  """The GPU kernel's CUDA-core variant (refs as ``_gpu_kernel``): products summed into
+  a [bm, k_words, bn] float32 accumulator, reduced over k once after the loop."""
+  x_ref, w_ref, s_ref, b_ref, (o_ref,) = _split_refs(refs, has_scale, has_bias, 1)
+  bm, bn = o_ref.shape
+  load_x = _x_rows_loader(x_ref, m)
+
+  def body(step, acc):
+    start = pl.multiple_of(step * k_words, k_words)
+    words = w_ref[pl.ds(start, k_words), :]
+    for j in range(codes_per_word(bits)):
+      # float32 products with a power of two are exact: the sums of a float32 dot.
+      w_j = decode_slot(words, j, bits, e0, jnp.float32)
+      if bm == 1:
+        x_j = x_ref[j, 0, pl.ds(start, k_words)].astype(jnp.float32)
+        acc += x_j[:, None] * w_j
+      else:
+        x_j = load_x(j, start, k_words).astype(jnp.float32)
+        acc += x_j[:, :, None] * w_j[None, :, :]
+    return acc
+
+  shape = (k_words, bn) if bm == 1 else (bm, k_words, bn)
+  acc = lax.fori_loop(0, num_k, body, jnp.zeros(shape, jnp.float32))
+  y = jnp.sum(acc, axis=0)[None] if bm == 1 else jnp.sum(acc, axis=1)
+  o_ref[...] = _apply_epilogue(y, s_ref, b_ref).astype(o_ref.dtype)
 
 
 def _pad_to(a, shape):
@@ -421,9 +541,9 @@ def _pad_to(a, shape):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "e0", "k", "platform", "interpret", "blocks", "num_warps", "num_stages"))
+    "bits", "e0", "k", "platform", "interpret", "blocks", "num_stages"))
 def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret, blocks,
-                   num_warps, num_stages):
+                   num_stages):
   m = x2.shape[0]
   n = packed.shape[1]
   p = codes_per_word(bits)
@@ -488,15 +608,16 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     in_specs += [pl.BlockSpec((1, bn), lambda i, j, t: (0, j))] * (has_scale + has_bias)
     out_spec = (pl.BlockSpec((None, bm, bn), lambda i, j, t: (t, i, j)) if split > 1
                 else pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)))
+    kernel = _gpu_fma_kernel if blocks.dot == "fma" else _gpu_kernel
     call = pl.pallas_call(
-        functools.partial(_gpu_kernel, bits=bits, e0=e0, has_scale=has_scale,
-                          has_bias=has_bias, k_words=bkw, num_k=part // bkw),
+        functools.partial(kernel, bits=bits, e0=e0, has_scale=has_scale,
+                          has_bias=has_bias, k_words=bkw, num_k=part // bkw, m=m),
         out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_spec,
         # Selects the Triton lowering (jax 0.10 defaults to Mosaic GPU).
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps,
+        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
                                                 num_stages=num_stages),
         cost_estimate=cost,
         interpret=interpret,
@@ -516,8 +637,8 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
                 k: int | None = None, backend: str | None = None,
                 platform: str | None = None, block_m: int | None = None,
                 block_n: int | None = None, block_k: int | None = None,
-                split_k: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None):
+                split_k: int | None = None, gpu_dot: str | None = None,
+                num_warps: int | None = None, num_stages: int | None = None):
   """``x @ decode(packed) * scale + bias`` with packed zero-free power-of-two weights.
 
   Args:
@@ -536,7 +657,10 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
     block_k: tile size along K in codes; a multiple of ``P``.
     split_k: GPU only: K parts run as separate programs, summed in XLA (``Blocks``);
       default ``default_blocks``' choice (more than 1 only at M <= 16).
-    num_warps, num_stages: Triton launch parameters (GPU only; default 4 and 3).
+    gpu_dot: GPU only: ``'mma'`` (tensor-core dots, the default) or ``'fma'`` (CUDA-core
+      multiply-adds, for M of a few rows); see the module docstring.
+    num_warps, num_stages: Triton launch parameters (GPU only; default
+      ``default_blocks``' warps, 4 or 8, and Triton's 3 stages).
   Returns:
     float32 ``[..., N]``.
   Raises:
@@ -555,12 +679,12 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
   else:
     interpret = backend == "pallas_interpret"
     blocks = _resolve_blocks(max(m, 1), n, k, bits, x.dtype, platform, interpret,
-                             block_m, block_n, block_k, split_k)
+                             block_m, block_n, block_k, split_k, gpu_dot, num_warps)
     if m == 0 or n == 0:
       y = jnp.zeros((m, n), jnp.float32)
     else:
       y = _pallas_matmul(x2, packed, scale, bias, bits=bits, e0=e0, k=k,
                          platform=platform, interpret=interpret, blocks=blocks,
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_stages=num_stages)
   return y.reshape(lead + (n,))
 
