@@ -11,9 +11,11 @@
    Each timed executable runs the product over R distinct weight copies (more than twice
    the L2 cache in all) so that weights come from HBM, not L2, and the launch overhead of
    one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
-   With the sweep, a few tile/split-K/warp settings are timed too (one knob at a time
-   around the default) and each shape prints every setting's time, then the best: the
-   table the defaults of ``kernels.default_blocks`` are to be picked from.
+   With the sweep, more settings are timed too: one knob at a time around the default
+   (M/N tiles, K words, split_k, warps), the alternatives ``gpu_kernel_sass.py`` compiles
+   (wider N tiles, more warps) and, at M <= 4, the CUDA-core ``gpu_dot='fma'`` variant.
+   Each shape prints every setting's time, then the best: the table the defaults of
+   ``kernels.default_blocks`` are to be picked from.
 
 On a machine without a GPU it says so, runs a tiny interpret-mode check of both Pallas
 kernels against the XLA path, and exits 0.
@@ -26,12 +28,16 @@ import statistics
 import sys
 import time
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
+
+import gpu_kernel_sass  # pylint: disable=g-bad-import-order  (this folder's)
 
 L2_BYTES = 50 << 20  # H100; H200 also 50 MiB. Weights per timed call: >= 3x this.
 
@@ -74,25 +80,39 @@ def _check(x, packed, bits, e0, scale, bias, label, **kernel_kwargs) -> bool:
 def correctness(interpret: bool) -> bool:
   rng = np.random.default_rng(0)
   extra = dict(backend="pallas_interpret") if interpret else dict(backend="pallas")
+  # (M, K, N, bits, x dtype, scale and bias, gpu_dot); M that is not a multiple of the
+  # M tile takes the masked x rows.
   if interpret:
-    cases = [(5, 70, 20, 2, jnp.float32, True), (9, 41, 24, 3, jnp.bfloat16, False),
-             (3, 100, 33, 4, jnp.bfloat16, True), (6, 50, 16, 5, jnp.float32, True)]
+    cases = [(5, 70, 20, 2, jnp.float32, True, None), (9, 41, 24, 3, jnp.bfloat16, False, None),
+             (3, 100, 33, 4, jnp.bfloat16, True, None), (6, 50, 16, 5, jnp.float32, True, None),
+             (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
   else:
-    cases = [(1, 4096, 4096, 4, jnp.bfloat16, True), (16, 1000, 300, 2, jnp.float32, True),
-             (37, 777, 200, 3, jnp.bfloat16, False), (128, 4100, 513, 4, jnp.float32, True),
-             (130, 3000, 1000, 5, jnp.bfloat16, True), (3, 96, 48, 5, jnp.float32, False)]
+    cases = [(1, 4096, 4096, 4, jnp.bfloat16, True, None),
+             (16, 1000, 300, 2, jnp.float32, True, None),
+             (37, 777, 200, 3, jnp.bfloat16, False, None),
+             (128, 4100, 513, 4, jnp.float32, True, None),
+             (130, 3000, 1000, 5, jnp.bfloat16, True, None),
+             (3, 96, 48, 5, jnp.float32, False, None),
+             (1, 4096, 4096, 4, jnp.bfloat16, True, "fma"),
+             (3, 1000, 300, 3, jnp.float32, True, "fma")]
   ok = True
-  for m, k, n, bits, dtype, affine in cases:
+  for m, k, n, bits, dtype, affine, gpu_dot in cases:
     packed, x, scale, bias = _problem(rng, m, k, n, bits, dtype, affine)
     e0 = -(1 << (bits - 1)) - 3
     platforms = ("tpu", "gpu") if interpret else (None,)
     for platform in platforms:
+      if gpu_dot and platform == "tpu":
+        continue  # a GPU-only variant
       label = (f"{m}x{k}x{n} {bits}-bit x {jnp.dtype(dtype).name} "
-               f"{'scale+bias' if affine else 'plain'}"
+               f"{'scale+bias' if affine else 'plain'}" + (f" {gpu_dot}" if gpu_dot else "")
                + (f" ({platform} kernel, interpreted)" if interpret else ""))
       blocks = dict(block_m=8, block_n=16, block_k=2 * (32 // bits)) if interpret else {}
       if interpret and platform == "gpu":
         blocks["split_k"] = 2  # the small-M path: partial products summed in XLA
+      if gpu_dot:
+        blocks["gpu_dot"] = gpu_dot
+        if interpret:
+          blocks["block_m"] = 1
       try:
         ok &= _check(x, packed, bits, e0, scale, bias, label, platform=platform,
                      **extra, **blocks)
@@ -148,13 +168,35 @@ def _copy_bandwidth(elems=1 << 28) -> float:
   return 2 * a.nbytes / t
 
 
-def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
+def _key(b: kernels.Blocks) -> tuple:
+  return (b.dot, b.m, b.n, b.k_words, b.split_k, b.num_warps)
+
+
+def sweep_configs(m: int, kn: int, bits: int) -> list[kernels.Blocks]:
+  """The default first, then one knob at a time around it, then the alternatives of
+  ``gpu_kernel_sass.candidates`` (with the 'fma' variant at M <= 4); no repeats."""
+  d = kernels.default_blocks(m, kn, kn, bits, jnp.bfloat16, "gpu")
+  knobs = ([dict(m=t) for t in (32, 64, 128) if 16 <= t <= max(16, m)]
+           + [dict(n=t) for t in (32, 64, 128, 256) if t <= 128 or m > 16]
+           + [dict(k_words=t) for t in (16, 32, 64)]
+           + [dict(split_k=t) for t in (1, 2, 4, 8)]
+           + [dict(num_warps=t) for t in (4, 8)])
+  configs = [d] + [dataclasses.replace(d, **knob) for knob in knobs]
+  configs += [b for _, b in gpu_kernel_sass.candidates(m, kn, bits, jnp.bfloat16)]
+  return list({_key(b): b for b in configs}.values())
+
+
+def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128), max_seconds=None) -> None:
+  """Prints the table; with ``max_seconds``, settings past that much time are skipped
+  (the default tiles are always timed), so that one limited GPU session still ends
+  with every shape's row."""
+  start = time.perf_counter()
   bits, e0 = 4, -10
   rng = np.random.default_rng(1)
   hbm = _copy_bandwidth()
   print(f"\nCopy bandwidth (a * 2 over 1 GiB f32): {hbm / 1e9:.0f} GB/s")
   header = (f"{'M':>4} {'K=N':>5} | {'bf16 dot us':>11} {'GB/s':>6} | {'pow2 us':>8} "
-            f"{'GB/s':>6} {'speedup':>7} | {'xla-decode us':>13} | tiles (bm, bn, bkw, split_k, warps)")
+            f"{'GB/s':>6} {'speedup':>7} | {'xla-decode us':>13} | (dot, bm, bn, bkw, split_k, warps)")
   print("\n4-bit codes, x bfloat16, time per matmul (median), speedup = bf16 dot / pow2")
   print(header)
   print("-" * len(header))
@@ -182,32 +224,23 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
           kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="xla")
           for x, w in zip(xs, ws)])
       t_xla = _time(xla_path, xs, packed_all) / copies
-      default = kernels.default_blocks(m, n, k, bits, jnp.bfloat16, "gpu")
-      configs = [(default.m, default.n, default.k_words, default.split_k, 4)]
-      if sweep:  # one knob at a time around the default: a few compiles per shape
-        bm, bn0, bkw0, split0, _ = configs[0]
-        # Larger M tiles too (the default stops at 64): M = 128 reads every weight tile
-        # twice with bm = 64, once with bm = 128.
-        alternatives = ([(m_tile, bn0, bkw0, split0, 4) for m_tile in (32, 64, 128)
-                         if 16 <= m_tile <= max(16, m)]
-                        + [(bm, bn, bkw0, split0, 4) for bn in (32, 64, 128, 256)]
-                        + [(bm, bn0, bkw, split0, 4) for bkw in (16, 32, 64)]
-                        + [(bm, bn0, bkw0, split, 4) for split in (1, 2, 4, 8)]
-                        + [(bm, bn0, bkw0, split0, 8), (bm, bn0, bkw0, split0, 2)])
-        configs += [c for c in dict.fromkeys(alternatives) if c not in configs]
+      configs = sweep_configs(m, kn, bits) if sweep else [
+          kernels.default_blocks(m, n, k, bits, jnp.bfloat16, "gpu")]
       results = {}
-      for bm, bn, bkw, split, warps in configs:
-        f = jax.jit(lambda xs, ws, bm=bm, bn=bn, bkw=bkw, split=split, warps=warps: [
-            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas", block_m=bm,
-                                block_n=bn, block_k=bkw * 8, split_k=split,
-                                num_warps=warps)
+      for i, b in enumerate(configs):
+        if i and max_seconds is not None and time.perf_counter() - start > max_seconds:
+          print(f"      time limit: {len(configs) - i} settings not timed", flush=True)
+          break
+        f = jax.jit(lambda xs, ws, b=b: [
+            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas", block_m=b.m,
+                                block_n=b.n, block_k=b.k_words * 8, split_k=b.split_k,
+                                gpu_dot=b.dot, num_warps=b.num_warps)
             for x, w in zip(xs, ws)])
         try:
-          results[(bm, bn, bkw, split, warps)] = _time(f, xs, packed_all) / copies
+          results[_key(b)] = _time(f, xs, packed_all) / copies
         except Exception as e:  # pylint: disable=broad-except
           msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-          print(f"      tiles {(bm, bn, bkw, warps)} failed: {type(e).__name__}: {msg}",
-                flush=True)
+          print(f"      {_key(b)} failed: {type(e).__name__}: {msg}", flush=True)
       if not results:
         print(f"{m:>4} {kn:>5} | every tile setting failed", flush=True)
         continue
@@ -217,8 +250,8 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128)) -> None:
       line = (f"{m:>4} {kn:>5} | {t_dense * 1e6:>11.1f} {bw_dense / 1e9:>6.0f} | "
               f"{t_best * 1e6:>8.1f} {bw_best / 1e9:>6.0f} {t_dense / t_best:>6.2f}x | "
               f"{t_xla * 1e6:>13.1f} | best {best}")
-      if sweep and configs[0] in results:
-        line += f"; default {configs[0]}: {results[configs[0]] * 1e6:.1f} us"
+      if sweep and _key(configs[0]) in results:
+        line += f"; default {_key(configs[0])}: {results[_key(configs[0])] * 1e6:.1f} us"
       print(line, flush=True)
       if sweep:
         print("      sweep: " + ", ".join(f"{c} {t * 1e6:.1f}" for c, t in results.items()),
@@ -232,6 +265,8 @@ def main() -> int:
   parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192],
                       help="K = N values (multiples of 8)")
   parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128], help="M values")
+  parser.add_argument("--max_seconds", type=float, default=None,
+                      help="stop sweeping (default tiles only) after this many seconds")
   args = parser.parse_args()
   gpus = [d for d in jax.devices() if d.platform == "gpu"]
   if not gpus:
@@ -245,7 +280,8 @@ def main() -> int:
   if not correctness(interpret=False):
     print("Kernel disagrees with the XLA path: not timing it.")
     return 1
-  timing(sweep=not args.no_sweep, sizes=args.sizes, ms=args.ms)
+  timing(sweep=not args.no_sweep, sizes=args.sizes, ms=args.ms,
+         max_seconds=args.max_seconds)
   return 0
 
 
