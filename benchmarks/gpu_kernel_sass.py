@@ -13,7 +13,7 @@ needed), disassembles the cubin and reads, for each tile setting of a few shapes
   programs the grid has;
 * the main K loop (the longest backward branch): machine instructions per iteration and
   per packed weight word, by kind (decode: integer and conversion instructions; the
-  products: HMMA or FFMA; loads);
+  products: HMMA, HGMMA (sm_90's warpgroup MMA) or FFMA; loads);
 * bytes per call: packed weights (read once per M tile) and x (read once per output-column
   tile, real rows only: padded rows are masked), and the packed-weight bandwidth at which
   instruction issue alone would saturate the SMs (4 warp instructions per clock per SM,
@@ -201,8 +201,10 @@ def _alternative(default: kernels.Blocks, words: int, **change) -> kernels.Block
 
 
 def candidates(m, kn, bits, dtype):
-  """(label, Blocks): both GPU multiplies' default tiles and alternatives that trade x
-  traffic (wider N tiles), programs (split_k), registers (K words, warps)."""
+  """(label, Blocks): the default multiply's tiles and alternatives that trade x traffic
+  (wider N tiles), programs (split_k), registers (K words, warps); then the other
+  multiplies' defaults: one code at a time ('mma', what bfloat16 x used before the pair
+  decode) and, at M <= 4, the CUDA cores ('fma')."""
   words = -(-kn // kernels.codes_per_word(bits))
   d = kernels.default_blocks(m, kn, kn, bits, dtype, "gpu")
   if m <= 16:
@@ -214,6 +216,8 @@ def candidates(m, kn, bits, dtype):
                     ("m=128 n=64", dict(m=128, n=64))]
   out = [("default", d)] + [(label, _alternative(d, words, **change))
                             for label, change in alternatives]
+  if d.dot != "mma":
+    out.append(("default", kernels.default_blocks(m, kn, kn, bits, dtype, "gpu", "mma")))
   if m <= 4:
     f = kernels.default_blocks(m, kn, kn, bits, dtype, "gpu", "fma")
     out += [("default", f), ("n=32", _alternative(f, words, n=32))]
@@ -235,7 +239,7 @@ def main() -> int:
     return 1
   print(f"Triton {triton.__version__}, sm_90, {args.sms} SMs at {args.clock_ghz} GHz; "
         f"{args.bits}-bit codes, x bfloat16\n")
-  header = (f"{'M':>4} {'K=N':>5} {'dot':>4} {'tiles: (bm, bn, bkw, split) warps':>40} "
+  header = (f"{'M':>4} {'K=N':>5} {'dot':>9} {'tiles: (bm, bn, bkw, split) warps':>40} "
             f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'progs/SM':>8} {'programs':>8} "
             f"{'waves':>5} | {'loop instr':>10} {'decode':>6} {'product':>7} {'load':>5} "
             f"{'instr/word':>10} | {'x/w bytes':>9} {'issue bound GB/s':>16}")
@@ -250,10 +254,10 @@ def main() -> int:
           r = analyse(m, kn, args.bits, jnp.bfloat16, blocks, sms=args.sms,
                       clock_ghz=args.clock_ghz)
         except Exception as e:  # pylint: disable=broad-except
-          print(f"{m:>4} {kn:>5} {blocks.dot:>4} {tiles:>40} failed: {type(e).__name__}: "
+          print(f"{m:>4} {kn:>5} {blocks.dot:>9} {tiles:>40} failed: {type(e).__name__}: "
                 f"{str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
           continue
-        print(f"{m:>4} {kn:>5} {blocks.dot:>4} {tiles:>40} {r['registers']:>4} "
+        print(f"{m:>4} {kn:>5} {blocks.dot:>9} {tiles:>40} {r['registers']:>4} "
               f"{r['stack']:>5} {r['shared'] / 1024:>8.0f} {r['resident']:>8} "
               f"{r['programs']:>8} {r['waves']:>5.2f} | {r['loop']:>10} {r['decode']:>6} "
               f"{r['products']:>7} {r['loads']:>5} {r['per_word']:>10.2f} | "

@@ -4,7 +4,8 @@
     python benchmarks/gpu_pow2_matmul.py --no-sweep # default tiles only (faster)
 
 1. Correctness: the Pallas kernel against the XLA path of ``pow2_matmul`` for bits 2..5,
-   float32 and bfloat16 x, shapes that pad in M, N and K; exits 1 on any mismatch.
+   float32 and bfloat16 x, shapes that pad in M, N and K, each GPU multiply (bfloat16 x's
+   default pair decode, the one-code 'mma', the CUDA-core 'fma'); exits 1 on any mismatch.
 2. Timing, 4-bit codes, x bfloat16 [M, K], M in {1, 16, 128}, K = N in {4096, 8192}:
    ``pow2_matmul`` (the whole call: x re-layout, kernel, output slice) against
    ``jnp.dot(x_bf16, W_bf16)`` and against the XLA path of ``pow2_matmul`` (decode + dot).
@@ -13,7 +14,8 @@
    one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
    With the sweep, more settings are timed too: one knob at a time around the default
    (M/N tiles, K words, split_k, warps), the alternatives ``gpu_kernel_sass.py`` compiles
-   (wider N tiles, more warps) and, at M <= 4, the CUDA-core ``gpu_dot='fma'`` variant.
+   (wider N tiles, more warps), the one-code ``gpu_dot='mma'`` default and, at M <= 4,
+   the CUDA-core ``gpu_dot='fma'`` variant.
    Each shape prints every setting's time, then the best: the table the defaults of
    ``kernels.default_blocks`` are to be picked from.
 
@@ -85,11 +87,14 @@ def correctness(interpret: bool) -> bool:
   if interpret:
     cases = [(5, 70, 20, 2, jnp.float32, True, None), (9, 41, 24, 3, jnp.bfloat16, False, None),
              (3, 100, 33, 4, jnp.bfloat16, True, None), (6, 50, 16, 5, jnp.float32, True, None),
-             (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
-  else:
+             (3, 100, 33, 5, jnp.bfloat16, True, "mma"), (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
+  else:  # bfloat16 x without gpu_dot: the pair decode ('mma_pairs')
     cases = [(1, 4096, 4096, 4, jnp.bfloat16, True, None),
+             (1, 4096, 4096, 4, jnp.bfloat16, True, "mma"),
              (16, 1000, 300, 2, jnp.float32, True, None),
+             (16, 1000, 300, 2, jnp.bfloat16, True, None),
              (37, 777, 200, 3, jnp.bfloat16, False, None),
+             (37, 777, 200, 3, jnp.bfloat16, False, "mma"),
              (128, 4100, 513, 4, jnp.float32, True, None),
              (130, 3000, 1000, 5, jnp.bfloat16, True, None),
              (3, 96, 48, 5, jnp.float32, False, None),
@@ -111,8 +116,8 @@ def correctness(interpret: bool) -> bool:
         blocks["split_k"] = 2  # the small-M path: partial products summed in XLA
       if gpu_dot:
         blocks["gpu_dot"] = gpu_dot
-        if interpret:
-          blocks["block_m"] = 1
+      if interpret and gpu_dot == "fma":
+        blocks["block_m"] = 1  # the one-row accumulator
       try:
         ok &= _check(x, packed, bits, e0, scale, bias, label, platform=platform,
                      **extra, **blocks)
@@ -174,7 +179,8 @@ def _key(b: kernels.Blocks) -> tuple:
 
 def sweep_configs(m: int, kn: int, bits: int) -> list[kernels.Blocks]:
   """The default first, then one knob at a time around it, then the alternatives of
-  ``gpu_kernel_sass.candidates`` (with the 'fma' variant at M <= 4); no repeats."""
+  ``gpu_kernel_sass.candidates`` (with the 'mma' default, and the 'fma' one at M <= 4);
+  no repeats."""
   d = kernels.default_blocks(m, kn, kn, bits, jnp.bfloat16, "gpu")
   knobs = ([dict(m=t) for t in (32, 64, 128) if 16 <= t <= max(16, m)]
            + [dict(n=t) for t in (32, 64, 128, 256) if t <= 128 or m > 16]

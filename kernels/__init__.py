@@ -17,8 +17,10 @@ from shiftjax.kernels.inference.conv import pow2_conv
 from shiftjax.kernels.inference.matmul import BACKENDS
 from shiftjax.kernels.inference.matmul import Blocks
 from shiftjax.kernels.inference.matmul import codes_per_word
+from shiftjax.kernels.inference.matmul import decode_pair_bf16
 from shiftjax.kernels.inference.matmul import decode_slot
 from shiftjax.kernels.inference.matmul import default_blocks
+from shiftjax.kernels.inference.matmul import default_dot
 from shiftjax.kernels.inference.matmul import FMA_MAX_ACCUMULATOR
 from shiftjax.kernels.inference.matmul import GPU_DOTS
 from shiftjax.kernels.inference.matmul import pow2_matmul
@@ -28,5 +30,6 @@ from shiftjax.kernels.inference.matmul import unpack_codes
 
 __all__ = [
     "BACKENDS", "Blocks", "FMA_MAX_ACCUMULATOR", "GPU_DOTS", "SUPPORTED_BITS",
-    "codes_per_word", "decode_slot", "default_blocks", "fused_conv", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
+    "codes_per_word", "decode_pair_bf16", "decode_slot", "default_blocks", "default_dot",
+    "fused_conv", "pow2_conv", "pow2_matmul", "resolve_backend", "unpack_codes",
 ]

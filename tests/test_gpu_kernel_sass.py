@@ -71,7 +71,7 @@ def test_triton_kernel_has_the_default_launch_configuration():
   # Grid (M tiles, N tiles, K parts).
   assert kernel.grid == (1, 4096 // d.n, d.split_k)
   assert kernel.num_warps == d.num_warps
-  assert "tt.func" in kernel.ir and "tt.dot" in kernel.ir
+  assert "tt.func" in kernel.ir and "tt.dot" in kernel.ir and "tt.join" in kernel.ir
   fma = gpu_kernel_sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16, gpu_dot="fma")
   assert "tt.dot" not in fma.ir and "tt.reduce" in fma.ir
 
@@ -89,8 +89,11 @@ def test_candidates_keep_the_programs_of_the_default():
       assert programs(b) >= programs(d) // 2, label
 
 
-@pytest.mark.parametrize("gpu_dot,m,product", [("mma", 16, "HMMA"), ("fma", 1, "FFMA")])
-def test_kernel_compiles_for_sm90_without_spills(gpu_dot, m, product):
+# Tensor-core products are HMMA or, where Triton uses sm_90's warpgroup MMA, HGMMA.
+@pytest.mark.parametrize("gpu_dot,m,products", [
+    ("mma", 16, ("HMMA", "HGMMA")), ("mma_pairs", 1, ("HMMA", "HGMMA")),
+    ("fma", 1, ("FFMA",))])
+def test_kernel_compiles_for_sm90_without_spills(gpu_dot, m, products):
   # Only where the optional triton compiler is installed (pip install -e ".[sass]").
   pytest.importorskip("triton")
   d = kernels.default_blocks(m, 2048, 1024, 4, jnp.bfloat16, "gpu", gpu_dot)
@@ -98,6 +101,6 @@ def test_kernel_compiles_for_sm90_without_spills(gpu_dot, m, product):
   cubin, shared = gpu_kernel_sass.compile_sm90(kernel)
   registers, stack = gpu_kernel_sass.registers_and_stack(cubin)
   loop = gpu_kernel_sass.main_loop(gpu_kernel_sass._cuobjdump(cubin, "-sass"))  # pylint: disable=protected-access
-  assert loop[product] > 0 and stack == 0 and loop["LDL"] == loop["STL"] == 0
+  assert sum(loop[p] for p in products) > 0 and stack == 0 and loop["LDL"] == loop["STL"] == 0
   assert registers <= 255 and shared < 228 << 10
   assert gpu_kernel_sass.resident_programs(registers, shared, 32 * d.num_warps) >= 1

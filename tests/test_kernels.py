@@ -167,6 +167,24 @@ def test_decode_slot_and_unpack_every_code(bits):
       np.testing.assert_array_equal(np.asarray(got, np.float64), want)
 
 
+@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
+def test_decode_pair_bf16_is_two_slots_in_one_word(bits):
+  # Every code in every slot (each column runs through all codes, shifted per slot):
+  # the low half of pair i is slot i's bfloat16, the high half slot i + P/2's.
+  p = 32 // bits
+  codes = (np.arange(1 << bits)[None, :] + 3 * np.arange(p * 2)[:, None]) % (1 << bits)
+  packed = _pack(codes, bits)
+  to_bits = lambda v: np.asarray(lax.bitcast_convert_type(v, jnp.uint16))
+  for e0 in (-126, -9, 0, 7):
+    for i in range(p // 2):
+      pair = np.asarray(kernels.decode_pair_bf16(packed, i, bits, e0))
+      assert pair.dtype == np.uint32
+      low = to_bits(kernels.decode_slot(packed, i, bits, e0, jnp.bfloat16))
+      high = to_bits(kernels.decode_slot(packed, i + p // 2, bits, e0, jnp.bfloat16))
+      np.testing.assert_array_equal(pair & 0xFFFF, low)
+      np.testing.assert_array_equal(pair >> 16, high)
+
+
 def test_packing_agrees_with_shiftjax_codes():
   if not hasattr(codes_lib, "pack"):
     pytest.skip("shiftjax.codes.pack not available yet")
@@ -306,6 +324,33 @@ def test_split_k_partial_products_sum_to_the_product(split_k):
   _assert_close(y, ref, bound)
 
 
+# (bits, M, K, N, e0, tiles (bm, bn, bk), split_k, gpu_dot): the GPU tensor-core
+# kernels with bfloat16 x beyond MATMUL_CASES (whose bfloat16 GPU cases take the default,
+# 'mma_pairs'): the one-code 'mma' kernel, and pairs with split K and several K steps.
+# 3 and 5 bits have an odd number of bits below the pair's high code (the moved-up codes).
+GPU_BF16_CASES = [
+    (3, 5, 95, 24, -12, (8, 16, 20), 1, "mma"),
+    (5, 16, 50, 40, 5, (16, 16, 12), 2, "mma"),
+    (2, 1, 200, 33, -3, (8, 16, 32), 2, "mma_pairs"),
+    (5, 9, 130, 20, 9, (8, 8, 12), 3, "mma_pairs"),
+]
+
+
+@pytest.mark.parametrize("case", GPU_BF16_CASES,
+                         ids=[f"{c[0]}bit-{c[1]}x{c[2]}x{c[3]}-{c[7]}-split{c[6]}"
+                              for c in GPU_BF16_CASES])
+def test_gpu_bfloat16_kernels_agree_with_dense_reference(case):
+  bits, m, k, n, e0, (bm, bn, bk), split_k, gpu_dot = case
+  codes, packed, x, scale, bias = _case(bits * 7 + m, m, k, n, bits, e0, jnp.bfloat16,
+                                        True, True)
+  ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
+  y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
+            x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
+            platform="gpu", gpu_dot=gpu_dot, block_m=bm, block_n=bn, block_k=bk,
+            split_k=split_k)
+  _assert_close(y, ref, bound)
+
+
 # (bits, dtype, M, K, N, e0, tiles (bm, bn, bk), split_k): the GPU kernel's CUDA-core
 # ('fma') variant, interpreted. M = 1 takes the one-row accumulator [bk_words, bn]; the
 # others the [bm, bk_words, bn] one; every case pads in M, N and K.
@@ -339,7 +384,11 @@ def test_default_fma_tiles_fit_the_register_accumulator(m):
     assert b.m * b.k_words * b.n <= mm_lib.FMA_MAX_ACCUMULATOR
     for v in (b.m, b.n, b.k_words):
       assert v & (v - 1) == 0  # Triton tiles are powers of two
-  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu").dot == "mma"
+  # The tensor cores' pair decode for bfloat16 x, one code at a time for float32.
+  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu").dot == "mma_pairs"
+  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.float32, "gpu").dot == "mma"
+  assert kernels.default_dot(jnp.bfloat16) == "mma_pairs"
+  assert kernels.default_dot(jnp.float32) == "mma"
 
 
 def test_default_gpu_tiles_split_k_and_warps():
@@ -427,7 +476,8 @@ def test_pallas_conv_lowers_for_gpu_and_tpu(platform):
   assert exp.out_avals[0].shape == (2, 4, 4, cout)
 
 
-@pytest.mark.parametrize("gpu_dot,m", [("mma", 16), ("fma", 1), ("fma", 4)])
+@pytest.mark.parametrize("gpu_dot,m", [("mma", 16), ("mma_pairs", 16), ("mma_pairs", 1),
+                                      ("fma", 1), ("fma", 4)])
 def test_triton_kernel_ir_verifies(gpu_dot, m):
   # Lowering writes the Triton module as bytecode without running the MLIR verifier on
   # the whole module; parse it back and verify it, as XLA's Triton compiler would.
@@ -461,6 +511,8 @@ def test_triton_kernel_ir_verifies(gpu_dot, m):
   assert "tt.bitcast" in text and "arith.shrui" in text
   if gpu_dot == "mma":
     assert "tt.dot" in text
+  elif gpu_dot == "mma_pairs":  # the pair's halves joined into the dot's K
+    assert "tt.dot" in text and "tt.join" in text
   else:  # multiply-adds, one reduction over the accumulator's k axis after the loop
     assert "tt.dot" not in text and "tt.reduce" in text and "scf.for" in text
 
@@ -497,7 +549,12 @@ def _ok_args():
     (dict(bits=3, e0=0, backend="pallas", platform="tpu", block_n=4, block_m=8),
      "multiple of 128"),
     (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="simt"),
-     "gpu_dot must be one of \\('mma', 'fma'\\) \\(or None\\), got 'simt'"),
+     "gpu_dot must be one of \\('mma', 'fma', 'mma_pairs'\\) \\(or None\\), got 'simt'"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="mma_pairs"),
+     "gpu_dot='mma_pairs' decodes the weights as bfloat16 pairs and multiplies bfloat16 x; "
+     "x is float32 \\(use gpu_dot='mma' or cast x\\)"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", gpu_dot="mma_pairs"),
+     "gpu_dot='mma_pairs' is for the GPU kernel only"),
     (dict(bits=3, e0=0, backend="pallas", platform="tpu", gpu_dot="fma"),
      "gpu_dot='fma' is for the GPU kernel only"),
     (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="fma", block_m=3),

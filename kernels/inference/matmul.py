@@ -34,10 +34,22 @@ Two grids, because GPU and TPU Pallas differ in how a reduction over K may be wr
     explicitly with ``jax.experimental.pallas.triton.CompilerParams``: the default GPU
     lowering of jax 0.10 is Mosaic GPU, which cannot lower this dot.
 
-Two ways to multiply on GPU (``gpu_dot``), because small M is where shift weights pay off:
-  * ``'mma'`` (default): the ``P`` products per K step are tensor-core dots
-    (``tl.dot``), which take at least 16 rows of x, so M = 1 pads x to 16 rows, and
-    each decoded tile is converted to the dot's operand layout.
+Three ways to multiply on GPU (``gpu_dot``), because small M is where shift weights pay
+off and there the kernel's cost is the decode:
+  * ``'mma_pairs'`` (the default for bfloat16 x): tensor-core dots of weights decoded two
+    at a time. Codes ``i`` and ``i + P/2`` of a word become the two bfloat16 halves of one
+    32-bit register with the same shifts, masks and add (``decode_pair_bf16``: about 2.5
+    integer instructions per weight instead of 5.5 plus a float32 -> bfloat16 pack), and
+    that register is used as it is: the product is computed transposed, ``y^T = W^T x^T``,
+    so that the weights are the dot's first operand, whose registers hold two bfloat16
+    adjacent in K; the pair is placed at K ``2 w`` and ``2 w + 1`` of the step, and x is
+    re-laid out to match (``x_t[i, m, 2 w + h] = x[m, w * P + h * P / 2 + i]``). On sm_90
+    this halves the K loop's decode instructions (benchmarks/gpu_kernel_sass.py).
+  * ``'mma'`` (the default for float32 x): one code at a time (``decode_slot``), ``P``
+    tensor-core dots per K step of ``x_t[j] @ W_j``, the decoded float32 converted to x's
+    dtype.
+  Tensor-core dots take at least 16 rows of x: M = 1 pads x to 16 rows (masked: the
+  padding is not read).
   * ``'fma'``: CUDA-core multiply-adds into a float32 accumulator
     ``acc[bm, bk_words, bn] += x_j[:, :, None] * W_j[None]``, reduced over its middle
     axis once after the K loop. No row minimum (a tile of 1 row for M = 1), no operand
@@ -73,7 +85,7 @@ from shiftjax import codes as codes_lib
 SUPPORTED_BITS = (2, 3, 4, 5)
 BACKENDS = (None, "xla", "pallas", "pallas_interpret")
 PLATFORMS = ("gpu", "tpu")
-GPU_DOTS = ("mma", "fma")
+GPU_DOTS = ("mma", "fma", "mma_pairs")
 # The 'fma' accumulator's floats per program: 32 registers per thread at 4 warps.
 FMA_MAX_ACCUMULATOR = 4096
 X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -194,6 +206,36 @@ def decode_slot(words: jax.Array, j: int, bits: int, e0: int, dtype) -> jax.Arra
   return value if jnp.dtype(dtype) == jnp.float32 else value.astype(dtype)
 
 
+def decode_pair_bf16(words: jax.Array, i: int, bits: int, e0: int) -> jax.Array:
+  """Decodes codes ``i`` and ``i + P/2`` of every uint32 word at once, as two bfloat16
+  bit patterns in one uint32: code ``i`` in the low 16 bits, code ``i + P/2`` in the
+  high 16 (``P = codes_per_word(bits)``; even for every supported width).
+
+  A bfloat16 power of two is ``sign << 15 | (127 + e0 + index) << 7``: both halves are
+  assembled with the same 32-bit shifts, masks and add (no carry crosses bit 16, the
+  exponent stays below 255), about 2.5 integer instructions per weight against 5.5 for
+  one code at a time. For 3 and 5 bits the high code starts 15 bits above the low one,
+  not 16: the word's upper codes are first moved up one bit.
+  """
+  p = codes_per_word(bits)
+  half = p // 2
+  # Constants are Python ints folded here: Triton's lowering takes no ops on constants.
+  if half * bits != 16:  # 3 and 5 bits: codes half.. start at bit 15
+    low = jnp.uint32((1 << (half * bits)) - 1)
+    words = (words & low) | ((words << jnp.uint32(1)) & jnp.uint32(0xFFFF0000))
+  at = i * bits  # the low code's first bit; the high code's is at + 16
+  both = 0x00010001  # a 16-bit value in both halves
+  sign_mask = jnp.uint32(0x8000 * both)
+  index_mask = jnp.uint32((((1 << (bits - 1)) - 1) << 7) * both)
+  exponent = jnp.uint32(((_F32_EXPONENT_BIAS + e0) << 7) * both)
+  sign_shift = 16 - at - bits  # the sign bit (at + bits - 1) -> bit 15
+  index_shift = 7 - at  # the index (bit at) -> bit 7
+  shift = lambda v, s: v << jnp.uint32(s) if s >= 0 else v >> jnp.uint32(-s)
+  sign = shift(words, sign_shift) & sign_mask
+  index = shift(words, index_shift) & index_mask
+  return (sign | index) + exponent
+
+
 def unpack_codes(packed: jax.Array, bits: int, k: int) -> jax.Array:
   """uint32[ceil(K/P), N] words -> uint32[K, N] codes (code j of word w is row w*P + j)."""
   p = codes_per_word(bits)
@@ -244,8 +286,10 @@ class Blocks:
   small M the product is a weight stream with too few (M, N) tiles to keep every SM
   reading: splitting K multiplies the programs without reading any weight twice.
 
-  ``dot`` (GPU only): ``'mma'`` (tensor-core dots) or ``'fma'`` (CUDA-core multiply-adds);
-  see the module docstring. ``num_warps`` (GPU only): warps per program.
+  ``dot`` (GPU only): ``'mma_pairs'`` (tensor-core dots, weights decoded in bfloat16
+  pairs; bfloat16 x), ``'mma'`` (tensor-core dots, one code at a time) or ``'fma'``
+  (CUDA-core multiply-adds); see the module docstring. ``num_warps`` (GPU only): warps
+  per program.
   """
   m: int
   n: int
@@ -270,11 +314,18 @@ def _pow2_at_least(v: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(v, 1))))
 
 
+def default_dot(x_dtype) -> str:
+  """The GPU multiply ``pow2_matmul`` uses unless told: bfloat16 x takes the pair decode
+  (``'mma_pairs'``), float32 x one code at a time (``'mma'``)."""
+  return "mma_pairs" if jnp.dtype(x_dtype) == jnp.bfloat16 else "mma"
+
+
 def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str,
-                   dot: str = "mma") -> Blocks:
+                   dot: str | None = None) -> Blocks:
   """Default tiles for an [m, k] @ [k, n] product (see the module docstring); ``dot``
-  is the GPU multiply (``'mma'`` or ``'fma'``)."""
+  is the GPU multiply (``GPU_DOTS``; None: ``default_dot(x_dtype)``)."""
   words = -(-k // codes_per_word(bits))
+  dot = dot or default_dot(x_dtype)
   if platform == "gpu" and dot == "fma":
     # x's rows (no tensor-core minimum), at most 16 (more rows are the tensor cores'
     # job); the accumulator [bm, bkw, bn] within FMA_MAX_ACCUMULATOR floats, as many K
@@ -309,7 +360,7 @@ def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str,
     bkw = _largest_dividing(words, fits) or fits[0]
     warps = 8 if bm * bn >= 64 * 128 else 4
     return Blocks(bm, bn, bkw, _default_split_k(m, -(-m // bm) * -(-n // bn), words, bkw),
-                  num_warps=warps)
+                  dot, warps)
   # TPU (Mosaic): the last two dims of every block are multiples of (8, 128) or the
   # whole array dim. Whole dims when small (no padding, no weight copy); otherwise
   # lane-aligned tiles that divide the shape when possible.
@@ -368,7 +419,12 @@ def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_
   if platform != "gpu" and gpu_dot not in (None, "mma"):
     raise ValueError(f"gpu_dot={gpu_dot!r} is for the GPU kernel only; the {platform} "
                      f"kernel multiplies with its own dot (use None)")
-  d = default_blocks(m, n, k, bits, x_dtype, platform, gpu_dot or "mma")
+  if platform == "gpu" and gpu_dot == "mma_pairs" and (
+      jnp.dtype(x_dtype) != jnp.bfloat16):
+    raise ValueError(
+        f"gpu_dot='mma_pairs' decodes the weights as bfloat16 pairs and multiplies "
+        f"bfloat16 x; x is {jnp.dtype(x_dtype)} (use gpu_dot='mma' or cast x)")
+  d = default_blocks(m, n, k, bits, x_dtype, platform, gpu_dot)
   for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
                   ("split_k", split_k), ("num_warps", num_warps)):
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
@@ -507,6 +563,34 @@ def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
   o_ref[...] = _apply_epilogue(acc, s_ref, b_ref).astype(o_ref.dtype)
 
 
+def _gpu_pairs_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
+  """Grid (i, j): x_ref [P/2, bm, 2 Kw] bfloat16 (pair-interleaved), w_ref [Kw, bn]
+  uint32, o_ref [bm, bn] f32. The transposed product ``acc_t[bn, bm] += W_pair^T
+  x_pair^T``: the weights are the tensor cores' A operand, whose registers hold two
+  bfloat16 adjacent in K, so each word's decoded pair (``decode_pair_bf16``) is one
+  operand register, code ``i`` at K ``2 w`` and code ``i + P/2`` at ``2 w + 1``."""
+  x_ref, w_ref, s_ref, b_ref, (o_ref,) = _split_refs(refs, has_scale, has_bias, 1)
+  bm, bn = o_ref.shape
+  load_x = _x_rows_loader(x_ref, m)
+
+  def body(step, acc):
+    start = pl.multiple_of(step * k_words, k_words)
+    words_t = w_ref[pl.ds(start, k_words), :].T  # [bn, Kw]
+    for i in range(codes_per_word(bits) // 2):
+      pairs = decode_pair_bf16(words_t, i, bits, e0)
+      low = lax.bitcast_convert_type(pairs.astype(jnp.uint16), jnp.bfloat16)
+      high = lax.bitcast_convert_type((pairs >> jnp.uint32(16)).astype(jnp.uint16),
+                                      jnp.bfloat16)
+      w_t = jnp.stack([low, high], axis=-1).reshape(bn, 2 * k_words)
+      x_i = load_x(i, 2 * start, 2 * k_words)  # [bm, 2 Kw]
+      acc += lax.dot_general(w_t, x_i, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return acc
+
+  acc = lax.fori_loop(0, num_k, body, jnp.zeros((bn, bm), jnp.float32))
+  o_ref[...] = _apply_epilogue(acc.T, s_ref, b_ref).astype(o_ref.dtype)
+
+
 def _gpu_fma_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
   """The GPU kernel's CUDA-core variant (refs as ``_gpu_kernel``): products summed into
   a [bm, k_words, bn] float32 accumulator, reduced over k once after the loop."""
@@ -558,8 +642,12 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
   # Every K part holds a whole number of bkw steps (zero words pad the last ones).
   mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw * split)
 
-  # x_t[j, m, w] = x[m, w * P + j]: zero rows/columns for the padding.
-  x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, p).transpose(2, 0, 1)
+  pairs = platform == "gpu" and blocks.dot == "mma_pairs"
+  if pairs:  # x_t[i, m, 2 w + h] = x[m, w * P + h * P/2 + i]
+    x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, 2, p // 2).transpose(3, 0, 1, 2)
+    x_t = x_t.reshape(p // 2, mp, 2 * wp)
+  else:  # x_t[j, m, w] = x[m, w * P + j]: zero rows/columns for the padding.
+    x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, p).transpose(2, 0, 1)
   w = _pad_to(packed, (wp, np_))
   operands = [x_t, w]
   has_scale, has_bias = scale is not None, bias is not None
@@ -603,12 +691,14 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     part = wp // split  # words per K part
     grid = (mp // bm, np_ // bn, split)
-    in_specs = [pl.BlockSpec((p, bm, part), lambda i, j, t: (0, i, t)),
-                pl.BlockSpec((part, bn), lambda i, j, t: (t, j))]
+    x_spec = (pl.BlockSpec((p // 2, bm, 2 * part), lambda i, j, t: (0, i, t)) if pairs
+              else pl.BlockSpec((p, bm, part), lambda i, j, t: (0, i, t)))
+    in_specs = [x_spec, pl.BlockSpec((part, bn), lambda i, j, t: (t, j))]
     in_specs += [pl.BlockSpec((1, bn), lambda i, j, t: (0, j))] * (has_scale + has_bias)
     out_spec = (pl.BlockSpec((None, bm, bn), lambda i, j, t: (t, i, j)) if split > 1
                 else pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)))
-    kernel = _gpu_fma_kernel if blocks.dot == "fma" else _gpu_kernel
+    kernel = {"fma": _gpu_fma_kernel, "mma_pairs": _gpu_pairs_kernel}.get(
+        blocks.dot, _gpu_kernel)
     call = pl.pallas_call(
         functools.partial(kernel, bits=bits, e0=e0, has_scale=has_scale,
                           has_bias=has_bias, k_words=bkw, num_k=part // bkw, m=m),
@@ -657,8 +747,10 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
     block_k: tile size along K in codes; a multiple of ``P``.
     split_k: GPU only: K parts run as separate programs, summed in XLA (``Blocks``);
       default ``default_blocks``' choice (more than 1 only at M <= 16).
-    gpu_dot: GPU only: ``'mma'`` (tensor-core dots, the default) or ``'fma'`` (CUDA-core
-      multiply-adds, for M of a few rows); see the module docstring.
+    gpu_dot: GPU only: ``'mma_pairs'`` (tensor-core dots of weights decoded two per
+      register; bfloat16 x only, its default), ``'mma'`` (one code at a time; the default
+      for float32 x) or ``'fma'`` (CUDA-core multiply-adds, for M of a few rows); see the
+      module docstring.
     num_warps, num_stages: Triton launch parameters (GPU only; default
       ``default_blocks``' warps, 4 or 8, and Triton's 3 stages).
   Returns:
