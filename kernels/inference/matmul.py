@@ -38,13 +38,14 @@ Three ways to multiply on GPU (``gpu_dot``), because small M is where shift weig
 off and there the kernel's cost is the decode:
   * ``'mma_pairs'`` (the default for bfloat16 x): tensor-core dots of weights decoded two
     at a time. Codes ``i`` and ``i + P/2`` of a word become the two bfloat16 halves of one
-    32-bit register with the same shifts, masks and add (``decode_pair_bf16``: about 2.5
-    integer instructions per weight instead of 5.5 plus a float32 -> bfloat16 pack), and
-    that register is used as it is: the product is computed transposed, ``y^T = W^T x^T``,
-    so that the weights are the dot's first operand, whose registers hold two bfloat16
-    adjacent in K; the pair is placed at K ``2 w`` and ``2 w + 1`` of the step, and x is
-    re-laid out to match (``x_t[i, m, 2 w + h] = x[m, w * P + h * P / 2 + i]``). On sm_90
-    this halves the K loop's decode instructions (benchmarks/gpu_kernel_sass.py).
+    32-bit register with the same shifts, masks and add (``decode_pair_bf16``: on sm_90
+    about 2.8 instructions per 4-bit weight instead of 5.7 and a float32 -> bfloat16
+    pack), and that register is used as it is: the product is computed transposed,
+    ``y^T = W^T x^T``, so that the weights are the dot's first operand, whose registers
+    hold two bfloat16 adjacent in K; the pair is placed at K ``2 w`` and ``2 w + 1`` of
+    the step, and x is re-laid out to match
+    (``x_t[i, m, 2 w + h] = x[m, w * P + h * P / 2 + i]``). On sm_90 this halves the K
+    loop's decode instructions (benchmarks/gpu_kernel_sass.py).
   * ``'mma'`` (the default for float32 x): one code at a time (``decode_slot``), ``P``
     tensor-core dots per K step of ``x_t[j] @ W_j``, the decoded float32 converted to x's
     dtype.
@@ -213,8 +214,8 @@ def decode_pair_bf16(words: jax.Array, i: int, bits: int, e0: int) -> jax.Array:
 
   A bfloat16 power of two is ``sign << 15 | (127 + e0 + index) << 7``: both halves are
   assembled with the same 32-bit shifts, masks and add (no carry crosses bit 16, the
-  exponent stays below 255), about 2.5 integer instructions per weight against 5.5 for
-  one code at a time. For 3 and 5 bits the high code starts 15 bits above the low one,
+  exponent stays below 255): on sm_90, about 2.8 machine instructions per 4-bit weight
+  against 5.7 for one code at a time (benchmarks/gpu_kernel_sass.py). For 3 and 5 bits the high code starts 15 bits above the low one,
   not 16: the word's upper codes are first moved up one bit.
   """
   p = codes_per_word(bits)
