@@ -87,7 +87,8 @@ def correctness(interpret: bool) -> bool:
   if interpret:
     cases = [(5, 70, 20, 2, jnp.float32, True, None), (9, 41, 24, 3, jnp.bfloat16, False, None),
              (3, 100, 33, 4, jnp.bfloat16, True, None), (6, 50, 16, 5, jnp.float32, True, None),
-             (3, 100, 33, 5, jnp.bfloat16, True, "mma"), (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
+             (3, 100, 33, 5, jnp.bfloat16, True, "mma"),
+             (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
   else:  # bfloat16 x without gpu_dot: the pair decode ('mma_pairs')
     cases = [(1, 4096, 4096, 4, jnp.bfloat16, True, None),
              (1, 4096, 4096, 4, jnp.bfloat16, True, "mma"),

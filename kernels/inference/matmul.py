@@ -215,8 +215,9 @@ def decode_pair_bf16(words: jax.Array, i: int, bits: int, e0: int) -> jax.Array:
   A bfloat16 power of two is ``sign << 15 | (127 + e0 + index) << 7``: both halves are
   assembled with the same 32-bit shifts, masks and add (no carry crosses bit 16, the
   exponent stays below 255): on sm_90, about 2.8 machine instructions per 4-bit weight
-  against 5.7 for one code at a time (benchmarks/gpu_kernel_sass.py). For 3 and 5 bits the high code starts 15 bits above the low one,
-  not 16: the word's upper codes are first moved up one bit.
+  against 5.7 for one code at a time (benchmarks/gpu_kernel_sass.py). For 3 and 5 bits
+  the high code starts 15 bits above the low one, not 16: the word's upper codes are
+  first moved up one bit.
   """
   p = codes_per_word(bits)
   half = p // 2
@@ -349,9 +350,11 @@ def default_blocks(m: int, n: int, k: int, bits: int, x_dtype, platform: str,
     # * Each loop step loads a [bk_words, bn] word tile and P x tiles [bm, bk_words] (the
     #   dot operands Triton stages in shared memory, num_stages deep): those P tiles
     #   within 32 KiB per stage, and bk_words <= 32 at bn = 64 (128 registers per
-    #   thread, 4 programs per SM; 64 words take 168, 3 per SM).
-    # * A 64 x 128 accumulator at 4 warps needs 255 registers and spills (1.3 KB per
-    #   thread in the K loop); 8 warps hold it in 241.
+    #   thread, 4 programs per SM, for either tensor-core multiply; 130 for the pair
+    #   kernel at M = 1, 3 per SM; 64 words at bn = 32 take 168, 3 per SM).
+    # * A 64 x 128 accumulator at 4 warps needs 255 registers and spills (the pair
+    #   kernel 24 B per thread in the K loop); 8 warps hold it in 171 (pairs) or 240
+    #   (one code at a time).
     bm = min(64, max(16, _pow2_at_least(m)))
     bn_target = 64 if m <= 64 else 128
     bn = _largest_dividing(n, [c for c in (128, 64, 32, 16) if c <= bn_target]) or (
@@ -420,8 +423,7 @@ def _resolve_blocks(m, n, k, bits, x_dtype, platform, interpret, block_m, block_
   if platform != "gpu" and gpu_dot not in (None, "mma"):
     raise ValueError(f"gpu_dot={gpu_dot!r} is for the GPU kernel only; the {platform} "
                      f"kernel multiplies with its own dot (use None)")
-  if platform == "gpu" and gpu_dot == "mma_pairs" and (
-      jnp.dtype(x_dtype) != jnp.bfloat16):
+  if gpu_dot == "mma_pairs" and jnp.dtype(x_dtype) != jnp.bfloat16:  # (GPU: see above)
     raise ValueError(
         f"gpu_dot='mma_pairs' decodes the weights as bfloat16 pairs and multiplies "
         f"bfloat16 x; x is {jnp.dtype(x_dtype)} (use gpu_dot='mma' or cast x)")
@@ -644,11 +646,12 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
   mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw * split)
 
   pairs = platform == "gpu" and blocks.dot == "mma_pairs"
+  x_padded = _pad_to(x2, (mp, wp * p))  # zero rows/columns for the padding
   if pairs:  # x_t[i, m, 2 w + h] = x[m, w * P + h * P/2 + i]
-    x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, 2, p // 2).transpose(3, 0, 1, 2)
+    x_t = x_padded.reshape(mp, wp, 2, p // 2).transpose(3, 0, 1, 2)
     x_t = x_t.reshape(p // 2, mp, 2 * wp)
-  else:  # x_t[j, m, w] = x[m, w * P + j]: zero rows/columns for the padding.
-    x_t = _pad_to(x2, (mp, wp * p)).reshape(mp, wp, p).transpose(2, 0, 1)
+  else:  # x_t[j, m, w] = x[m, w * P + j]
+    x_t = x_padded.reshape(mp, wp, p).transpose(2, 0, 1)
   w = _pad_to(packed, (wp, np_))
   operands = [x_t, w]
   has_scale, has_bias = scale is not None, bias is not None
@@ -692,9 +695,9 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     part = wp // split  # words per K part
     grid = (mp // bm, np_ // bn, split)
-    x_spec = (pl.BlockSpec((p // 2, bm, 2 * part), lambda i, j, t: (0, i, t)) if pairs
-              else pl.BlockSpec((p, bm, part), lambda i, j, t: (0, i, t)))
-    in_specs = [x_spec, pl.BlockSpec((part, bn), lambda i, j, t: (t, j))]
+    x_block = (p // 2, bm, 2 * part) if pairs else (p, bm, part)
+    in_specs = [pl.BlockSpec(x_block, lambda i, j, t: (0, i, t)),
+                pl.BlockSpec((part, bn), lambda i, j, t: (t, j))]
     in_specs += [pl.BlockSpec((1, bn), lambda i, j, t: (0, j))] * (has_scale + has_bias)
     out_spec = (pl.BlockSpec((None, bm, bn), lambda i, j, t: (t, i, j)) if split > 1
                 else pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)))
