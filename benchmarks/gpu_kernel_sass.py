@@ -62,6 +62,13 @@ class TritonKernel:
   num_stages: int
 
 
+def tile_kwargs(blocks: kernels.Blocks, bits: int) -> dict:
+  """``pow2_matmul``'s keyword arguments that select the tiles and multiply ``blocks``."""
+  return dict(block_m=blocks.m, block_n=blocks.n,
+              block_k=blocks.k_words * kernels.codes_per_word(bits),
+              split_k=blocks.split_k, gpu_dot=blocks.dot, num_warps=blocks.num_warps)
+
+
 def triton_kernel(m, k, n, bits, dtype, **pow2_kwargs) -> TritonKernel:
   """The Triton IR and launch configuration jax lowers ``pow2_matmul`` to for CUDA."""
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
@@ -165,10 +172,8 @@ def resident_programs(registers: int, shared: int, threads: int) -> int:
 def analyse(m, kn, bits, dtype, blocks: kernels.Blocks, num_stages=None, sms=132,
             clock_ghz=1.98) -> dict:
   k = n = kn
-  kernel = triton_kernel(m, k, n, bits, dtype, block_m=blocks.m, block_n=blocks.n,
-                         block_k=blocks.k_words * kernels.codes_per_word(bits),
-                         split_k=blocks.split_k, gpu_dot=blocks.dot,
-                         num_warps=blocks.num_warps, num_stages=num_stages)
+  kernel = triton_kernel(m, k, n, bits, dtype, num_stages=num_stages,
+                         **tile_kwargs(blocks, bits))
   cubin, shared = compile_sm90(kernel)
   registers, stack = registers_and_stack(cubin)
   loop = main_loop(_cuobjdump(cubin, "-sass"))

@@ -3,14 +3,23 @@
     python benchmarks/gpu_pow2_matmul.py            # check, then time the grid below
     python benchmarks/gpu_pow2_matmul.py --no-sweep # default tiles only (faster)
 
+On a GPU machine whose python has jax (CUDA) but not shiftjax, and no network to install
+it, from the repository root (``shiftjax.kernels`` is the top-level ``kernels/`` folder):
+
+    mkdir -p /tmp/sj && cp -r shiftjax /tmp/sj/ && cp -r kernels /tmp/sj/shiftjax/kernels
+    PYTHONPATH=/tmp/sj python3 benchmarks/gpu_pow2_matmul.py --max_seconds=420
+
+Pallas' Triton backend, which the kernel uses, warns from jax 0.11 that it is deprecated
+(Mosaic GPU is its successor); jax 0.12 still has it.
+
 1. Correctness: the Pallas kernel against the XLA path of ``pow2_matmul`` for bits 2..5,
    float32 and bfloat16 x, shapes that pad in M, N and K, each GPU multiply (bfloat16 x's
    default pair decode, the one-code 'mma', the CUDA-core 'fma'); exits 1 on any mismatch.
 2. Timing, 4-bit codes, x bfloat16 [M, K], M in {1, 16, 128}, K = N in {4096, 8192}:
    ``pow2_matmul`` (the whole call: x re-layout, kernel, output slice) against
    ``jnp.dot(x_bf16, W_bf16)`` and against the XLA path of ``pow2_matmul`` (decode + dot).
-   Each timed executable runs the product over R distinct weight copies (more than twice
-   the L2 cache in all) so that weights come from HBM, not L2, and the launch overhead of
+   Each timed executable runs the product over R distinct weight copies (at least three
+   times the L2 cache in all) so that weights come from HBM, not L2, and the launch overhead of
    one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
    With the sweep, more settings are timed too: one knob at a time around the default
    (M/N tiles, K words, split_k, warps), the alternatives ``gpu_kernel_sass.py`` compiles
@@ -42,6 +51,33 @@ from shiftjax import kernels
 import gpu_kernel_sass  # pylint: disable=g-bad-import-order  (this folder's)
 
 L2_BYTES = 50 << 20  # H100; H200 also 50 MiB. Weights per timed call: >= 3x this.
+
+
+# Correctness cases: (M, K, N, bits, x dtype, scale and bias, gpu_dot). M that is not a
+# multiple of the M tile takes the masked x rows; bfloat16 x without gpu_dot takes the
+# pair decode ('mma_pairs'), float32 x the one-code 'mma'.
+GPU_CHECKS = (
+    (1, 4096, 4096, 4, jnp.bfloat16, True, None),
+    (1, 4096, 4096, 4, jnp.bfloat16, True, "mma"),
+    (16, 1000, 300, 2, jnp.float32, True, None),
+    (16, 1000, 300, 2, jnp.bfloat16, True, None),
+    (37, 777, 200, 3, jnp.bfloat16, False, None),
+    (37, 777, 200, 3, jnp.bfloat16, False, "mma"),
+    (128, 4100, 513, 4, jnp.float32, True, None),
+    (130, 3000, 1000, 5, jnp.bfloat16, True, None),
+    (3, 96, 48, 5, jnp.float32, False, None),
+    (1, 4096, 4096, 4, jnp.bfloat16, True, "fma"),
+    (3, 1000, 300, 3, jnp.float32, True, "fma"),
+)
+# Without a GPU: small shapes, each interpreted as the TPU and the GPU kernel.
+INTERPRET_CHECKS = (
+    (5, 70, 20, 2, jnp.float32, True, None), (9, 41, 24, 3, jnp.bfloat16, False, None),
+    (3, 100, 33, 4, jnp.bfloat16, True, None), (6, 50, 16, 5, jnp.float32, True, None),
+    (3, 100, 33, 5, jnp.bfloat16, True, "mma"), (1, 100, 33, 4, jnp.bfloat16, True, "fma"),
+)
+# pow2_conv's Pallas path on the GPU: (stride, padding, (kh, kw, cin, cout), bits).
+CONV_CHECKS = ((1, "SAME", (3, 3, 64, 64), 3), (2, "SAME", (3, 3, 32, 128), 4),
+               (2, "VALID", (1, 1, 64, 128), 2))
 
 
 def _pack(codes: np.ndarray, bits: int) -> jax.Array:
@@ -82,25 +118,7 @@ def _check(x, packed, bits, e0, scale, bias, label, **kernel_kwargs) -> bool:
 def correctness(interpret: bool) -> bool:
   rng = np.random.default_rng(0)
   extra = dict(backend="pallas_interpret") if interpret else dict(backend="pallas")
-  # (M, K, N, bits, x dtype, scale and bias, gpu_dot); M that is not a multiple of the
-  # M tile takes the masked x rows.
-  if interpret:
-    cases = [(5, 70, 20, 2, jnp.float32, True, None), (9, 41, 24, 3, jnp.bfloat16, False, None),
-             (3, 100, 33, 4, jnp.bfloat16, True, None), (6, 50, 16, 5, jnp.float32, True, None),
-             (3, 100, 33, 5, jnp.bfloat16, True, "mma"),
-             (1, 100, 33, 4, jnp.bfloat16, True, "fma")]
-  else:  # bfloat16 x without gpu_dot: the pair decode ('mma_pairs')
-    cases = [(1, 4096, 4096, 4, jnp.bfloat16, True, None),
-             (1, 4096, 4096, 4, jnp.bfloat16, True, "mma"),
-             (16, 1000, 300, 2, jnp.float32, True, None),
-             (16, 1000, 300, 2, jnp.bfloat16, True, None),
-             (37, 777, 200, 3, jnp.bfloat16, False, None),
-             (37, 777, 200, 3, jnp.bfloat16, False, "mma"),
-             (128, 4100, 513, 4, jnp.float32, True, None),
-             (130, 3000, 1000, 5, jnp.bfloat16, True, None),
-             (3, 96, 48, 5, jnp.float32, False, None),
-             (1, 4096, 4096, 4, jnp.bfloat16, True, "fma"),
-             (3, 1000, 300, 3, jnp.float32, True, "fma")]
+  cases = INTERPRET_CHECKS if interpret else GPU_CHECKS
   ok = True
   for m, k, n, bits, dtype, affine, gpu_dot in cases:
     packed, x, scale, bias = _problem(rng, m, k, n, bits, dtype, affine)
@@ -133,9 +151,7 @@ def correctness(interpret: bool) -> bool:
 def _check_conv(rng) -> bool:
   """pow2_conv's Pallas path (im2col + kernel) against its XLA path (decode + conv)."""
   ok = True
-  for stride, padding, (kh, kw, cin, cout), bits in [(1, "SAME", (3, 3, 64, 64), 3),
-                                                     (2, "SAME", (3, 3, 32, 128), 4),
-                                                     (2, "VALID", (1, 1, 64, 128), 2)]:
+  for stride, padding, (kh, kw, cin, cout), bits in CONV_CHECKS:
     codes = rng.integers(0, 1 << bits, size=(kh * kw * cin, cout))
     packed = jnp.asarray(_pack(codes, bits))
     x = jnp.asarray(rng.standard_normal((8, 32, 32, cin)), jnp.float32)
@@ -239,9 +255,8 @@ def timing(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128), max_seconds=None) -
           print(f"      time limit: {len(configs) - i} settings not timed", flush=True)
           break
         f = jax.jit(lambda xs, ws, b=b: [
-            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas", block_m=b.m,
-                                block_n=b.n, block_k=b.k_words * 8, split_k=b.split_k,
-                                gpu_dot=b.dot, num_warps=b.num_warps)
+            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas",
+                                **gpu_kernel_sass.tile_kwargs(b, bits))
             for x, w in zip(xs, ws)])
         try:
           results[_key(b)] = _time(f, xs, packed_all) / copies

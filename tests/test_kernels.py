@@ -7,6 +7,7 @@ interpreted. Every interpret-mode case is a separate compile, so the grid is kep
 """
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -509,6 +510,11 @@ def test_triton_kernel_ir_verifies(gpu_dot, m):
     assert triton_module.operation.verify()
     text = str(triton_module)
   assert "tt.bitcast" in text and "arith.shrui" in text
+  # Rows of the M tile past x's m rows are not written: a masked store (pointer, value,
+  # mask) where m is not a multiple of the tile's rows, a plain one where it is.
+  bm = kernels.default_blocks(m, 256, 640, 3, jnp.bfloat16, "gpu", gpu_dot).m
+  stores = re.findall(r"tt\.store (%\w+(?:, %\w+)*) :", text)
+  assert stores and all(len(s.split(", ")) == (3 if m % bm else 2) for s in stores), stores
   if gpu_dot == "mma":
     assert "tt.dot" in text
   elif gpu_dot == "mma_pairs":  # the pair's halves joined into the dot's K

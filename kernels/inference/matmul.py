@@ -62,7 +62,8 @@ Output: always float32 ``[..., N]`` (float32 accumulation and float32 scale/bias
 yourself if the next layer wants bfloat16).
 
 Padding: shapes that are not multiples of the blocks are zero-padded (x along M and K,
-words along K and N, scale/bias along N) and the output sliced. A padded k row holds code 0
+words along K and N, scale/bias along N) and the output sliced (the GPU kernels neither
+read x's padding rows nor write the output's: masked loads and stores). A padded k row holds code 0
 (``+2**e0``, finite) against x == 0 and so adds exactly 0. Padding the words copies the
 weights on every call: pick N and K (or export pre-padded weights) so that the blocks
 divide them; the defaults prefer blocks that divide the shape.
@@ -522,6 +523,12 @@ def _tpu_kernel(*refs, bits, e0, has_scale, has_bias):
     o_ref[...] = _apply_epilogue(acc_ref[...], s_ref, b_ref).astype(o_ref.dtype)
 
 
+def _real_rows(bm, m):
+  """``[bm, 1]`` bool: which rows of this program's M tile are among x's ``m`` rows."""
+  rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+  return rows < m
+
+
 def _x_rows_loader(x_ref, m):
   """``load(j, start, k_words)`` -> ``x_ref[j, :, start:start + k_words]`` (``[bm,
   k_words]``) for the GPU kernels. Rows of the tile past x's ``m`` real rows (the padding
@@ -530,7 +537,7 @@ def _x_rows_loader(x_ref, m):
   output-column tile, so unmasked padding would multiply that traffic by ``bm / m``.
   """
   bm = x_ref.shape[1]
-  rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+  real = _real_rows(bm, m)
 
   def load(j, start, k_words):
     # An array index: the interpreter's masked-load rule does not take a Python int.
@@ -539,10 +546,24 @@ def _x_rows_loader(x_ref, m):
       return ref[...]
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     # All True on the tiles before the last: one kernel for every tile.
-    return pltriton.load(ref, mask=jnp.broadcast_to(rows < m, (bm, k_words)),
+    return pltriton.load(ref, mask=jnp.broadcast_to(real, (bm, k_words)),
                          other=jnp.zeros((), x_ref.dtype))
 
   return load
+
+
+def _store_rows(o_ref, value, m):
+  """``o_ref[...] = value`` for the GPU kernels, with the rows past x's ``m`` real rows
+  not written: they are sliced off the output (and out of the split-K sum) unread. At
+  M = 1 a 16-row tile so writes one float32 row, not sixteen: with ``split_k`` 8 at
+  K = N = 4096 the padding rows were 1.9 MiB of writes next to 8 MiB of packed weights.
+  """
+  bm = o_ref.shape[0]
+  if m % bm == 0:
+    o_ref[...] = value
+    return
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+  pltriton.store(o_ref, value, mask=jnp.broadcast_to(_real_rows(bm, m), value.shape))
 
 
 def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
@@ -563,7 +584,7 @@ def _gpu_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
     return acc
 
   acc = lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = _apply_epilogue(acc, s_ref, b_ref).astype(o_ref.dtype)
+  _store_rows(o_ref, _apply_epilogue(acc, s_ref, b_ref).astype(o_ref.dtype), m)
 
 
 def _gpu_pairs_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
@@ -591,7 +612,7 @@ def _gpu_pairs_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
     return acc
 
   acc = lax.fori_loop(0, num_k, body, jnp.zeros((bn, bm), jnp.float32))
-  o_ref[...] = _apply_epilogue(acc.T, s_ref, b_ref).astype(o_ref.dtype)
+  _store_rows(o_ref, _apply_epilogue(acc.T, s_ref, b_ref).astype(o_ref.dtype), m)
 
 
 def _gpu_fma_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
@@ -618,7 +639,7 @@ def _gpu_fma_kernel(*refs, bits, e0, has_scale, has_bias, k_words, num_k, m):
   shape = (k_words, bn) if bm == 1 else (bm, k_words, bn)
   acc = lax.fori_loop(0, num_k, body, jnp.zeros(shape, jnp.float32))
   y = jnp.sum(acc, axis=0)[None] if bm == 1 else jnp.sum(acc, axis=1)
-  o_ref[...] = _apply_epilogue(y, s_ref, b_ref).astype(o_ref.dtype)
+  _store_rows(o_ref, _apply_epilogue(y, s_ref, b_ref).astype(o_ref.dtype), m)
 
 
 def _pad_to(a, shape):
@@ -719,7 +740,7 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     )
   y = call(*operands)
   if split > 1:
-    return xla_epilogue(jnp.sum(y, axis=0)[:m, :n], scale, bias)
+    return xla_epilogue(jnp.sum(y[:, :m, :n], axis=0), scale, bias)  # padding unread
   return y[:m, :n] if (mp, np_) != (m, n) else y
 
 

@@ -1,0 +1,84 @@
+"""benchmarks/gpu_pow2_matmul.py without a GPU: every kernel its GPU run compiles lowers
+to one Triton call for CUDA here, and its no-GPU check passes. A GPU session is short and
+rare; these keep it from being spent on a case that cannot lower."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from shiftjax import kernels
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import gpu_kernel_sass  # pylint: disable=g-import-not-at-top,wrong-import-position
+import gpu_pow2_matmul  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TRITON_TARGET = "__gpu$xla.gpu.triton"
+_SHAPES = [(m, kn) for kn in (4096, 8192) for m in (1, 16, 128)]  # the timed grid
+
+
+def _triton_calls(f, *specs) -> int:
+  text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+  return text.count(_TRITON_TARGET)
+
+
+@pytest.mark.parametrize("case", gpu_pow2_matmul.GPU_CHECKS,
+                         ids=lambda c: "x".join(map(str, c[:3])) + f"-{c[3]}bit-"
+                         + f"{jnp.dtype(c[4]).name}-{c[6] or 'default'}")
+def test_every_gpu_check_lowers_to_one_triton_call(case):
+  m, k, n, bits, dtype, affine, gpu_dot = case
+  specs = [jax.ShapeDtypeStruct((m, k), dtype),
+           jax.ShapeDtypeStruct((-(-k // kernels.codes_per_word(bits)), n), jnp.uint32)]
+  specs += [jax.ShapeDtypeStruct((n,), jnp.float32)] * (2 * affine)
+
+  def f(x, w, *affine_args):
+    scale, bias = affine_args or (None, None)
+    return kernels.pow2_matmul(x, w, bits=bits, e0=-(1 << (bits - 1)) - 3, scale=scale,
+                               bias=bias, backend="pallas", platform="gpu",
+                               gpu_dot=gpu_dot)
+
+  assert _triton_calls(f, *specs) == 1
+
+
+@pytest.mark.parametrize("case", gpu_pow2_matmul.CONV_CHECKS, ids=str)
+def test_every_gpu_conv_check_lowers_to_one_triton_call(case):
+  stride, padding, shape, bits = case
+  kh, kw, cin, cout = shape
+  words = -(-kh * kw * cin // kernels.codes_per_word(bits))
+  specs = (jax.ShapeDtypeStruct((8, 32, 32, cin), jnp.float32),
+           jax.ShapeDtypeStruct((words, cout), jnp.uint32))
+  f = lambda x, w: kernels.pow2_conv(x, w, bits=bits, e0=-(1 << (bits - 1)) - 2,
+                                     kernel_shape=shape, strides=stride, padding=padding,
+                                     backend="pallas", platform="gpu")
+  assert _triton_calls(f, *specs) == 1
+
+
+@pytest.mark.parametrize("m,kn", _SHAPES)
+def test_sweep_starts_at_the_default_and_every_setting_lowers(m, kn):
+  configs = gpu_pow2_matmul.sweep_configs(m, kn, 4)
+  assert configs[0] == kernels.default_blocks(m, kn, kn, 4, jnp.bfloat16, "gpu")
+  keys = [(b.dot, b.m, b.n, b.k_words, b.split_k, b.num_warps) for b in configs]
+  assert len(set(keys)) == len(keys)  # no setting timed twice
+  dots = {b.dot for b in configs}
+  assert {"mma_pairs", "mma"} <= dots and (("fma" in dots) == (m <= 4))
+  specs = (jax.ShapeDtypeStruct((m, kn), jnp.bfloat16),
+           jax.ShapeDtypeStruct((kn // 8, kn), jnp.uint32))
+  for b in configs:
+    f = lambda x, w, b=b: kernels.pow2_matmul(x, w, bits=4, e0=-10, backend="pallas",
+                                              platform="gpu",
+                                              **gpu_kernel_sass.tile_kwargs(b, 4))
+    assert _triton_calls(f, *specs) == 1, b
+
+
+def test_tile_kwargs_select_the_blocks_pow2_matmul_runs():
+  # 3 bits: 10 codes per word, so block_k is in codes, not words.
+  b = kernels.Blocks(m=16, n=64, k_words=32, split_k=4, dot="mma_pairs", num_warps=4)
+  assert gpu_kernel_sass.tile_kwargs(b, 3) == dict(
+      block_m=16, block_n=64, block_k=320, split_k=4, gpu_dot="mma_pairs", num_warps=4)
+
+
+def test_no_gpu_check_passes_in_interpret_mode():
+  assert gpu_pow2_matmul.correctness(interpret=True)
