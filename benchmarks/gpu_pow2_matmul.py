@@ -19,8 +19,8 @@ Pallas' Triton backend, which the kernel uses, warns from jax 0.11 that it is de
    ``pow2_matmul`` (the whole call: x re-layout, kernel, output slice) against
    ``jnp.dot(x_bf16, W_bf16)`` and against the XLA path of ``pow2_matmul`` (decode + dot).
    Each timed executable runs the product over R distinct weight copies (at least three
-   times the L2 cache in all) so that weights come from HBM, not L2, and the launch overhead of
-   one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
+   times the L2 cache in all) so that weights come from HBM, not L2, and the launch
+   overhead of one call is amortised. Bandwidth = (weight bytes + x bytes + output bytes) / time.
    With the sweep, more settings are timed too: one knob at a time around the default
    (M/N tiles, K words, split_k, warps), the alternatives ``gpu_kernel_sass.py`` compiles
    (wider N tiles, more warps), the one-code ``gpu_dot='mma'`` default and, at M <= 4,

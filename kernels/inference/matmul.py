@@ -63,10 +63,10 @@ yourself if the next layer wants bfloat16).
 
 Padding: shapes that are not multiples of the blocks are zero-padded (x along M and K,
 words along K and N, scale/bias along N) and the output sliced (the GPU kernels neither
-read x's padding rows nor write the output's: masked loads and stores). A padded k row holds code 0
-(``+2**e0``, finite) against x == 0 and so adds exactly 0. Padding the words copies the
-weights on every call: pick N and K (or export pre-padded weights) so that the blocks
-divide them; the defaults prefer blocks that divide the shape.
+read x's padding rows nor write the output's: masked loads and stores). A padded k row
+holds code 0 (``+2**e0``, finite) against x == 0 and so adds exactly 0. Padding the
+words copies the weights on every call: pick N and K (or export pre-padded weights) so
+that the blocks divide them; the defaults prefer blocks that divide the shape.
 """
 
 from __future__ import annotations
