@@ -15,9 +15,9 @@ needed), disassembles the cubin and reads, for each tile setting of a few shapes
   per packed weight word, by kind (decode: integer and conversion instructions; the
   products: HMMA, HGMMA (sm_90's warpgroup MMA) or FFMA; loads);
 * bytes per call: packed weights (read once per M tile) and x (read once per output-column
-  tile, real rows only: padded rows are masked), and the packed-weight bandwidth at which
-  instruction issue alone would saturate the SMs (4 warp instructions per clock per SM,
-  ``--sms`` SMs at ``--clock_ghz``): an upper bound, not a prediction.
+  tile, x's rows only: a tile's rows past them are masked), and the packed-weight
+  bandwidth at which instruction issue alone would saturate the SMs (4 warp instructions
+  per clock per SM, ``--sms`` SMs at ``--clock_ghz``): an upper bound, not a prediction.
 
 These are static counts from one Triton version (``triton==3.4.0``; XLA's own Triton, which
 compiles the kernel on a real GPU, may schedule differently), meant to choose between tile

@@ -477,8 +477,8 @@ def test_pallas_conv_lowers_for_gpu_and_tpu(platform):
   assert exp.out_avals[0].shape == (2, 4, 4, cout)
 
 
-@pytest.mark.parametrize("gpu_dot,m", [("mma", 16), ("mma_pairs", 16), ("mma_pairs", 1),
-                                      ("fma", 1), ("fma", 4)])
+@pytest.mark.parametrize("gpu_dot,m", [("mma", 16), ("mma", 5), ("mma_pairs", 16),
+                                      ("mma_pairs", 1), ("fma", 1), ("fma", 4)])
 def test_triton_kernel_ir_verifies(gpu_dot, m):
   # Lowering writes the Triton module as bytecode without running the MLIR verifier on
   # the whole module; parse it back and verify it, as XLA's Triton compiler would.
@@ -510,17 +510,42 @@ def test_triton_kernel_ir_verifies(gpu_dot, m):
     assert triton_module.operation.verify()
     text = str(triton_module)
   assert "tt.bitcast" in text and "arith.shrui" in text
-  # Rows of the M tile past x's m rows are not written: a masked store (pointer, value,
-  # mask) where m is not a multiple of the tile's rows, a plain one where it is.
+  # x and the output keep their m rows, so the rows of an M tile past them lie outside
+  # both buffers: where m is not a multiple of the tile's rows every x load is masked
+  # (pointer, mask, other) and every store (pointer, value, mask); plain where it is.
   bm = kernels.default_blocks(m, 256, 640, 3, jnp.bfloat16, "gpu", gpu_dot).m
   stores = re.findall(r"tt\.store (%\w+(?:, %\w+)*) :", text)
   assert stores and all(len(s.split(", ")) == (3 if m % bm else 2) for s in stores), stores
+  x_loads = re.findall(r"tt\.load (%\w+(?:, %\w+)*) : tensor<[\dx]+!tt\.ptr<bf16>>", text)
+  assert x_loads, text
+  assert all(len(s.split(", ")) == (3 if m % bm else 1) for s in x_loads), x_loads
   if gpu_dot == "mma":
     assert "tt.dot" in text
   elif gpu_dot == "mma_pairs":  # the pair's halves joined into the dot's K
     assert "tt.dot" in text and "tt.join" in text
   else:  # multiply-adds, one reduction over the accumulator's k axis after the loop
     assert "tt.dot" not in text and "tt.reduce" in text and "scf.for" in text
+
+
+@pytest.mark.parametrize("gpu_dot", ["mma_pairs", "mma", "fma"])
+@pytest.mark.parametrize("m,split", [(1, 1), (3, 1), (1, 2), (37, 2)])
+def test_gpu_call_does_not_pad_x_rows_or_slice_the_output(gpu_dot, m, split):
+  # The M tile (16 rows for the tensor cores) overhangs x and the output, masked in the
+  # kernel, so the call around it is x's re-layout and, for split K, the parts' sum: no
+  # copy of x to whole tiles and, at split_k 1, the kernel's output is the result.
+  f = lambda x, w: kernels.pow2_matmul(x, w, bits=4, e0=-8, backend="pallas",
+                                       platform="gpu", gpu_dot=gpu_dot, split_k=split)
+  specs = (jax.ShapeDtypeStruct((m, 512), jnp.bfloat16),
+           jax.ShapeDtypeStruct((64, 256), jnp.uint32))
+  text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+  assert len(calls) == 1
+  x_t_rows = re.search(r": \(tensor<\d+x(\d+)x\d+xbf16>", calls[0]).group(1)
+  result = re.search(r"-> tensor<([\dx]+)xf32>", calls[0]).group(1)
+  assert int(x_t_rows) == m
+  assert result == (f"{m}x256" if split == 1 else f"{split}x{m}x256")
+  assert "stablehlo.pad" not in text and "stablehlo.slice" not in text
+  assert ("stablehlo.reduce" in text) == (split > 1)
 
 
 # ------------------------------------------------------------------------------------

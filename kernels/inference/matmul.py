@@ -49,8 +49,8 @@ off and there the kernel's cost is the decode:
   * ``'mma'`` (the default for float32 x): one code at a time (``decode_slot``), ``P``
     tensor-core dots per K step of ``x_t[j] @ W_j``, the decoded float32 converted to x's
     dtype.
-  Tensor-core dots take at least 16 rows of x: M = 1 pads x to 16 rows (masked: the
-  padding is not read).
+  Tensor-core dots take at least 16 rows of x: at M = 1 the tile has 16 rows, 15 of
+  them past x's end (masked: neither read nor written).
   * ``'fma'``: CUDA-core multiply-adds into a float32 accumulator
     ``acc[bm, bk_words, bn] += x_j[:, :, None] * W_j[None]``, reduced over its middle
     axis once after the K loop. No row minimum (a tile of 1 row for M = 1), no operand
@@ -61,12 +61,15 @@ off and there the kernel's cost is the decode:
 Output: always float32 ``[..., N]`` (float32 accumulation and float32 scale/bias; cast it
 yourself if the next layer wants bfloat16).
 
-Padding: shapes that are not multiples of the blocks are zero-padded (x along M and K,
-words along K and N, scale/bias along N) and the output sliced (the GPU kernels neither
-read x's padding rows nor write the output's: masked loads and stores). A padded k row
-holds code 0 (``+2**e0``, finite) against x == 0 and so adds exactly 0. Padding the
-words copies the weights on every call: pick N and K (or export pre-padded weights) so
-that the blocks divide them; the defaults prefer blocks that divide the shape.
+Padding: shapes that are not multiples of the blocks are zero-padded (x along K, and
+along M on TPU; words along K and N, scale/bias along N) and the output sliced. On GPU
+x and the output keep their M rows: the last M tile may overhang both, its rows past
+x's end masked loads and stores, so that no call copies x to whole tiles or slices the
+output's rows (at split_k 1 and a dividing N tile the kernel's output is the result).
+A padded k row holds code 0 (``+2**e0``, finite) against x == 0 and so adds exactly 0.
+Padding the words copies the weights on every call: pick N and K (or export pre-padded
+weights) so that the blocks divide them; the defaults prefer blocks that divide the
+shape.
 """
 
 from __future__ import annotations
@@ -531,10 +534,11 @@ def _real_rows(bm, m):
 
 def _x_rows_loader(x_ref, m):
   """``load(j, start, k_words)`` -> ``x_ref[j, :, start:start + k_words]`` (``[bm,
-  k_words]``) for the GPU kernels. Rows of the tile past x's ``m`` real rows (the padding
-  of a small M up to a whole tile, e.g. 15 of the 16 rows a tensor-core dot takes at
-  M = 1) are masked: zero, and not read. Every (M, N) tile reads its x rows once per
-  output-column tile, so unmasked padding would multiply that traffic by ``bm / m``.
+  k_words]``) for the GPU kernels. Rows of the tile past x's ``m`` rows (where the last
+  tile overhangs x, e.g. 15 of the 16 rows a tensor-core dot takes at M = 1) are masked:
+  zero, and not read (they lie outside x's buffer). Every (M, N) tile reads its x rows
+  once per output-column tile, so reading zero rows would multiply that traffic by
+  ``bm / m``.
   """
   bm = x_ref.shape[1]
   real = _real_rows(bm, m)
@@ -542,7 +546,7 @@ def _x_rows_loader(x_ref, m):
   def load(j, start, k_words):
     # An array index: the interpreter's masked-load rule does not take a Python int.
     ref = x_ref.at[jnp.int32(j), :, pl.ds(start, k_words)]
-    if m % bm == 0:  # no padded rows in any tile
+    if m % bm == 0:  # no tile overhangs x
       return ref[...]
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     # All True on the tiles before the last: one kernel for every tile.
@@ -553,10 +557,10 @@ def _x_rows_loader(x_ref, m):
 
 
 def _store_rows(o_ref, value, m):
-  """``o_ref[...] = value`` for the GPU kernels, with the rows past x's ``m`` real rows
-  not written: they are sliced off the output (and out of the split-K sum) unread. At
-  M = 1 a 16-row tile so writes one float32 row, not sixteen: with ``split_k`` 8 at
-  K = N = 4096 the padding rows were 1.9 MiB of writes next to 8 MiB of packed weights.
+  """``o_ref[...] = value`` for the GPU kernels, with the rows past x's ``m`` rows not
+  written: the output has ``m`` rows, so an overhanging tile's last rows lie outside it.
+  At M = 1 a 16-row tile so writes one float32 row, not sixteen (with ``split_k`` 8 at
+  K = N = 4096, sixteen rows were 1.9 MiB of writes next to 8 MiB of packed weights).
   """
   bm = o_ref.shape[0]
   if m % bm == 0:
@@ -665,14 +669,17 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     bkw = min(blocks.k_words, words)
   # Every K part holds a whole number of bkw steps (zero words pad the last ones).
   mp, np_, wp = _round_up(m, bm), _round_up(n, bn), _round_up(words, bkw * split)
+  # The GPU kernels mask the rows past m (loads and stores): x and the output keep m rows
+  # and the last M tile overhangs them. The TPU kernel has no masks: it pads to mp.
+  rows = m if platform == "gpu" else mp
 
   pairs = platform == "gpu" and blocks.dot == "mma_pairs"
-  x_padded = _pad_to(x2, (mp, wp * p))  # zero rows/columns for the padding
+  x_padded = _pad_to(x2, (rows, wp * p))  # zero rows/columns for the padding
   if pairs:  # x_t[i, m, 2 w + h] = x[m, w * P + h * P/2 + i]
-    x_t = x_padded.reshape(mp, wp, 2, p // 2).transpose(3, 0, 1, 2)
-    x_t = x_t.reshape(p // 2, mp, 2 * wp)
+    x_t = x_padded.reshape(rows, wp, 2, p // 2).transpose(3, 0, 1, 2)
+    x_t = x_t.reshape(p // 2, rows, 2 * wp)
   else:  # x_t[j, m, w] = x[m, w * P + j]
-    x_t = x_padded.reshape(mp, wp, p).transpose(2, 0, 1)
+    x_t = x_padded.reshape(rows, wp, p).transpose(2, 0, 1)
   w = _pad_to(packed, (wp, np_))
   operands = [x_t, w]
   has_scale, has_bias = scale is not None, bias is not None
@@ -686,11 +693,11 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
   cost = pl.CostEstimate(
       flops=2 * mp * np_ * wp * p, transcendentals=0,
       bytes_accessed=int(x_t.size * x_t.dtype.itemsize * (np_ // bn)
-                         + w.size * 4 * (mp // bm) + split * mp * np_ * 4))
-  out_shape = jax.ShapeDtypeStruct((mp, np_), jnp.float32)
+                         + w.size * 4 * (mp // bm) + split * rows * np_ * 4))
+  out_shape = jax.ShapeDtypeStruct((rows, np_), jnp.float32)
   if split > 1:  # partial products; scale and bias after their sum
     operands, has_scale, has_bias = operands[:2], False, False
-    out_shape = jax.ShapeDtypeStruct((split, mp, np_), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((split, rows, np_), jnp.float32)
 
   if platform == "tpu":
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
@@ -740,8 +747,8 @@ def _pallas_matmul(x2, packed, scale, bias, *, bits, e0, k, platform, interpret,
     )
   y = call(*operands)
   if split > 1:
-    return xla_epilogue(jnp.sum(y[:, :m, :n], axis=0), scale, bias)  # padding unread
-  return y[:m, :n] if (mp, np_) != (m, n) else y
+    return xla_epilogue(jnp.sum(y[:, :, :n], axis=0), scale, bias)  # padding unread
+  return y[:m, :n] if (rows, np_) != (m, n) else y
 
 
 # ----------------------------------------------------------------------------------------
