@@ -16,7 +16,7 @@ Pallas' Triton backend, which the kernel uses, warns from jax 0.11 that it is de
    float32 and bfloat16 x, shapes that pad in M, N and K, each GPU multiply (bfloat16 x's
    default pair decode, the one-code 'mma', the CUDA-core 'fma'); exits 1 on any mismatch.
 2. Timing, 4-bit codes, x bfloat16 [M, K], M in {1, 16, 128}, K = N in {4096, 8192}:
-   ``pow2_matmul`` (the whole call: x re-layout, kernel, output slice) against
+   ``pow2_matmul`` (the whole call: x re-layout, kernel, split-K sum) against
    ``jnp.dot(x_bf16, W_bf16)`` and against the XLA path of ``pow2_matmul`` (decode + dot).
    Each timed executable runs the product over R distinct weight copies (at least three
    times the L2 cache in all) so that weights come from HBM, not L2, and the launch
