@@ -1,4 +1,4 @@
-"""Datasets and input pipelines: offline Fashion-MNIST for tfds, numpy batches."""
+"""Datasets and input pipelines: offline Fashion-MNIST for tfds, numpy batches, byte text."""
 
 from shiftjax.data.augment import CropFlip, crop_and_flip
 from shiftjax.data.datasets import (
@@ -10,6 +10,7 @@ from shiftjax.data.pipeline import (
 from shiftjax.data import imagenet
 from shiftjax.data.readers import make_dataset
 from shiftjax.data import speech
+from shiftjax.data import text
 from shiftjax.data.speech import SpecAugment, SpeechDatasetSpec
 
 # Datasets specified beside their own reading code register here: ImageNet is streamed
