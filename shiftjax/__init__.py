@@ -32,15 +32,20 @@ __version__ = "0.1.0"
 # Imported on first attribute access (PEP 562): these pull in flax, optax, orbax,
 # tensorflow-datasets and ml_collections, which deployment does not need.
 _LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "distill", "export",
-                 "host_memory", "kernels", "layers", "metrics", "models", "policy", "train",
-                 "transfer")
+                 "host_memory", "interception", "kernels", "layers", "metrics", "models",
+                 "policy", "summary", "train", "transfer")
+# Functions and classes of those modules that ``sj.`` offers directly: {name: module}.
+_LAZY_NAMES = {"quantize_model": "interception", "LayerPolicy": "policy",
+               "PolicyError": "policy", "summarize": "summary"}
 
 
 def __getattr__(name):
   if name in _LAZY_MODULES:
     return importlib.import_module(f"shiftjax.{name}")
+  if name in _LAZY_NAMES:
+    return getattr(importlib.import_module(f"shiftjax.{_LAZY_NAMES[name]}"), name)
   raise AttributeError(f"module 'shiftjax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_LAZY_MODULES))
+  return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))

@@ -73,7 +73,7 @@ class LayerPolicy:
       ``(('stem', PACT(8, signed=True)),)`` to quantize the images too.
   """
   quantizer: qz.Quantizer | None = None
-  full_precision: tuple[str, ...] = DEFAULT_FULL_PRECISION
+  full_precision: tuple[str, ...] = ()
   layer_quantizers: Rules = ()
   activation: Any = None
   layer_activations: Rules = ()
@@ -122,6 +122,35 @@ class LayerPolicy:
       self.quantizer_for(name)
       self.activation_for(name)
 
+  def check_model(self, layers: Mapping[str, str], modules: Mapping[str, str] = {}) -> None:
+    """PolicyError unless the rules fit a model: ``layers`` maps the path of every layer a
+    shift spec can serve (a matmul or conv) to its kind, ``modules`` every other module's.
+
+    A model with no such layer; a weight or activation rule matching no layer (naming
+    another kind of module, or a parameter, when it matches one of those instead); a
+    layer given two specs. ``full_precision`` patterns may name any module: keeping
+    something float needs no kernel.
+    """
+    if not layers:
+      shown = _shown(f"{p} ({k})" for p, k in modules.items()) or "none"
+      raise PolicyError(f"the model has no layer a shift spec can serve ({SERVED_KINDS}); "
+                        f"its modules: {shown}")
+    quantizable = sorted(layers)
+    weight_rules = [("layer_quantizers", p) for p, s in self.layer_quantizers if s is not None]
+    rules = weight_rules + [("layer_activations", p) for p, s in self.layer_activations
+                            if s is not None]
+    for field, pattern in rules:
+      if not any(fnmatch.fnmatchcase(n, pattern) for n in quantizable):
+        raise PolicyError(f"{field} pattern {pattern!r} {_unserved(pattern, layers, modules)}")
+    for field, pattern in ([("full_precision", p) for p in self.full_precision] +
+                           [("layer_quantizers", p) for p, s in self.layer_quantizers
+                            if s is None]):
+      if not any(fnmatch.fnmatchcase(n, pattern) for n in [*quantizable, *modules]):
+        raise PolicyError(f"{field} pattern {pattern!r} {_unserved(pattern, layers, modules)}")
+    for name in quantizable:
+      self.quantizer_for(name)
+      self.activation_for(name)
+
   def weight_specs(self, layer_names: Iterable[str]) -> dict[str, qz.Quantizer]:
     """``{layer: weight spec}`` of the quantized layers among ``layer_names``."""
     specs = {n: self.quantizer_for(n) for n in layer_names}
@@ -131,6 +160,30 @@ class LayerPolicy:
   def is_mixed(self) -> bool:
     """Whether some layers' weight specs differ from ``quantizer`` by a rule."""
     return any(spec != self.quantizer for _, spec in self.layer_quantizers)
+
+
+SERVED_KINDS = ("Dense, DenseGeneral, Conv, Einsum; in NNX Linear, LinearGeneral, Conv, "
+                "Einsum")
+
+
+def _shown(names: Iterable[str], limit: int = 40) -> str:
+  names = list(names)
+  return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
+                                      else "")
+
+
+def _unserved(pattern: str, layers: Mapping[str, str], modules: Mapping[str, str]) -> str:
+  """Why ``pattern`` matches no quantizable layer, for an error message."""
+  others = [f"{p!r} ({k})" for p, k in modules.items() if fnmatch.fnmatchcase(p, pattern)]
+  if others:
+    return (f"matches {_shown(others, 6)}, which a shift spec cannot serve: specs serve "
+            f"the kernels of {SERVED_KINDS}")
+  params = [f"{p}/{name}" for p in layers for name in ("kernel", "bias")
+            if fnmatch.fnmatchcase(f"{p}/{name}", pattern)]
+  if params:
+    return (f"names parameters ({_shown(params, 6)}); rules name layers by module path, "
+            "and a layer's spec quantizes its kernel (biases stay float)")
+  return f"matches no layer of the model; its layers: {_shown(sorted(layers))}"
 
 
 def spec_of(specs: Any, name: str):

@@ -1,0 +1,331 @@
+"""Shift-quantize any Flax model, linen or NNX, by rules over its module paths.
+
+``quantize_model(model, policy)`` returns a copy of a float model whose matmuls and
+convolutions take their weight spec (and input spec) from ``policy`` (a
+``shiftjax.policy.LayerPolicy``) by their module path:
+
+* linen (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Einsum``): the model's
+  ``__call__`` runs under ``nn.intercept_methods``. A layer the policy quantizes stores
+  its quantizer's latents as its ``'kernel'`` param (a dict) and runs its own flax
+  forward pass on ``spec.weight(latents)``; its input goes through its activation spec
+  first, whose learned ranges are its ``'activation'`` param. So a quantized model's
+  variables are those of ``shiftjax.layers.ShiftDense``/``ShiftConv`` at the same paths.
+* NNX (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum``): the layers
+  of a clone of the model get a ``ShiftKernel`` (an ``nnx.Param`` holding the latents
+  dict, read as the quantized weight) in place of their float kernel, and, with an
+  input spec, an ``activation`` param and a ``__call__`` that quantizes the input.
+
+Every layer keeps running flax's own code, so everything the layer supports (dtype
+promotion, feature groups, dilation, padding modes, bias broadcasting) works unchanged;
+only the kernel it reads is quantized. Gradients are the quantizers' straight-through
+ones.
+
+Why not a qwix provider: qwix intercepts the primitive (``dot_general``, ``conv``) and
+hands its provider the float kernel that the layer already read from its params, so the
+stored parameter stays a float array of the kernel's shape. Shift quantizers learn
+latents of other shapes (S3's and DenseShift's stacked bit latents, DeepShift-PS's
+shift and sign), so the parameter itself must change; a provider could only add the
+latents beside an unused float kernel (twice the memory and optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shiftjax import policy as policy_lib
+from shiftjax import quantizers as qz
+
+# The float layers whose kernels a shift spec replaces, by framework.
+LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+
+
+@dataclasses.dataclass
+class LayerRecord:
+  """One quantizable layer as a traced call saw it (for checks and ``summary``)."""
+  kind: str
+  weight_spec: qz.Quantizer | None
+  input_spec: Any
+  kernel_shape: tuple[int, ...] = ()
+  output_shape: tuple[int, ...] = ()
+  has_bias: bool = False
+
+
+@dataclasses.dataclass
+class CallRecord:
+  """What one traced call of a quantized model met: its layers and its other modules."""
+  layers: dict[str, LayerRecord] = dataclasses.field(default_factory=dict)
+  modules: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def check(self, policy: policy_lib.LayerPolicy) -> None:
+    policy.check_model({p: r.kind for p, r in self.layers.items()}, self.modules)
+
+
+# Observers of the next traced calls (``record_calls``); a stack so that nested uses work.
+_OBSERVERS: list[CallRecord] = []
+
+
+@contextlib.contextmanager
+def record_calls():
+  """Within the block, every quantized model call records its layers into the yielded
+  ``CallRecord`` (``jax.eval_shape`` a call inside it to learn a model's layers)."""
+  record = CallRecord()
+  _OBSERVERS.append(record)
+  try:
+    yield record
+  finally:
+    _OBSERVERS.remove(record)
+
+
+def _path_name(path: Sequence[Any]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def quantize_model(model, policy: policy_lib.LayerPolicy, *, rngs: nnx.Rngs | None = None,
+                   from_float: bool = False, methods: Sequence[str] = ("__call__",)):
+  """A shift-quantized copy of a float Flax model (linen or NNX); see the module docstring.
+
+  Args:
+    model: an ``nn.Module`` (unbound) or an ``nnx.Module``; it is not modified.
+    policy: which weight and input spec each layer gets, by glob patterns over module
+      paths (``'blocks/*/mlp/*'``, ``'head'``); see ``shiftjax.policy``.
+    rngs: NNX only: the keys that initialize latents and activation ranges (default
+      ``nnx.Rngs(0)``). Linen models initialize them in ``init`` as usual.
+    from_float: NNX only: latents encode the nearest powers of two of the model's float
+      kernels (``shiftjax.transfer``) instead of a fresh initialization.
+    methods: linen only: the methods that run quantized (``'__call__'`` by default).
+  Returns:
+    the quantized model, of the same framework.
+  Raises:
+    PolicyError: NNX at once, linen when initialized (when its layers are first seen):
+      a rule matches no layer (the message lists the layers), names a layer kind no
+      shift spec serves (an embedding, a norm) or a parameter, two rules give a layer
+      two specs, or the model has no quantizable layer.
+  """
+  if not isinstance(policy, policy_lib.LayerPolicy):
+    raise TypeError(f"policy must be a shiftjax LayerPolicy, got {policy!r}")
+  if isinstance(model, nn.Module):
+    if rngs is not None or from_float:
+      raise ValueError("rngs and from_float are for NNX models; a linen model creates its "
+                       "latents in init (shiftjax.transfer.init_from_float maps float params)")
+    return _quantize_linen(model, policy, tuple(methods))
+  if isinstance(model, nnx.Module):
+    if tuple(methods) != ("__call__",):
+      raise ValueError(f"methods is for linen models; an NNX model's layers are quantized "
+                       f"whichever method calls them, got {methods!r}")
+    return _quantize_nnx(model, policy, rngs or nnx.Rngs(0), from_float)
+  raise TypeError(f"quantize_model takes a flax.linen or flax.nnx Module, got "
+                  f"{type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------- linen
+
+
+def _quantize_linen(model: nn.Module, policy, methods) -> nn.Module:
+  if model.scope is not None:
+    raise ValueError("quantize_model takes an unbound linen module (the model, not a "
+                     "module inside init/apply)")
+  base = getattr(type(model), "_shiftjax_float_class", type(model))
+  quantized = model.clone()
+  quantized.__class__ = _quantized_linen_class(base, policy, methods)
+  return quantized
+
+
+@functools.cache
+def _quantized_linen_class(base: type, policy, methods: tuple[str, ...]) -> type:
+  """A subclass of ``base`` whose ``methods`` run under the shift interceptor."""
+  fields = {"_shiftjax_float_class": base, "shift_policy": policy}
+  for name in methods:
+    method = getattr(base, name, None)
+    if method is None:
+      raise ValueError(f"{base.__name__} has no method {name!r} to quantize")
+    fields[name] = _intercepted(method, policy)
+  return type(base.__name__, (base,), fields)
+
+
+def _intercepted(method: Callable, policy) -> Callable:
+  """``method`` (unwrapped from linen's handler, which the new class re-applies) run
+  under ``nn.intercept_methods``; checks the policy against the layers when initializing."""
+  inner = method.__wrapped__ if hasattr(method, "method_handler_wrapped") else method
+
+  @functools.wraps(inner)
+  def run(self, *args, **kwargs):
+    record = CallRecord()
+    with nn.intercept_methods(functools.partial(_intercept_linen, policy, record)):
+      out = inner(self, *args, **kwargs)
+    if self.is_initializing():
+      record.check(policy)
+    for observer in _OBSERVERS:
+      observer.layers.update(record.layers)
+      observer.modules.update(record.modules)
+    return out
+
+  if hasattr(inner, "compact"):
+    run.compact = inner.compact
+  return run
+
+
+def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context):
+  module = context.module
+  if context.method_name != "__call__" or module.scope is None or not module.scope.path:
+    return next_fun(*args, **kwargs)
+  path = _path_name(module.scope.path)
+  if not isinstance(module, LINEN_LAYERS):
+    record.modules[path] = type(module).__name__
+    return next_fun(*args, **kwargs)
+  weight_spec, input_spec = policy.quantizer_for(path), policy.activation_for(path)
+  layer = LayerRecord(type(module).__name__, weight_spec, input_spec)
+  record.layers[path] = layer
+  if input_spec is not None:
+    args = (_quantize_input(module, input_spec, args[0]), *args[1:])
+  with _reading_kernel(module, weight_spec, layer):
+    out = next_fun(*args, **kwargs)
+  layer.output_shape = tuple(jnp.shape(out))
+  return out
+
+
+def _quantize_input(module: nn.Module, spec, x):
+  """``x`` through the activation spec, its learned ranges the ``'activation'`` param."""
+  params = (module.param("activation", lambda key: spec.init(module.param_dtype))
+            if spec.param_shapes() else {})
+  return spec.quantize(params, x)
+
+
+@contextlib.contextmanager
+def _reading_kernel(module: nn.Module, spec, layer: LayerRecord):
+  """While the layer runs, its ``self.param('kernel', ...)`` creates ``spec``'s latents
+  and returns ``spec.weight(latents)`` (float with ``spec`` None); records the shapes."""
+  float_param = nn.Module.param
+
+  def param(name, init_fn, *init_args, **init_kwargs):
+    if name == "bias":
+      layer.has_bias = True
+    if name != "kernel":
+      return float_param(module, name, init_fn, *init_args, **init_kwargs)
+    layer.kernel_shape = tuple(init_args[0])
+    if spec is None:
+      return float_param(module, name, init_fn, *init_args, **init_kwargs)
+    latents = float_param(module, "kernel", _latent_init(spec), *init_args)
+    return spec.weight(latents)
+
+  # An instance attribute shadows the method for this call only: the layer's own code
+  # (shapes, dtype promotion, the dot or conv) runs as written.
+  object.__setattr__(module, "param", param)
+  try:
+    yield
+  finally:
+    object.__delattr__(module, "param")
+
+
+def _latent_init(spec):
+  return lambda key, shape, dtype=jnp.float32: spec.init(key, shape, dtype)
+
+
+# ------------------------------------------------------------------------------ NNX
+
+
+class ShiftKernel(nnx.Param):
+  """An NNX layer's kernel as shift latents: holds ``weight_spec``'s latents (a dict) and
+  reads as the quantized weight (``layer.kernel[...]``, which flax's layers use)."""
+
+  def __getitem__(self, key):
+    weight = self.weight_spec.weight(self.get_value())
+    return weight if key is Ellipsis else weight[key]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.weight_shape
+
+
+class ActivationRange(nnx.Param):
+  """The learned parameters of a layer's input spec (PACT's clipping range), a dict."""
+
+
+def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
+  model = nnx.clone(model)
+  layers, modules = {}, {}
+  for path, module in model.iter_modules():
+    if not path:
+      continue
+    name = _path_name(path)
+    if isinstance(module, NNX_LAYERS):
+      layers[name] = module
+    else:
+      modules[name] = type(module).__name__
+  policy.check_model({p: _nnx_kind(m) for p, m in layers.items()}, modules)
+  for name, layer in layers.items():
+    weight_spec, input_spec = policy.quantizer_for(name), policy.activation_for(name)
+    if weight_spec is not None:
+      layer.kernel = _shift_kernel(layer.kernel, weight_spec, rngs, from_float, name)
+    if input_spec is not None:
+      _quantize_nnx_input(layer, input_spec)
+  return model
+
+
+def _nnx_kind(layer: nnx.Module) -> str:
+  """The linen name of an NNX layer's kind (rules and summaries speak one language)."""
+  return {"Linear": "Dense", "LinearGeneral": "DenseGeneral"}.get(
+      type(layer).__name__, type(layer).__name__)
+
+
+def _shift_kernel(kernel: nnx.Param, spec, rngs: nnx.Rngs, from_float: bool, name: str):
+  if isinstance(kernel, ShiftKernel):
+    raise policy_lib.PolicyError(f"layer {name!r} is quantized already ({kernel.weight_spec!r})")
+  value = kernel.get_value()
+  if from_float:
+    from shiftjax import transfer  # pylint: disable=g-import-not-at-top
+    latents = jax.tree.map(jnp.asarray, transfer.shift_latents_from_float(
+        np.asarray(value), spec, dtype=value.dtype))
+  else:
+    latents = spec.init(rngs.params(), value.shape, value.dtype)
+  return ShiftKernel(latents, weight_spec=spec, weight_shape=tuple(value.shape))
+
+
+def _quantize_nnx_input(layer: nnx.Module, spec) -> None:
+  dtype = getattr(layer, "param_dtype", jnp.float32)
+  if spec.param_shapes():
+    layer.activation = ActivationRange(spec.init(dtype))
+  layer.input_spec = spec
+  layer.__class__ = _with_quantized_input(type(layer))
+
+
+@functools.cache
+def _with_quantized_input(layer_class: type) -> type:
+  """``layer_class`` whose ``__call__`` first passes its input through ``input_spec``."""
+
+  def __call__(self, inputs, *args, **kwargs):
+    params = self.activation.get_value() if hasattr(self, "activation") else {}
+    return layer_class.__call__(self, self.input_spec.quantize(params, inputs), *args,
+                                **kwargs)
+
+  return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
+
+
+def nnx_layer_records(model: nnx.Module) -> dict[str, LayerRecord]:
+  """The quantizable layers of an NNX model (quantized or not) with their specs."""
+  records = {}
+  for path, module in model.iter_modules():
+    if path and isinstance(module, NNX_LAYERS):
+      kernel = module.kernel
+      spec = kernel.weight_spec if isinstance(kernel, ShiftKernel) else None
+      records[_path_name(path)] = LayerRecord(
+          _nnx_kind(module), spec, getattr(module, "input_spec", None),
+          tuple(kernel.shape), (), getattr(module, "bias", None) is not None)
+  return records
+
+
+def is_quantized(model) -> bool:
+  """Whether ``model`` came from ``quantize_model`` (linen) or holds a ShiftKernel (NNX)."""
+  if isinstance(model, nn.Module):
+    return hasattr(type(model), "_shiftjax_float_class")
+  return any(isinstance(m, NNX_LAYERS) and isinstance(m.kernel, ShiftKernel)
+             for _, m in model.iter_modules())
