@@ -1,10 +1,11 @@
 """C++ CPU kernels called through XLA's FFI, built on first use for the machine they run on.
 
-The source ships with the package (``kernels/cpu/*.cc``); the first call compiles it with the
-system C++ compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) against the FFI headers of
-the installed jaxlib, into a cache directory keyed by source, compiler flags, jaxlib
-version and CPU, so a changed source or another machine never picks up a stale library.
-Compilation takes a few seconds once per machine. Without a compiler, or with
+The sources ship with the package (``kernels/cpu/*.cc``: the convolutions, and the matmul by
+packed power-of-two weights); the first call compiles each into its own shared library with
+the system C++ compiler (``$CXX`` or ``g++``, ``-O3 -march=native``; both at once) against
+the FFI headers of the installed jaxlib, into a cache directory keyed by source, compiler
+flags, jaxlib version and CPU, so a changed source or another machine never picks up a
+stale library. Compilation takes some seconds once per machine. Without a compiler, or with
 ``SHIFTJAX_NATIVE=0``, :func:`available` is False and callers use their XLA path.
 
 Cache directory: ``$SHIFTJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftjax``, else
@@ -13,6 +14,7 @@ Cache directory: ``$SHIFTJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftjax``, els
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -34,10 +36,12 @@ import jaxlib
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
+_MATMUL_SOURCE = pathlib.Path(__file__).with_name("cpu_pow2_matmul.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI targets the library defines: {name registered with XLA: exported symbol}
 _TARGETS = {"shiftjax_conv": "ShiftjaxConv", "shiftjax_conv_kernel_grad": "ShiftjaxConvKernelGrad",
             "shiftjax_fused_conv": "ShiftjaxFusedConv"}
+_MATMUL_TARGETS = {"shiftjax_pow2_matmul": "ShiftjaxPow2Matmul"}
 
 _enabled = os.environ.get("SHIFTJAX_NATIVE", "1") != "0"
 
@@ -82,11 +86,13 @@ def _compiler() -> str | None:
   return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def build(compiler: str) -> pathlib.Path:
-  """Compiles the kernels (or finds them in the cache) -> path of the shared library."""
+def build(compiler: str, source: pathlib.Path | None = None) -> pathlib.Path:
+  """Compiles one source (default the convolutions') or finds it in the cache -> path of its
+  shared library."""
+  source = _SOURCE if source is None else source
   key = hashlib.sha256("\0".join([
-      _SOURCE.read_text(), compiler, *_FLAGS, jaxlib.__version__, _cpu_id()]).encode())
-  out = cache_dir() / f"shiftjax_cpu_{key.hexdigest()[:16]}.so"
+      source.read_text(), compiler, *_FLAGS, jaxlib.__version__, _cpu_id()]).encode())
+  out = cache_dir() / f"shiftjax_{source.stem}_{key.hexdigest()[:16]}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +101,7 @@ def build(compiler: str) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
+    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp],
                    check=True, capture_output=True, text=True)
     os.replace(tmp, out)
   finally:
@@ -105,27 +111,32 @@ def build(compiler: str) -> pathlib.Path:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-  """The built library with its FFI targets registered, or None (warned once) if it can't be."""
+def _library() -> tuple[ctypes.CDLL, ...] | None:
+  """The built libraries with their FFI targets registered, or None (warned once) if they
+  can't be."""
   if jax.default_backend() != "cpu":
     return None
   compiler = _compiler()
   if compiler is None:
-    warnings.warn("shiftjax: no C++ compiler (g++ or $CXX) found; CPU convolutions and "
-                  "their gradients use the slower XLA path. Install g++ to enable the "
-                  "native kernels.")
+    warnings.warn("shiftjax: no C++ compiler (g++ or $CXX) found; CPU convolutions, their "
+                  "gradients and packed matmuls use the slower XLA path. Install g++ to "
+                  "enable the native kernels.")
     return None
+  sources = {_SOURCE: _TARGETS, _MATMUL_SOURCE: _MATMUL_TARGETS}
   try:
-    lib = ctypes.cdll.LoadLibrary(str(build(compiler)))
+    with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:  # one compiler each
+      paths = list(pool.map(lambda source: build(compiler, source), sources))
+    libs = tuple(ctypes.cdll.LoadLibrary(str(path)) for path in paths)
   except (OSError, subprocess.CalledProcessError) as e:
     detail = getattr(e, "stderr", "") or str(e)
     warnings.warn(f"shiftjax: building the native CPU kernels failed, using the XLA path:\n"
                   f"{detail[-2000:]}")
     return None
-  for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                platform="cpu")
-  return lib
+  for lib, targets in zip(libs, sources.values()):
+    for target, symbol in targets.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
+  return libs
 
 
 # ------------------------------------------------------------------------ convolutions
@@ -371,3 +382,119 @@ _kernel_grad_sharded.def_partition(
     _kernel_grad_partition, infer_sharding_from_operands=_kernel_grad_infer,
     sharding_rule=_KERNEL_GRAD_RULE, reduction_factors=("n",),
     need_replication_factors=_all_but_batch(_KERNEL_GRAD_RULE))
+
+
+# ------------------------------------------------ matmul by packed power-of-two weights
+
+# The vector paths of cpu_pow2_matmul.cc: None picks the widest this CPU has.
+ISAS = (None, "avx512", "avx2", "scalar")
+_ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}
+_MATMUL_BITS = (2, 3, 4, 5)
+_MATMUL_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def supports_pow2_matmul(x2, packed, bits) -> bool:
+  """Whether :func:`pow2_matmul` takes these: x2 float32 or bfloat16 ``[M, K]``, packed
+  uint32 ``[ceil(K / P), N]`` (``P = 32 // bits``), bits in 2..5, native kernels available.
+  Any number of devices: rows of x2 and columns of packed may be sharded."""
+  return (bits in _MATMUL_BITS and jnp.dtype(x2.dtype) in _MATMUL_X_DTYPES
+          and jnp.dtype(packed.dtype) == jnp.uint32 and x2.ndim == packed.ndim == 2
+          and packed.shape[0] == -(-x2.shape[1] // (32 // bits)) and available())
+
+
+def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None,
+                bias: jax.Array | None = None, *, bits: int, e0: int, k: int | None = None,
+                isa: str | None = None) -> jax.Array:
+  """``x2 @ decode(packed) * scale + bias`` by the native kernel -> float32 ``[M, N]``.
+
+  The format is ``shiftjax.kernels.pow2_matmul``'s (zero-free codes, ``P = 32 // bits``
+  per word along K): x2 float32 or bfloat16 ``[M, K]``, packed uint32 ``[ceil(K/P), N]``,
+  scale and bias float32 ``[N]`` or None. ``k``, if given, must be ``K``. ``isa`` forces
+  a vector path (``'avx512'``, ``'avx2'``, ``'scalar'``; default the widest this CPU has),
+  for tests. Every path sums each output's products in order of k into one float32
+  accumulator, so all give the same bits. Check :func:`supports_pow2_matmul` first.
+
+  With rows of x2 and/or columns of packed (and scale, bias) sharded, each device
+  multiplies its own block; the output is sharded like both.
+  """
+  if k is not None and k != x2.shape[-1]:
+    raise ValueError(f"native pow2_matmul: k={k} but x2 has {x2.shape[-1]} columns")
+  if isa not in ISAS:
+    raise ValueError(f"native pow2_matmul: isa must be one of {ISAS}, got {isa!r}")
+  if not supports_pow2_matmul(x2, packed, bits):
+    raise ValueError(
+        f"native pow2_matmul takes x2 float32/bfloat16 [M, K], packed uint32 "
+        f"[ceil(K / (32 // bits)), N] and bits in {_MATMUL_BITS} on the CPU; got x2 "
+        f"{x2.dtype} {tuple(x2.shape)}, packed {packed.dtype} {tuple(packed.shape)}, "
+        f"bits={bits} (native kernels available: {available()})")
+  n = packed.shape[1]
+  # Always present (exact when absent: y * 1 + 0 == y): one FFI signature, one sharding.
+  scale = jnp.ones((n,), jnp.float32) if scale is None else jnp.asarray(scale, jnp.float32)
+  bias = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+  static = (int(bits), int(e0), _ISA_CODES[isa])
+  operands = (x2, packed, scale, bias)
+  op = _matmul_call if any(map(_manual, operands)) else _matmul_sharded
+  return jax.custom_batching.sequential_vmap(lambda *a: op(*a, static))(*operands)
+
+
+def _matmul_call(x2, packed, scale, bias, static):
+  """The FFI matmul of (a block of) x2's rows by (a block of) packed's columns."""
+  bits, e0, isa = static
+  out = _result((x2.shape[0], packed.shape[1]), x2, packed, scale, bias)
+  return jax.ffi.ffi_call("shiftjax_pow2_matmul", out, vmap_method="sequential")(
+      x2, packed, scale, bias, bits=bits, e0=e0, isa=isa)
+
+
+def _column_axes(mesh, shardings, n, taken) -> tuple[str, ...]:
+  """The mesh axes (not in ``taken``) that shard the output columns (n of them): those
+  that shard packed's axis 1 or scale's and bias's axis 0, while their sizes multiply to
+  a divisor of n."""
+  axes = []
+  for sharding, axis in shardings:
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    entry = spec[axis] if len(spec) > axis else None
+    for name in (entry,) if isinstance(entry, str) else entry or ():
+      if name not in axes and name not in taken:
+        axes.append(name)
+  while axes and n % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def _matmul_shardings(mesh, arg_shapes):
+  """(mesh, x2's, packed's, scale's and bias's, output's shardings): rows over the axes
+  that shard x2's rows, columns over those that shard packed's columns."""
+  x, packed, scale, bias = arg_shapes
+  if mesh.empty:  # unnamed (GSPMD) shardings: replicate on their devices
+    mesh = jax.sharding.Mesh(
+        np.array(sorted(x.sharding.device_set, key=lambda d: d.id)), ("d",))
+    rows = cols = ()
+  else:
+    rows = _batch_axes(mesh, [x.sharding], x.shape[0])
+    cols = _column_axes(mesh, [(packed.sharding, 1), (scale.sharding, 0),
+                               (bias.sharding, 0)], packed.shape[1], rows)
+  on = lambda *spec: NamedSharding(mesh, P(*spec))
+  rows, cols = rows or None, cols or None
+  return mesh, (on(rows, None), on(None, cols), on(cols), on(cols)), on(rows, cols)
+
+
+def _matmul_partition(static, mesh, arg_shapes, result_shape):
+  del result_shape
+  mesh, args, out = _matmul_shardings(mesh, arg_shapes)
+  lower = lambda x2, packed, scale, bias: _matmul_call(x2, packed, scale, bias, static)
+  return mesh, lower, out, args
+
+
+def _matmul_infer(static, mesh, arg_shapes, result_shape):
+  del static, result_shape
+  return _matmul_shardings(mesh, arg_shapes)[2]
+
+
+# k (x2's columns) and w (packed's words) are the contraction, in different units: both
+# replicated. Rows m and columns n may be sharded.
+_MATMUL_RULE = "m k, w n, n, n -> m n"
+
+_matmul_sharded = custom_partitioning(_matmul_call, static_argnums=(4,))
+_matmul_sharded.def_partition(
+    _matmul_partition, infer_sharding_from_operands=_matmul_infer,
+    sharding_rule=_MATMUL_RULE, need_replication_factors=("k", "w"))

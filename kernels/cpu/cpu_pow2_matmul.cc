@@ -1,0 +1,536 @@
+// Matmul by packed zero-free power-of-two weights on the CPU, as an XLA FFI handler:
+//
+//   y[m, n] = (sum_k x[m, k] * W[k, n]) * scale[n] + bias[n]
+//
+// W[k, n] is a `bits`-bit code `sign << (bits - 1) | index` meaning
+// (-1)^sign * 2^(e0 + index); packed[w, n] (uint32) holds the codes of rows
+// k = w*P .. w*P + P - 1 (P = 32 / bits), code j in bits [j*bits, (j+1)*bits).
+//
+// The weights are decoded in registers, never written to memory as floats at small M:
+//   AVX-512: a 16-entry (5 bits: 32-entry) table of the code values held in one (two)
+//     registers, indexed with vpermps (vpermt2ps) by the word shifted right by j*bits.
+//     vpermps reads only the low 4 bits of each lane, so no mask is needed: entry i of
+//     the table is the value of code i mod 2^bits (the bits above a code belong to the
+//     next one).
+//   AVX2: the float's bits assembled as sign << 31 | (127 + e0 + index) << 23.
+//   Scalar (no x86-64 vector unit): a table of the 2^bits values.
+// The path is chosen at run time (the library is built with -march=native, but the
+// AVX-512 functions carry their own target attribute, so it also builds for AVX2-only
+// machines).
+//
+// Regimes (AVX-512):
+//   M <= 16: one pass over the packed words with all M rows' accumulators in registers
+//     (R rows x C vectors of 16 columns): a word vector is decoded once per code and
+//     used by every row. Memory-bound at M = 1: each packed word is read once.
+//   M > 16: a panel of kc x 64 weights is decoded once into an L2-resident float buffer,
+//     then a 6 x 64 register-blocked float microkernel runs over all M rows.
+// Threads: the XLA intra-op pool, over blocks of output columns.
+//
+// Summation order: every path sums each output's K products in order k = 0, 1, ...,
+// K - 1 into one float32 accumulator (a product by a power of two is exact, so a fused
+// multiply-add rounds exactly as a multiply then an add); then y * scale, then + bias,
+// each rounded. All paths and thread counts give bit-identical results.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SHIFTJAX_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs task(0) ... task(count - 1) on the calling thread and the XLA intra-op pool; the
+// same scheduler as cpu_conv.cc's (each source is its own translation unit).
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> task) {
+  struct State {
+    std::function<void(int64_t)> task;
+    int64_t count;
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int active = 0;
+    bool closed = false;
+    void Run() {
+      for (int64_t t; (t = next.fetch_add(1)) < count;) task(t);
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->task = std::move(task);
+  state->count = count;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([state] {
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->closed) return;
+        ++state->active;
+      }
+      state->Run();
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (--state->active == 0) state->cv.notify_all();
+    });
+  }
+  state->Run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->closed = true;
+  state->cv.wait(lock, [&] { return state->active == 0; });
+}
+
+// One call's operands. xt is x transposed and zero-padded, xt[k * m + r] = x[r, k] for
+// k < K, 0 for K <= k < words * P: the padding codes of the last word meet x == 0.
+struct Problem {
+  const float* xt;
+  const uint32_t* packed;  // [words, n]
+  float* y;                // [m, n]
+  int64_t m, n, words;
+  int bits, e0;
+};
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+// The float32 bit pattern of a code's value.
+inline uint32_t CodeBits(uint32_t code, int bits, int e0) {
+  const uint32_t sign = (code >> (bits - 1)) & 1;
+  const uint32_t index = code & ((1u << (bits - 1)) - 1);
+  return sign << 31 | (127 + e0 + index) << 23;
+}
+
+inline float CodeValue(uint32_t code, int bits, int e0) {
+  const uint32_t pattern = CodeBits(code, bits, e0);
+  float v;
+  std::memcpy(&v, &pattern, sizeof v);
+  return v;
+}
+
+// y[:, n0:n1] = y * scale + bias, the multiply and the add each rounded (as XLA's
+// epilogue): GCC would otherwise contract them into one fused multiply-add.
+__attribute__((optimize("fp-contract=off"))) void Epilogue(
+    const Problem& p, const float* scale, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    float* row = p.y + r * p.n;
+    for (int64_t c = n0; c < n1; ++c) row[c] = row[c] * scale[c] + bias[c];
+  }
+}
+
+// ------------------------------------------------------------------------------ scalar
+
+constexpr int64_t kScalarBlock = 64;  // columns per task
+
+template <int Bits>
+void ScalarBlock(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int P = 32 / Bits;
+  float table[1 << Bits];
+  for (uint32_t c = 0; c < (1u << Bits); ++c) table[c] = CodeValue(c, Bits, p.e0);
+  for (int64_t r = 0; r < p.m; ++r) {
+    float* y = p.y + r * p.n;
+    for (int64_t c = n0; c < n1; ++c) y[c] = 0.0f;
+    for (int64_t w = 0; w < p.words; ++w) {
+      const uint32_t* words = p.packed + w * p.n;
+      for (int j = 0; j < P; ++j) {
+        const float x = p.xt[(w * P + j) * p.m + r];
+        for (int64_t c = n0; c < n1; ++c)
+          y[c] += x * table[(words[c] >> (j * Bits)) & ((1u << Bits) - 1)];
+      }
+    }
+  }
+}
+
+#if SHIFTJAX_X86
+
+// ------------------------------------------------------------------------------- AVX2
+// Decode by bit assembly: 6 integer operations per 8 weights. 16 columns (2 vectors) by
+// up to 4 rows per register tile; the fallback for machines without AVX-512.
+
+#define SHIFTJAX_AVX2 __attribute__((target("avx2,fma")))
+
+constexpr int kAvx2Rows = 4;
+constexpr int64_t kAvx2Block = 16;
+
+template <int Bits, int J>
+SHIFTJAX_AVX2 inline __m256 Avx2Decode(__m256i words, __m256i exponent_bias) {
+  constexpr int kShift = J * Bits;  // the code's first bit
+  constexpr int kIndexBits = Bits - 1;
+  const __m256i sign = _mm256_and_si256(_mm256_slli_epi32(words, 31 - kShift - kIndexBits),
+                                        _mm256_set1_epi32(INT32_MIN));
+  __m256i index = kShift <= 23 ? _mm256_slli_epi32(words, 23 - kShift)
+                               : _mm256_srli_epi32(words, kShift - 23);
+  index = _mm256_and_si256(index, _mm256_set1_epi32(((1 << kIndexBits) - 1) << 23));
+  return _mm256_castsi256_ps(
+      _mm256_or_si256(sign, _mm256_add_epi32(index, exponent_bias)));
+}
+
+template <int Bits, int R, int J>
+SHIFTJAX_AVX2 inline void Avx2Step(const __m256i (&words)[2], const float* x, int64_t m,
+                                   __m256i bias, __m256 (&acc)[R][2]) {
+  if constexpr (J < 32 / Bits) {
+    for (int c = 0; c < 2; ++c) {
+      const __m256 wv = Avx2Decode<Bits, J>(words[c], bias);
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + J * m + r), wv, acc[r][c]);
+    }
+    Avx2Step<Bits, R, J + 1>(words, x, m, bias, acc);
+  }
+}
+
+template <int Bits, int R>
+SHIFTJAX_AVX2 void Avx2Tile(const Problem& p, int64_t r0, int64_t n0) {
+  constexpr int P = 32 / Bits;
+  __m256i mask[2];
+  for (int c = 0; c < 2; ++c) {
+    const int64_t valid = std::clamp<int64_t>(p.n - n0 - 8 * c, 0, 8);
+    mask[c] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  const __m256i bias = _mm256_set1_epi32((127 + p.e0) << 23);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t w = 0; w < p.words; ++w) {
+    const uint32_t* row = p.packed + w * p.n + n0;
+    __m256i words[2];
+    for (int c = 0; c < 2; ++c)
+      words[c] = _mm256_maskload_epi32(reinterpret_cast<const int*>(row + 8 * c), mask[c]);
+    Avx2Step<Bits, R, 0>(words, p.xt + w * P * p.m + r0, p.m, bias, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2; ++c)
+      _mm256_maskstore_ps(p.y + (r0 + r) * p.n + n0 + 8 * c, mask[c], acc[r][c]);
+}
+
+template <int Bits>
+SHIFTJAX_AVX2 void Avx2Block(const Problem& p, int64_t n0) {
+  using Tile = void (*)(const Problem&, int64_t, int64_t);
+  static constexpr Tile kTiles[] = {Avx2Tile<Bits, 1>, Avx2Tile<Bits, 2>, Avx2Tile<Bits, 3>,
+                                    Avx2Tile<Bits, 4>};
+  for (int64_t r0 = 0; r0 < p.m; r0 += kAvx2Rows)
+    kTiles[std::min<int64_t>(kAvx2Rows, p.m - r0) - 1](p, r0, n0);
+}
+
+// ----------------------------------------------------------------------------- AVX-512
+
+#define SHIFTJAX_AVX512 __attribute__((target("avx512f,fma")))
+
+// The code values, entry i = value of code i mod 2^bits: lo holds entries 0..15, hi
+// 16..31 (5-bit codes only).
+struct Table {
+  __m512 lo, hi;
+};
+
+SHIFTJAX_AVX512 inline Table MakeTable(int bits, int e0) {
+  alignas(64) float values[32];
+  for (uint32_t i = 0; i < 32; ++i) values[i] = CodeValue(i & ((1u << bits) - 1), bits, e0);
+  return {_mm512_load_ps(values), _mm512_load_ps(values + 16)};
+}
+
+// Code j of each lane's word, as floats.
+template <int Bits, int J>
+SHIFTJAX_AVX512 inline __m512 Decode(__m512i words, const Table& t) {
+  const __m512i index = J == 0 ? words : _mm512_srli_epi32(words, J * Bits);
+  if constexpr (Bits == 5) return _mm512_permutex2var_ps(t.lo, index, t.hi);
+  return _mm512_permutexvar_ps(index, t.lo);
+}
+
+// Masks of the 16-column vectors c = 0 .. C - 1 starting at column n0 (0 past the end).
+template <int C>
+SHIFTJAX_AVX512 inline void ColumnMasks(int64_t n, int64_t n0, __mmask16 (&mask)[C]) {
+  for (int c = 0; c < C; ++c) {
+    const int64_t valid = std::clamp<int64_t>(n - n0 - 16 * c, 0, 16);
+    mask[c] = static_cast<__mmask16>((1u << valid) - 1);
+  }
+}
+
+// Rows of packed words prefetched ahead of the one being used: the column block reads
+// one short run of each row (C * 64 bytes, 32 KiB apart at N = 8192), a pattern the
+// hardware prefetchers follow late.
+constexpr int64_t kPrefetchRows = 8;
+
+// The small-M tile: rows r0 .. r0 + R - 1, columns n0 .. n0 + 16 C - 1, all of K.
+template <int Bits, int R, int C, int J>
+SHIFTJAX_AVX512 inline void DirectStep(const __m512i (&words)[C], const float* x, int64_t m,
+                                       const Table& t, __m512 (&acc)[R][C]) {
+  if constexpr (J < 32 / Bits) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = Decode<Bits, J>(words[c], t);
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(x[J * m + r]), wv, acc[r][c]);
+    }
+    DirectStep<Bits, R, C, J + 1>(words, x, m, t, acc);
+  }
+}
+
+template <int Bits, int R, int C>
+SHIFTJAX_AVX512 void DirectTile(const Problem& p, const Table& t, int64_t r0, int64_t n0) {
+  constexpr int P = 32 / Bits;
+  __mmask16 mask[C];
+  ColumnMasks<C>(p.n, n0, mask);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint32_t* row = p.packed + n0;
+  const float* x = p.xt + r0;
+  for (int64_t w = 0; w < p.words; ++w, row += p.n, x += P * p.m) {
+    if (w + kPrefetchRows < p.words)
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.n + 16 * c),
+                     _MM_HINT_T0);
+    __m512i words[C];
+    for (int c = 0; c < C; ++c) words[c] = _mm512_maskz_loadu_epi32(mask[c], row + 16 * c);
+    DirectStep<Bits, R, C, 0>(words, x, p.m, t, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
+}
+
+// Vectors per tile for R rows: R * C accumulators of the 32 registers, at most 8.
+constexpr int DirectVectors(int rows) { return std::max(1, std::min(8, 24 / rows)); }
+constexpr int kDirectMaxRows = 16;
+
+template <int Bits, int R>
+SHIFTJAX_AVX512 void DirectColumns(const Problem& p, const Table& t, int64_t r0, int64_t n0,
+                                   int64_t n1) {
+  constexpr int C = DirectVectors(R);
+  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) DirectTile<Bits, R, C>(p, t, r0, c0);
+}
+
+template <int Bits, int... R>
+SHIFTJAX_AVX512 void DirectRows(const Problem& p, const Table& t, int64_t n0, int64_t n1,
+                                std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const Problem&, const Table&, int64_t, int64_t, int64_t);
+  static constexpr Fn kFns[] = {DirectColumns<Bits, R + 1>...};
+  for (int64_t r0 = 0; r0 < p.m; r0 += kDirectMaxRows)
+    kFns[std::min<int64_t>(kDirectMaxRows, p.m - r0) - 1](p, t, r0, n0, n1);
+}
+
+// The columns a small-M task covers: whole tiles of the widest tile M uses.
+int64_t DirectBlock(int64_t m) {
+  constexpr int kVectors[kDirectMaxRows] = {
+      DirectVectors(1),  DirectVectors(2),  DirectVectors(3),  DirectVectors(4),
+      DirectVectors(5),  DirectVectors(6),  DirectVectors(7),  DirectVectors(8),
+      DirectVectors(9),  DirectVectors(10), DirectVectors(11), DirectVectors(12),
+      DirectVectors(13), DirectVectors(14), DirectVectors(15), DirectVectors(16)};
+  return 16 * kVectors[std::min<int64_t>(m, kDirectMaxRows) - 1];
+}
+
+// The large-M path: decoded panels and a float microkernel.
+constexpr int kPanelVectors = 4;  // 64 columns
+constexpr int64_t kPanelBlock = 16 * kPanelVectors;
+constexpr int kPanelRows = 6;          // 6 x 4 accumulators
+constexpr int64_t kPanelK = 256;       // rows of k per panel (rounded up to whole words)
+
+// panel[(w - w0) * P + j][0 .. 63] = decoded code j of packed[w, n0 .. n0 + 63].
+template <int Bits, int J>
+SHIFTJAX_AVX512 inline void DecodeWord(const __m512i (&words)[kPanelVectors], const Table& t,
+                                       float* out) {
+  if constexpr (J < 32 / Bits) {
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_store_ps(out + J * kPanelBlock + 16 * c, Decode<Bits, J>(words[c], t));
+    DecodeWord<Bits, J + 1>(words, t, out);
+  }
+}
+
+template <int Bits>
+SHIFTJAX_AVX512 void DecodePanel(const Problem& p, const Table& t, int64_t w0, int64_t w1,
+                                 const __mmask16 (&mask)[kPanelVectors], int64_t n0,
+                                 float* panel) {
+  constexpr int P = 32 / Bits;
+  for (int64_t w = w0; w < w1; ++w) {
+    __m512i words[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c)
+      words[c] = _mm512_maskz_loadu_epi32(mask[c], p.packed + w * p.n + n0 + 16 * c);
+    DecodeWord<Bits, 0>(words, t, panel + (w - w0) * P * kPanelBlock);
+  }
+}
+
+// y[r0 .. r0 + R, n0 .. n0 + 64] (+)= xt[k0 .. k0 + kc, rows] @ panel.
+template <int R>
+SHIFTJAX_AVX512 void PanelTile(const Problem& p, const float* panel, int64_t k0, int64_t kc,
+                               int64_t r0, int64_t n0, bool first,
+                               const __mmask16 (&mask)[kPanelVectors]) {
+  __m512 acc[R][kPanelVectors];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      acc[r][c] = first ? _mm512_setzero_ps()
+                        : _mm512_maskz_loadu_ps(mask[c], p.y + (r0 + r) * p.n + n0 + 16 * c);
+  const float* x = p.xt + k0 * p.m + r0;
+  for (int64_t k = 0; k < kc; ++k, x += p.m, panel += kPanelBlock) {
+    __m512 wv[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c) wv[c] = _mm512_load_ps(panel + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r]);
+      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
+}
+
+template <int Bits>
+SHIFTJAX_AVX512 void PanelBlock(const Problem& p, const Table& t, int64_t n0) {
+  constexpr int P = 32 / Bits;
+  constexpr int64_t kWords = (kPanelK + P - 1) / P;
+  using Fn = void (*)(const Problem&, const float*, int64_t, int64_t, int64_t, int64_t, bool,
+                      const __mmask16 (&)[kPanelVectors]);
+  static constexpr Fn kTiles[] = {PanelTile<1>, PanelTile<2>, PanelTile<3>,
+                                  PanelTile<4>, PanelTile<5>, PanelTile<6>};
+  // One panel per thread, reused by its tasks (kWords * P * 64 floats, about 64 KiB).
+  thread_local std::unique_ptr<float[], decltype(&free)> panel(nullptr, &free);
+  thread_local size_t panel_floats = 0;
+  const size_t floats = kWords * P * kPanelBlock;
+  if (panel_floats < floats) {
+    panel.reset(static_cast<float*>(aligned_alloc(64, floats * sizeof(float))));
+    panel_floats = floats;
+  }
+  __mmask16 mask[kPanelVectors];
+  ColumnMasks<kPanelVectors>(p.n, n0, mask);
+  for (int64_t w0 = 0; w0 < p.words; w0 += kWords) {
+    const int64_t w1 = std::min(p.words, w0 + kWords);
+    DecodePanel<Bits>(p, t, w0, w1, mask, n0, panel.get());
+    for (int64_t r0 = 0; r0 < p.m; r0 += kPanelRows)
+      kTiles[std::min<int64_t>(kPanelRows, p.m - r0) - 1](
+          p, panel.get(), w0 * P, (w1 - w0) * P, r0, n0, w0 == 0, mask);
+  }
+}
+
+template <int Bits>
+SHIFTJAX_AVX512 void Avx512Block(const Problem& p, int64_t n0, int64_t n1) {
+  const Table t = MakeTable(Bits, p.e0);
+  if (p.m <= kDirectMaxRows) {
+    DirectRows<Bits>(p, t, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
+  } else {
+    for (int64_t c0 = n0; c0 < n1; c0 += kPanelBlock) PanelBlock<Bits>(p, t, c0);
+  }
+}
+
+#endif  // SHIFTJAX_X86
+
+// ----------------------------------------------------------------------------- dispatch
+
+bool Supported(Isa isa) {
+#if SHIFTJAX_X86
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == kScalar;
+}
+
+Isa Resolve(Isa isa) {
+  if (isa != kAuto) return isa;
+  for (Isa best : {kAvx512, kAvx2})
+    if (Supported(best)) return best;
+  return kScalar;
+}
+
+// Columns per task, and the task's work on [n0, n1).
+int64_t BlockColumns(Isa isa, int64_t m) {
+#if SHIFTJAX_X86
+  if (isa == kAvx512) return m <= kDirectMaxRows ? DirectBlock(m) : kPanelBlock;
+  if (isa == kAvx2) return kAvx2Block;
+#endif
+  return kScalarBlock;
+}
+
+template <int Bits>
+void RunBlock(Isa isa, const Problem& p, int64_t n0, int64_t n1) {
+#if SHIFTJAX_X86
+  if (isa == kAvx512) return Avx512Block<Bits>(p, n0, n1);
+  if (isa == kAvx2) {
+    for (int64_t c0 = n0; c0 < n1; c0 += kAvx2Block) Avx2Block<Bits>(p, c0);
+    return;
+  }
+#endif
+  ScalarBlock<Bits>(p, n0, n1);
+}
+
+void Block(int bits, Isa isa, const Problem& p, int64_t n0, int64_t n1) {
+  switch (bits) {
+    case 2: return RunBlock<2>(isa, p, n0, n1);
+    case 3: return RunBlock<3>(isa, p, n0, n1);
+    case 4: return RunBlock<4>(isa, p, n0, n1);
+    default: return RunBlock<5>(isa, p, n0, n1);
+  }
+}
+
+// xt[k * m + r] = x[r, k] as float32, zero for k >= K. In blocks of 64 k so that both
+// the reads (along a row of x) and the writes (64 rows of xt) stay in the L1 cache.
+void Transpose(const ffi::AnyBuffer& x, int64_t m, int64_t k, int64_t rows, float* xt) {
+  std::fill(xt + k * m, xt + rows * m, 0.0f);
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  const void* data = x.untyped_data();
+  constexpr int64_t kBlock = 64;
+  for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
+    const int64_t i1 = std::min(k, i0 + kBlock);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float v;
+        if (bf16) {  // bfloat16 is the high half of a float32
+          const uint32_t bits = uint32_t{static_cast<const uint16_t*>(data)[r * k + i]} << 16;
+          std::memcpy(&v, &bits, sizeof v);
+        } else {
+          v = static_cast<const float*>(data)[r * k + i];
+        }
+        xt[i * m + r] = v;
+      }
+    }
+  }
+}
+
+ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, int64_t bits,
+                      int64_t e0, int64_t isa_attr, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = packed.dimensions(), yd = y->dimensions();
+  if (bits < 2 || bits > 5)
+    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: bits must be in 2..5");
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: x must be float32 or bfloat16");
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: operands must be 2-D");
+  const int64_t m = xd[0], k = xd[1], words = wd[0], n = wd[1], p = 32 / bits;
+  if (words != (k + p - 1) / p || yd[0] != m || yd[1] != n ||
+      static_cast<int64_t>(scale.element_count()) != n ||
+      static_cast<int64_t>(bias.element_count()) != n)
+    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: inconsistent shapes");
+  const Isa isa = Resolve(static_cast<Isa>(isa_attr));
+  if (!Supported(isa))
+    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: this CPU lacks that path");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  std::vector<float> xt(words * p * m);
+  Transpose(x, m, k, words * p, xt.data());
+  const Problem prob{xt.data(), packed.typed_data(), y->typed_data(), m, n, words,
+                     static_cast<int>(bits), static_cast<int>(e0)};
+  if (words == 0) std::fill(prob.y, prob.y + m * n, 0.0f);
+  const int64_t block = BlockColumns(isa, m);
+  const float *s = scale.typed_data(), *b = bias.typed_data();
+  ParallelFor(pool, (n + block - 1) / block, [&](int64_t t) {
+    const int64_t n0 = t * block, n1 = std::min(n, n0 + block);
+    if (words > 0) Block(static_cast<int>(bits), isa, prob, n0, n1);
+    Epilogue(prob, s, b, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxPow2Matmul, Pow2Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x [M, K] f32 or bf16
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // packed [words, N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [N]
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("e0")
+                                  .Attr<int64_t>("isa")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
