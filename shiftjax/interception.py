@@ -176,10 +176,12 @@ def _intercepted(method: Callable, policy) -> Callable:
 
 def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != "__call__" or module.scope is None or not module.scope.path:
+  if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
-  path = _path_name(module.scope.path)
+  path = _path_name(module.scope.path)  # '' for the model itself
   if not isinstance(module, LINEN_LAYERS):
+    if not path:
+      return next_fun(*args, **kwargs)
     record.modules[path] = type(module).__name__
     return next_fun(*args, **kwargs)
   weight_spec, input_spec = policy.quantizer_for(path), policy.activation_for(path)
@@ -253,13 +255,11 @@ class ActivationRange(nnx.Param):
 def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
   model = nnx.clone(model)
   layers, modules = {}, {}
-  for path, module in model.iter_modules():
-    if not path:
-      continue
-    name = _path_name(path)
+  for path, module in nnx.iter_modules(model):
+    name = _path_name(path)  # '' for the model itself
     if isinstance(module, NNX_LAYERS):
       layers[name] = module
-    else:
+    elif path:
       modules[name] = type(module).__name__
   policy.check_model({p: _nnx_kind(m) for p, m in layers.items()}, modules)
   for name, layer in layers.items():
@@ -313,8 +313,8 @@ def _with_quantized_input(layer_class: type) -> type:
 def nnx_layer_records(model: nnx.Module) -> dict[str, LayerRecord]:
   """The quantizable layers of an NNX model (quantized or not) with their specs."""
   records = {}
-  for path, module in model.iter_modules():
-    if path and isinstance(module, NNX_LAYERS):
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, NNX_LAYERS):
       kernel = module.kernel
       spec = kernel.weight_spec if isinstance(kernel, ShiftKernel) else None
       records[_path_name(path)] = LayerRecord(
@@ -328,4 +328,4 @@ def is_quantized(model) -> bool:
   if isinstance(model, nn.Module):
     return hasattr(type(model), "_shiftjax_float_class")
   return any(isinstance(m, NNX_LAYERS) and isinstance(m.kernel, ShiftKernel)
-             for _, m in model.iter_modules())
+             for _, m in nnx.iter_modules(model))
