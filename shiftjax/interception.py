@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -58,6 +59,7 @@ class LayerRecord:
   kernel_shape: tuple[int, ...] = ()
   output_shape: tuple[int, ...] = ()
   has_bias: bool = False
+  out_features: int = 0  # the kernel's elements per contraction: outputs it feeds
 
 
 @dataclasses.dataclass
@@ -192,7 +194,21 @@ def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context
   with _reading_kernel(module, weight_spec, layer):
     out = next_fun(*args, **kwargs)
   layer.output_shape = tuple(jnp.shape(out))
+  layer.out_features = _out_features(module, layer.kernel_shape)
   return out
+
+
+def _out_features(layer, kernel_shape: tuple[int, ...]) -> int:
+  """How many of a kernel's elements are output features (the rest are contracted)."""
+  einsum_str = getattr(layer, "einsum_str", None)
+  if isinstance(layer, (nn.Einsum, nnx.Einsum)) and einsum_str:
+    operands, output = einsum_str.replace(" ", "").split("->")
+    kernel_axes = operands.split(",")[1]
+    return math.prod(d for axis, d in zip(kernel_axes, kernel_shape) if axis in output)
+  features = getattr(layer, "features", None) or getattr(layer, "out_features", None)
+  if isinstance(layer, (nn.DenseGeneral, nnx.LinearGeneral)):
+    return math.prod(np.atleast_1d(features))
+  return kernel_shape[-1]
 
 
 def _quantize_input(module: nn.Module, spec, x):
@@ -310,17 +326,35 @@ def _with_quantized_input(layer_class: type) -> type:
   return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
 
 
-def nnx_layer_records(model: nnx.Module) -> dict[str, LayerRecord]:
-  """The quantizable layers of an NNX model (quantized or not) with their specs."""
-  records = {}
+def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
+  """The layers (quantized or not) and other modules of an NNX model as one call
+  ``model(*inputs, **kwargs)`` meets them, traced with ``jax.eval_shape`` on a clone."""
+  model = nnx.clone(model)
+  record = CallRecord()
   for path, module in nnx.iter_modules(model):
+    name = _path_name(path)
     if isinstance(module, NNX_LAYERS):
       kernel = module.kernel
       spec = kernel.weight_spec if isinstance(kernel, ShiftKernel) else None
-      records[_path_name(path)] = LayerRecord(
-          _nnx_kind(module), spec, getattr(module, "input_spec", None),
-          tuple(kernel.shape), (), getattr(module, "bias", None) is not None)
-  return records
+      record.layers[name] = LayerRecord(
+          _nnx_kind(module), spec, getattr(module, "input_spec", None), tuple(kernel.shape),
+          has_bias=getattr(module, "bias", None) is not None,
+          out_features=_out_features(module, tuple(kernel.shape)))
+      module.__class__ = _recording_output(type(module))
+      module.output_record = record.layers[name]
+    elif path:
+      record.modules[name] = type(module).__name__
+  jax.eval_shape(lambda: model(*inputs, **kwargs))
+  return record
+
+
+@functools.cache
+def _recording_output(layer_class: type) -> type:
+  def __call__(self, *args, **kwargs):
+    out = layer_class.__call__(self, *args, **kwargs)
+    self.output_record.output_shape = tuple(jnp.shape(out))
+    return out
+  return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
 
 
 def is_quantized(model) -> bool:
