@@ -38,6 +38,8 @@ from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
 from shiftjax import models
+from shiftjax import optim
+from shiftjax.optim import latent_mask, scale_latent_updates, weight_decay_mask  # pylint: disable=unused-import
 from shiftjax import policy as policy_lib
 from shiftjax import quantizers as qz
 from shiftjax import transfer
@@ -316,32 +318,6 @@ def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> o
   return optax.join_schedules([ramp, main], [warmup])
 
 
-def _is_latent(path) -> bool:
-  """A quantizer latent sits one level under its layer's ``'kernel'`` dict; a float
-  kernel is itself the leaf."""
-  names = [getattr(k, "key", str(k)) for k in path]
-  return "kernel" in names[:-1]
-
-
-def latent_mask(params):
-  """True for the quantizer latents of ``params``."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: _is_latent(path), params)
-
-
-def weight_decay_mask(params, which: str):
-  """True for parameters that get weight decay.
-
-  'all' is the reference recipe (latents included), 'kernels' every ``'kernel'`` (float
-  or latent), 'all_but_latents' everything except quantizer latents: a latent's pull
-  toward 0 is a pull toward its sign or exponent thresholds, not toward small weights.
-  """
-  def decide(path, _):
-    names = [getattr(k, "key", str(k)) for k in path]
-    return (which == "all" or (which == "kernels" and "kernel" in names)
-            or (which == "all_but_latents" and not _is_latent(path)))
-  return jax.tree_util.tree_map_with_path(decide, params)
-
-
 def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
   """Coupled L2 weight decay (added to the gradient, as PyTorch SGD does) + optimizer,
   with the latents' updates scaled by ``config.latent_lr_scale``.
@@ -362,24 +338,6 @@ def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformat
                                                     which=config.weight_decay_on))
     opt = optax.chain(decay, opt)
   return scale_latent_updates(opt, config.get("latent_lr_scale", 1.0))
-
-
-def scale_latent_updates(inner: optax.GradientTransformation,
-                         scale: float) -> optax.GradientTransformation:
-  """``inner`` with its updates of quantizer latents multiplied by ``scale``.
-
-  Stateless on top of ``inner``: the optimizer state, and so a checkpoint, has the same
-  structure at every scale (a run restores or exports under any ``latent_lr_scale``).
-  """
-  if scale == 1.0:
-    return inner
-
-  def update(updates, state, params=None):
-    updates, state = inner.update(updates, state, params)
-    scaled = jax.tree.map(lambda u, latent: u * scale if latent else u, updates,
-                          latent_mask(updates))
-    return scaled, state
-  return optax.GradientTransformation(inner.init, update)
 
 
 def init_key(seed: int) -> jax.Array:
