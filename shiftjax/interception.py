@@ -323,7 +323,8 @@ def _with_quantized_input(layer_class: type) -> type:
     return layer_class.__call__(self, self.input_spec.quantize(params, inputs), *args,
                                 **kwargs)
 
-  return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
+  return type(layer_class.__name__, (layer_class,),
+              {"__call__": __call__, "__module__": layer_class.__module__})
 
 
 def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
@@ -354,7 +355,8 @@ def _recording_output(layer_class: type) -> type:
     out = layer_class.__call__(self, *args, **kwargs)
     self.output_record.output_shape = tuple(jnp.shape(out))
     return out
-  return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
+  return type(layer_class.__name__, (layer_class,),
+              {"__call__": __call__, "__module__": layer_class.__module__})
 
 
 def is_quantized(model) -> bool:

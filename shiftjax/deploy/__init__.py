@@ -13,7 +13,13 @@ tensorflow-datasets or ml_collections):
   apply          the packed forward pass (``packed_apply``) and ``jax.export`` artifacts
 
 ``shiftjax.export`` is the bridge from a trained flax module to ``pack``.
+
+Any model (linen or NNX, from ``shiftjax.quantize_model``) packs and runs through its own
+code with ``packed_layers`` (``pack_model``); that module needs flax, so it is imported
+on first use (``sj.deploy.pack_model``).
 """
+
+import importlib
 
 from shiftjax.deploy.apply import decode_kernel, export_serialized, forward, packed_apply
 from shiftjax.deploy.apply import save_serialized
@@ -29,3 +35,14 @@ __all__ = [
     "expected_arrays", "export_serialized", "fold_batch_norm", "forward", "from_bytes", "load",
     "pack", "packed_apply", "save_serialized", "with_code_layout", "write_atomic",
 ]
+
+# Needs flax: imported on first use. {name: module}
+_LAZY_NAMES = {"pack_model": "packed_layers", "PackedKernel": "packed_layers"}
+
+
+def __getattr__(name):
+  if name in _LAZY_NAMES:
+    return getattr(importlib.import_module(f"shiftjax.deploy.{_LAZY_NAMES[name]}"), name)
+  if name == "packed_layers":
+    return importlib.import_module("shiftjax.deploy.packed_layers")
+  raise AttributeError(f"module 'shiftjax.deploy' has no attribute {name!r}")
