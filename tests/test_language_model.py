@@ -163,3 +163,17 @@ def test_a_few_adam_steps_reduce_the_loss_on_a_tiny_batch():
   losses = [float(train_step(model, optimizer, batch["inputs"], batch["targets"]))
             for _ in range(5)]
   assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_one_generated_token_is_the_argmax_after_the_prompt():
+  model = tiny_model(seed=3)
+  prompt = random_tokens((1, 4), seed=4)
+  expected = jnp.argmax(nnx.jit(lambda m, s: m(s))(model, prompt)[:, -1], axis=-1)
+  np.testing.assert_array_equal(lm.generate(model, prompt, 1), expected[:, None])
+
+
+def test_cache_has_one_key_and_value_array_per_layer():
+  cache = tiny_model().init_cache(batch_size=3, max_len=12)
+  assert len(cache) == 2
+  for layer in cache:
+    assert layer["key"].shape == layer["value"].shape == (3, 4, 12, 8)  # [B, H, S, Dh]

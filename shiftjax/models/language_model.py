@@ -13,9 +13,12 @@ Besides them: ``pos_embed`` (learned positions [context_length, d]), LayerNorms
 ``blocks/{i}/norm1``, ``blocks/{i}/norm2`` and ``norm``. The attention's score and value
 products multiply activations by activations, not weights: they stay float.
 
-Decoding keeps a key/value cache of fixed size ([num_layers, B, max_len, heads, head_dim]
+Decoding keeps a key/value cache of fixed size (per layer [B, heads, max_len, head_dim]
 each), written in place with ``lax.dynamic_update_slice``, so one compiled step serves
-every position. At batch 1-8 each decode step reads every weight once for a few rows of
+every position. The layout is the one the attention products read (heads before
+positions) and each layer has its own arrays: a [B, max_len, heads, head_dim] cache, or
+one stacked over layers, made XLA copy the whole cache on every step (at batch 8, more
+bytes than the weights). At batch 1-8 each decode step reads every weight once for a few rows of
 activations: the memory-bound regime where packed low-bit weights pay.
 """
 
@@ -33,8 +36,8 @@ from flax import nnx
 
 VOCAB_SIZE = 256  # bytes
 
-# A cache: {'key': [num_layers, B, max_len, heads, head_dim], 'value': same}.
-Cache = dict[str, jax.Array]
+# A cache: one {'key': [B, heads, max_len, head_dim], 'value': same} per layer.
+Cache = list[dict[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +74,16 @@ class LMConfig:
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
             k_positions: jax.Array) -> jax.Array:
-  """Causal attention: q [B, T, H, Dh], k/v [B, S, H, Dh] -> [B, T, H, Dh].
+  """Causal attention: q [B, H, T, Dh], k/v [B, H, S, Dh] -> [B, H, T, Dh].
 
   Query at position p sees the keys at positions <= p (so unwritten cache slots, at
   positions past every query, are never seen).
   """
-  scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+  scores = jnp.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.shape[-1])
   visible = k_positions[None, :] <= q_positions[:, None]  # [T, S]
   # finfo.min, not -inf: a fully masked row cannot occur, but -inf would turn one into NaN.
   scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-  return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+  return jnp.einsum("bhts,bhsd->bhtd", jax.nn.softmax(scores, axis=-1), v)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -95,14 +98,15 @@ class CausalSelfAttention(nnx.Module):
     self.out = nnx.Linear(d, d, rngs=rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[:2] + (self.num_heads, -1))
+    """[B, T, d] -> [B, H, T, Dh]."""
+    return x.reshape(x.shape[:2] + (self.num_heads, -1)).transpose(0, 2, 1, 3)
 
   def __call__(self, x: jax.Array, cache_kv: tuple[jax.Array, jax.Array] | None = None,
                start: jax.Array | int = 0):
     """x [B, T, d] at positions ``start .. start + T - 1``.
 
     Without a cache the keys are x's own (``start`` must be 0); returns [B, T, d]. With
-    ``cache_kv`` (key, value [B, S, H, Dh]) x's keys and values are written at ``start``
+    ``cache_kv`` (key, value [B, H, S, Dh]) x's keys and values are written at ``start``
     and the queries attend the whole cache; returns ([B, T, d], updated (key, value)).
     """
     q, k, v = (self._heads(f(x)) for f in (self.query, self.key, self.value))
@@ -110,11 +114,11 @@ class CausalSelfAttention(nnx.Module):
     if cache_kv is None:
       y = _attend(q, k, v, q_positions, q_positions)
     else:
-      at = (0, start, 0, 0)
+      at = (0, 0, start, 0)
       cache_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at)
                        for c, new in zip(cache_kv, (k, v)))
-      y = _attend(q, *cache_kv, q_positions, jnp.arange(cache_kv[0].shape[1]))
-    y = self.out(y.reshape(x.shape[:2] + (-1,)))
+      y = _attend(q, *cache_kv, q_positions, jnp.arange(cache_kv[0].shape[2]))
+    y = self.out(y.transpose(0, 2, 1, 3).reshape(x.shape[:2] + (-1,)))
     return y if cache_kv is None else (y, cache_kv)
 
 
@@ -182,12 +186,13 @@ class TransformerLM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int | None = None,
                  dtype=jnp.float32) -> Cache:
     """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens
-    (default: context_length): ``{'key', 'value'}`` each [layers, B, max_len, H, Dh]."""
+    (default: context_length): per layer ``{'key', 'value'}`` each [B, H, max_len, Dh]."""
     max_len = self.config.context_length if max_len is None else max_len
     self._check_length(max_len)
     c = self.config
-    shape = (c.num_layers, batch_size, max_len, c.num_heads, c.head_dim)
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    shape = (batch_size, c.num_heads, max_len, c.head_dim)
+    return [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+            for _ in range(c.num_layers)]
 
   def extend(self, tokens: jax.Array, cache: Cache, position: jax.Array | int
              ) -> tuple[jax.Array, Cache]:
@@ -200,12 +205,11 @@ class TransformerLM(nnx.Module):
     """
     positions = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], position, tokens.shape[1])
     x = self.embed(tokens) + positions
-    keys, values = [], []
-    for i, block in enumerate(self.blocks):
-      x, (k, v) = block(x, (cache["key"][i], cache["value"][i]), position)
-      keys.append(k)
-      values.append(v)
-    return self.head(self.norm(x)), {"key": jnp.stack(keys), "value": jnp.stack(values)}
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, (k, v) = block(x, (layer_cache["key"], layer_cache["value"]), position)
+      new_cache.append({"key": k, "value": v})
+    return self.head(self.norm(x)), new_cache
 
   def decode_step(self, tokens_t: jax.Array, cache: Cache, position: jax.Array | int
                   ) -> tuple[jax.Array, Cache]:
