@@ -1,0 +1,171 @@
+"""Times the native CPU matmul by packed power-of-two weights against XLA's dots.
+
+    python benchmarks/cpu_pow2_matmul.py                  # the issue's grid (a few minutes)
+    python benchmarks/cpu_pow2_matmul.py --quick          # K = N = 4096, M = 1 and 16
+    python benchmarks/cpu_pow2_matmul.py --shapes 8192x8192 --ms 1 --bits 4 --lm_shapes
+
+For each weight shape K x N and each M (rows of x, float32), the contenders are:
+
+  f32 dot     XLA's ``x @ w``, w float32 [K, N] (4 bytes per weight)
+  bf16 dot    XLA's ``x @ w`` in bfloat16 (2 bytes per weight)
+  native      ``shiftjax.kernels.pow2_matmul`` on the CPU default: the C++ kernel
+              (kernels/cpu/cpu_pow2_matmul.cc), weights packed in `bits` bits
+  XLA path    the same call with ``backend='xla'``: unpack + decode + dot in XLA
+
+Each round calls every contender once, in a rotating order, so load from other
+processes hits all alike; times are medians over ``--reps`` rounds and ratios are of
+medians measured together. GB/s is of the packed weights (the bytes the kernel must
+read); the machine's read bandwidth is measured in the same run (two threads summing a
+512 MiB float32 buffer with numpy, before and after the grid). The last level cache (32 MiB on
+the 2-core EPYC this was written on) can hold a whole 2- or 3-bit 8192 x 8192 weight:
+the dots called between two native calls evict most of it, but not necessarily all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shiftjax import codes as codes_lib
+from shiftjax import kernels
+from shiftjax.kernels.cpu import native
+
+_SHAPES = flags.DEFINE_string(
+    "shapes", "4096x4096,8192x8192,8192x28672", "weight shapes KxN, comma-separated")
+_LM_SHAPES = flags.DEFINE_bool(
+    "lm_shapes", False, "also small language-model layer shapes (256x768, 256x1024, "
+    "1024x256)")
+_MS = flags.DEFINE_string("ms", "1,4,16,128", "rows of x, comma-separated")
+_BITS = flags.DEFINE_string("bits", "2,3,4", "code widths, comma-separated")
+_REPS = flags.DEFINE_integer("reps", 15, "rounds (each calls every contender once)")
+_XLA_PATH = flags.DEFINE_bool("xla_path", True, "also time today's XLA decode path")
+_QUICK = flags.DEFINE_bool("quick", False, "K = N = 4096, M = 1 and 16 only")
+
+LM_SHAPES = "256x768,256x1024,1024x256"
+E0 = -6
+
+
+def _parse(text: str, sep: str = ",") -> list[int]:
+  return [int(v) for v in text.split(sep) if v]
+
+
+def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
+  """GB/s of two threads each summing half of a float32 buffer far larger than the caches
+  (numpy releases the GIL in the sum)."""
+  halves = np.array_split(np.ones(mib * 2**20 // 4, np.float32), 2)
+
+  def once() -> float:
+    threads = [threading.Thread(target=h.sum) for h in halves]
+    start = time.perf_counter()
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    return time.perf_counter() - start
+  once()
+  return mib * 2**20 / statistics.median(once() for _ in range(reps)) / 1e9
+
+
+def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool):
+  """{name: (jitted fn, args)} and {name: packed bytes} for one shape and M."""
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+  dot = jax.jit(lambda x, w: x @ w)
+  fns = {"f32 dot": (dot, (x, w)),
+         "bf16 dot": (dot, (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))}
+  packed_bytes = {}
+  for bits in bits_list:
+    codes = rng.integers(0, 1 << bits, (k, n), dtype=np.uint8)
+    packed = jax.device_put(codes_lib.pack(codes, bits, axis=0))
+    packed_bytes[bits] = packed.nbytes
+    for name, backend in (("native", None), ("XLA path", "xla")):
+      if backend == "xla" and not xla_path:
+        continue
+      f = jax.jit(lambda x, p, bits=bits, backend=backend: kernels.pow2_matmul(
+          x, p, bits=bits, e0=E0, backend=backend))
+      fns[f"{name} {bits}"] = (f, (x, packed))
+  return fns, packed_bytes
+
+
+def _check(fns, bits_list):
+  """The native kernel agrees with the XLA path (to float32 summation order)."""
+  for bits in bits_list:
+    if f"XLA path {bits}" not in fns:
+      continue
+    (f, args), (g, _) = fns[f"native {bits}"], fns[f"XLA path {bits}"]
+    a, b = np.asarray(f(*args)), np.asarray(g(*args))
+    scale = np.abs(b).max() + 1e-30
+    if np.abs(a - b).max() > 1e-4 * scale:
+      raise SystemExit(f"native and XLA path differ at {bits} bits: "
+                       f"{np.abs(a - b).max()} (max |y| {scale})")
+
+
+def _time(fns, reps: int) -> dict[str, float]:
+  """Median seconds per call, the contenders called in a rotating order each round."""
+  names = list(fns)
+  for f, args in fns.values():  # compile and warm up
+    jax.block_until_ready(f(*args))
+  times = {name: [] for name in names}
+  for r in range(reps):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      f, args = fns[name]
+      start = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv):
+  del argv
+  if not native.available():
+    raise SystemExit("the native CPU kernels are not available (CPU backend and g++ needed)")
+  shapes, ms, reps = _SHAPES.value, _parse(_MS.value), _REPS.value
+  if _QUICK.value:
+    shapes, ms = "4096x4096", [1, 16]
+  if _LM_SHAPES.value:
+    shapes += "," + LM_SHAPES
+  shapes = [tuple(_parse(s, "x")) for s in shapes.split(",") if s]
+  bits_list = _parse(_BITS.value)
+  rng = np.random.default_rng(0)
+
+  bandwidth = [read_bandwidth()]
+  print(f"jax {jax.__version__}, {jax.device_count()} CPU device(s); "
+        f"{reps} rounds; read bandwidth before the grid: {bandwidth[0]:.1f} GB/s",
+        flush=True)
+  rows = []
+  for k, n in shapes:
+    for m in ms:
+      fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value)
+      _check(fns, bits_list)
+      t = _time(fns, reps)
+      for bits in bits_list:
+        native_s = t[f"native {bits}"]
+        xla_s = t.get(f"XLA path {bits}")
+        rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, xla_s,
+                     packed_bytes[bits] / native_s / 1e9))
+        print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, f32 dot "
+              f"{t['f32 dot'] * 1e3:.3f} ms", flush=True)
+      del fns
+  bandwidth.append(read_bandwidth())
+  bw = statistics.mean(bandwidth)
+  print(f"\nread bandwidth: {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after "
+        f"the grid; % below of their mean, {bw:.1f} GB/s\n")
+  print("| K x N | M | bits | native ms | f32 dot ms | bf16 dot ms | XLA path ms "
+        "| f32 dot / native | native GB/s (% of read) |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for k, n, m, bits, f32, bf16, nat, xla, gbs in rows:
+    xla_text = f"{xla * 1e3:.2f}" if xla is not None else "-"
+    print(f"| {k} x {n} | {m} | {bits} | {nat * 1e3:.3f} | {f32 * 1e3:.2f} | "
+          f"{bf16 * 1e3:.2f} | {xla_text} | {f32 / nat:.2f}x | {gbs:.1f} "
+          f"({100 * gbs / bw:.0f} %) |")
+
+
+if __name__ == "__main__":
+  app.run(main)
