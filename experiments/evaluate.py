@@ -1,6 +1,9 @@
 """Evaluates a training checkpoint on the full test split.
 
     python -m experiments.evaluate --config=experiments/configs/fashion_mnist.py --workdir=DIR [--step=N]
+
+A config or flag error is one line on stderr and exit status 2 (``--verbose``: the
+traceback).
 """
 
 import json
@@ -9,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import _errors
 from shiftjax import train
 
 FLAGS = flags.FLAGS
@@ -22,9 +26,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _errors.check_run(FLAGS.config, FLAGS.workdir)
   print(json.dumps(train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step),
                    indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _errors.run(main)

@@ -4,16 +4,15 @@
 
 Writes ``<workdir>/model.shiftjax`` (or ``--output``) and prints its size against the
 float32 weights. An existing file is kept unless ``--overwrite``. Load it with
-``shiftjax.deploy.load`` and run it with ``shiftjax.deploy.packed_apply``.
+``shiftjax.deploy.load`` and run it with ``shiftjax.deploy.packed_apply``. A config or
+flag error is one line on stderr and exit status 2 (``--verbose``: the traceback).
 """
-
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from experiments import _errors
 from shiftjax import train
 
 FLAGS = flags.FLAGS
@@ -31,15 +30,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
-  try:
-    report = train.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
-                                     overwrite=FLAGS.overwrite, step=FLAGS.step,
-                                     float_dtype=FLAGS.float_dtype)
-  except FileExistsError as e:
-    sys.exit(f"error: {e}")
+  _errors.check_run(FLAGS.config, FLAGS.workdir)
+  report = train.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
+                                   overwrite=FLAGS.overwrite, step=FLAGS.step,
+                                   float_dtype=FLAGS.float_dtype)
   print(train.format_export_report(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _errors.run(main)

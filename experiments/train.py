@@ -2,14 +2,15 @@
 
     python -m experiments.train --config=experiments/configs/fashion_mnist.py --workdir=DIR
 
-Restarting with the same ``--workdir`` resumes from its last checkpoint.
+Restarting with the same ``--workdir`` resumes from its last checkpoint. A config or flag
+error is one line on stderr and exit status 2 (``--verbose``: the traceback).
 """
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from experiments import _errors
 from shiftjax import host_memory
 from shiftjax import train
 
@@ -26,13 +27,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # absl's INFO default floods the terminal
-    logging.set_verbosity(logging.WARNING)
   if FLAGS.reuse_freed_memory:  # before JAX starts its threads
     host_memory.reuse_freed_memory()
+  _errors.check_run(FLAGS.config, FLAGS.workdir)
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(train.format_summary(summary, FLAGS.workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _errors.run(main)
