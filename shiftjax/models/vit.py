@@ -32,6 +32,11 @@ POOLINGS = ("mean", "cls")
 class ViTConfig:
   """Sizes of a ViT. The defaults train on Fashion-MNIST on a 2-core CPU.
 
+  Patch 7 (16 tokens) is the default for the CPU's sake: a batch-128 adam step took 0.2-0.3
+  s against 0.9-1.1 s for patch 4 (49 tokens; same parameter count, 539,914) measured
+  side by side on the shared 2-core machine; 150 s of adam at 1e-3 reached 82.0 % test
+  top-1 (590 steps, 1.3 epochs) under load.
+
   Attributes:
     image_size: height and width of the square input images.
     patch_size: side of a square patch; must divide ``image_size``.
@@ -44,7 +49,7 @@ class ViTConfig:
     dropout_rate: dropout after attention and in the MLP when ``train`` (0: none).
   """
   image_size: int = 28
-  patch_size: int = 4
+  patch_size: int = 7
   hidden_dim: int = 128
   depth: int = 4
   num_heads: int = 4
@@ -133,7 +138,7 @@ class ViT(nn.Module):
 
 
 def vit_tiny(num_classes: int = 10, **kwargs) -> ViT:
-  """The default CPU-sized ViT (patch 4, d 128, depth 4, 4 heads, MLP 256): 539,914 params.
+  """The default CPU-sized ViT (patch 7, d 128, depth 4, 4 heads, MLP 256): 539,914 params.
 
   ``kwargs`` override other ``ViTConfig`` fields.
   """
