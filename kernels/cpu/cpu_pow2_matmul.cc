@@ -92,13 +92,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_
 // k < K, 0 for K <= k < words * P: the padding codes of the last word meet x == 0.
 struct Problem {
   const float* xt;
+  // The bfloat16 pair path's x instead of xt: xp[(w * P/2 + i) * m + r] holds x[r, k] for
+  // k = w*P + i (low half) and k = w*P + P/2 + i (high half) as bfloat16.
+  const uint32_t* xp;
   const uint32_t* packed;  // [words, n]
   float* y;                // [m, n]
   int64_t m, n, words;
   int bits, e0;
 };
 
-enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+// kAvx512Bf16: kAvx512, plus bfloat16 dot products (vdpbf16ps) for bfloat16 x at M <= 16.
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
 
 // The float32 bit pattern of a code's value.
 inline uint32_t CodeBits(uint32_t code, int bits, int e0) {
@@ -241,7 +245,7 @@ SHIFTJAX_AVX512 inline __m512 Decode(__m512i words, const Table& t) {
   return _mm512_permutexvar_ps(index, t.lo);
 }
 
-// Masks of the 16-column vectors c = 0 .. C - 1 starting at column n0 (0 past the end).
+// Masks of the 16-column vectors c = 0 .. C - 1 starting at column n0 (0 from column n).
 template <int C>
 SHIFTJAX_AVX512 inline void ColumnMasks(int64_t n, int64_t n0, __mmask16 (&mask)[C]) {
   for (int c = 0; c < C; ++c) {
@@ -272,10 +276,11 @@ SHIFTJAX_AVX512 inline void DirectStep(const __m512i (&words)[C], const float* x
 }
 
 template <int Bits, int R, int C>
-SHIFTJAX_AVX512 void DirectTile(const Problem& p, const Table& t, int64_t r0, int64_t n0) {
+SHIFTJAX_AVX512 void DirectTile(const Problem& p, const Table& t, int64_t r0, int64_t n0,
+                                int64_t n1) {
   constexpr int P = 32 / Bits;
   __mmask16 mask[C];
-  ColumnMasks<C>(p.n, n0, mask);
+  ColumnMasks<C>(n1, n0, mask);
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -303,7 +308,7 @@ template <int Bits, int R>
 SHIFTJAX_AVX512 void DirectColumns(const Problem& p, const Table& t, int64_t r0, int64_t n0,
                                    int64_t n1) {
   constexpr int C = DirectVectors(R);
-  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) DirectTile<Bits, R, C>(p, t, r0, c0);
+  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) DirectTile<Bits, R, C>(p, t, r0, c0, n1);
 }
 
 template <int Bits, int... R>
@@ -323,6 +328,90 @@ int64_t DirectBlock(int64_t m) {
       DirectVectors(9),  DirectVectors(10), DirectVectors(11), DirectVectors(12),
       DirectVectors(13), DirectVectors(14), DirectVectors(15), DirectVectors(16)};
   return 16 * kVectors[std::min<int64_t>(m, kDirectMaxRows) - 1];
+}
+
+// The bfloat16 pair path (bfloat16 x, M <= 16): vdpbf16ps multiplies two bfloat16 pairs
+// per float32 lane and adds both products to the lane, so one instruction does the work
+// of two fused multiply-adds, and one vpermw decodes 32 codes (16-bit lanes). A lane's
+// pair is codes i and P/2 + i of its word: the word shifted right by i * bits puts code i
+// in the low 16 bits and code P/2 + i in the high 16 bits (for 3 and 5 bits once the
+// upper codes are moved up one bit), and vpermw reads the low 5 bits of each half. The
+// products are exact (a bfloat16 times a power of two); the sums run in pairs, so this
+// path agrees with the others to float32 rounding, not bit for bit.
+#define SHIFTJAX_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,fma")))
+
+// The bfloat16 values of the codes, entry e = code e mod 2^bits (32 entries of 16 bits).
+SHIFTJAX_AVX512BF16 inline __m512i PairTable(int bits, int e0) {
+  alignas(64) uint16_t values[32];
+  for (uint32_t e = 0; e < 32; ++e)
+    values[e] = static_cast<uint16_t>(CodeBits(e & ((1u << bits) - 1), bits, e0) >> 16);
+  return _mm512_load_si512(values);
+}
+
+// Codes P/2 .. P-1 of each word moved to start at bit 16 (3 and 5 bits: from bit 15).
+template <int Bits>
+SHIFTJAX_AVX512BF16 inline __m512i PairWords(__m512i words) {
+  constexpr int kLowBits = 32 / Bits / 2 * Bits;
+  if constexpr (kLowBits == 16) return words;
+  const __m512i low = _mm512_set1_epi32((1 << kLowBits) - 1);
+  // bits of low from words, the others from words << 1
+  return _mm512_ternarylogic_epi32(low, words, _mm512_slli_epi32(words, 1), 0xCA);
+}
+
+template <int Bits, int R, int C, int I>
+SHIFTJAX_AVX512BF16 inline void PairStep(const __m512i (&words)[C], const uint32_t* x,
+                                         int64_t m, __m512i table, __m512 (&acc)[R][C]) {
+  if constexpr (I < 32 / Bits / 2) {
+    for (int c = 0; c < C; ++c) {
+      const __m512i index = I == 0 ? words[c] : _mm512_srli_epi32(words[c], I * Bits);
+      const __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(index, table);
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm512_dpbf16_ps(
+            acc[r][c], wv, (__m512bh)_mm512_set1_epi32(static_cast<int>(x[I * m + r])));
+    }
+    PairStep<Bits, R, C, I + 1>(words, x, m, table, acc);
+  }
+}
+
+template <int Bits, int R, int C>
+SHIFTJAX_AVX512BF16 void PairTile(const Problem& p, __m512i table, int64_t r0, int64_t n0,
+                                  int64_t n1) {
+  constexpr int kHalf = 32 / Bits / 2;
+  __mmask16 mask[C];
+  ColumnMasks<C>(n1, n0, mask);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint32_t* row = p.packed + n0;
+  const uint32_t* x = p.xp + r0;
+  for (int64_t w = 0; w < p.words; ++w, row += p.n, x += kHalf * p.m) {
+    if (w + kPrefetchRows < p.words)
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.n + 16 * c),
+                     _MM_HINT_T0);
+    __m512i words[C];
+    for (int c = 0; c < C; ++c)
+      words[c] = PairWords<Bits>(_mm512_maskz_loadu_epi32(mask[c], row + 16 * c));
+    PairStep<Bits, R, C, 0>(words, x, p.m, table, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
+}
+
+template <int Bits, int R>
+SHIFTJAX_AVX512BF16 void PairColumns(const Problem& p, __m512i table, int64_t r0, int64_t n0,
+                                     int64_t n1) {
+  constexpr int C = DirectVectors(R);
+  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) PairTile<Bits, R, C>(p, table, r0, c0, n1);
+}
+
+template <int Bits, int... R>
+SHIFTJAX_AVX512BF16 void PairBlock(const Problem& p, int64_t n0, int64_t n1,
+                                   std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const Problem&, __m512i, int64_t, int64_t, int64_t);
+  static constexpr Fn kFns[] = {PairColumns<Bits, R + 1>...};
+  kFns[p.m - 1](p, PairTable(Bits, p.e0), 0, n0, n1);  // m <= kDirectMaxRows
 }
 
 // The large-M path: decoded panels and a float microkernel.
@@ -422,6 +511,8 @@ SHIFTJAX_AVX512 void Avx512Block(const Problem& p, int64_t n0, int64_t n1) {
 
 bool Supported(Isa isa) {
 #if SHIFTJAX_X86
+  if (isa == kAvx512Bf16)
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
   if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
   if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -430,7 +521,7 @@ bool Supported(Isa isa) {
 
 Isa Resolve(Isa isa) {
   if (isa != kAuto) return isa;
-  for (Isa best : {kAvx512, kAvx2})
+  for (Isa best : {kAvx512Bf16, kAvx512, kAvx2})
     if (Supported(best)) return best;
   return kScalar;
 }
@@ -438,7 +529,8 @@ Isa Resolve(Isa isa) {
 // Columns per task, and the task's work on [n0, n1).
 int64_t BlockColumns(Isa isa, int64_t m) {
 #if SHIFTJAX_X86
-  if (isa == kAvx512) return m <= kDirectMaxRows ? DirectBlock(m) : kPanelBlock;
+  if (isa == kAvx512 || isa == kAvx512Bf16)
+    return m <= kDirectMaxRows ? DirectBlock(m) : kPanelBlock;
   if (isa == kAvx2) return kAvx2Block;
 #endif
   return kScalarBlock;
@@ -447,7 +539,9 @@ int64_t BlockColumns(Isa isa, int64_t m) {
 template <int Bits>
 void RunBlock(Isa isa, const Problem& p, int64_t n0, int64_t n1) {
 #if SHIFTJAX_X86
-  if (isa == kAvx512) return Avx512Block<Bits>(p, n0, n1);
+  if (isa == kAvx512Bf16 && p.xp)
+    return PairBlock<Bits>(p, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
+  if (isa == kAvx512 || isa == kAvx512Bf16) return Avx512Block<Bits>(p, n0, n1);
   if (isa == kAvx2) {
     for (int64_t c0 = n0; c0 < n1; c0 += kAvx2Block) Avx2Block<Bits>(p, c0);
     return;
@@ -489,6 +583,23 @@ void Transpose(const ffi::AnyBuffer& x, int64_t m, int64_t k, int64_t rows, floa
   }
 }
 
+// The bfloat16 pair path's x: xp[(w * h + i) * m + r] = x[r, w*P + i] | x[r, w*P + h + i]
+// << 16 (h = P/2; bfloat16 bits, zero for k >= K).
+void PairTranspose(const ffi::AnyBuffer& x, int64_t m, int64_t k, int64_t words, int p,
+                   uint32_t* xp) {
+  const uint16_t* data = static_cast<const uint16_t*>(x.untyped_data());
+  const int half = p / 2;
+  for (int64_t w = 0; w < words; ++w) {
+    for (int i = 0; i < half; ++i) {
+      const int64_t lo = w * p + i, hi = lo + half;
+      for (int64_t r = 0; r < m; ++r) {
+        const uint32_t a = lo < k ? data[r * k + lo] : 0, b = hi < k ? data[r * k + hi] : 0;
+        xp[(w * half + i) * m + r] = a | b << 16;
+      }
+    }
+  }
+}
+
 ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, int64_t bits,
                       int64_t e0, int64_t isa_attr, ffi::ResultBuffer<ffi::F32> y) {
@@ -508,10 +619,18 @@ ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (!Supported(isa))
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: this CPU lacks that path");
   if (m == 0 || n == 0) return ffi::Error::Success();
-  std::vector<float> xt(words * p * m);
-  Transpose(x, m, k, words * p, xt.data());
-  const Problem prob{xt.data(), packed.typed_data(), y->typed_data(), m, n, words,
-                     static_cast<int>(bits), static_cast<int>(e0)};
+  const bool pairs = isa == kAvx512Bf16 && x.element_type() == ffi::DataType::BF16 &&
+                     m <= kDirectMaxRows;
+  std::vector<float> xt(pairs ? 0 : words * p * m);
+  std::vector<uint32_t> xp(pairs ? words * (p / 2) * m : 0);
+  if (pairs) {
+    PairTranspose(x, m, k, words, p, xp.data());
+  } else {
+    Transpose(x, m, k, words * p, xt.data());
+  }
+  const Problem prob{xt.data(), pairs ? xp.data() : nullptr, packed.typed_data(),
+                     y->typed_data(), m, n, words, static_cast<int>(bits),
+                     static_cast<int>(e0)};
   if (words == 0) std::fill(prob.y, prob.y + m * n, 0.0f);
   const int64_t block = BlockColumns(isa, m);
   const float *s = scale.typed_data(), *b = bias.typed_data();

@@ -387,8 +387,9 @@ _kernel_grad_sharded.def_partition(
 # ------------------------------------------------ matmul by packed power-of-two weights
 
 # The vector paths of cpu_pow2_matmul.cc: None picks the widest this CPU has.
-ISAS = (None, "avx512", "avx2", "scalar")
-_ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}
+# 'avx512_bf16' is 'avx512' with bfloat16 dot products for bfloat16 x at M <= 16.
+ISAS = (None, "avx512_bf16", "avx512", "avx2", "scalar")
+_ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512_bf16": 4}
 _MATMUL_BITS = (2, 3, 4, 5)
 _MATMUL_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -410,9 +411,12 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   The format is ``shiftjax.kernels.pow2_matmul``'s (zero-free codes, ``P = 32 // bits``
   per word along K): x2 float32 or bfloat16 ``[M, K]``, packed uint32 ``[ceil(K/P), N]``,
   scale and bias float32 ``[N]`` or None. ``k``, if given, must be ``K``. ``isa`` forces
-  a vector path (``'avx512'``, ``'avx2'``, ``'scalar'``; default the widest this CPU has),
-  for tests. Every path sums each output's products in order of k into one float32
-  accumulator, so all give the same bits. Check :func:`supports_pow2_matmul` first.
+  a vector path (``'avx512_bf16'``, ``'avx512'``, ``'avx2'``, ``'scalar'``; default the
+  widest this CPU has), for tests. Every path sums each output's products in order of k
+  into one float32 accumulator, so all give the same bits; except ``'avx512_bf16'`` with
+  bfloat16 x at M <= 16, which adds the products two at a time (vdpbf16ps, twice the
+  multiply-adds per instruction) and so agrees to float32 rounding of the sums.
+  Check :func:`supports_pow2_matmul` first.
 
   With rows of x2 and/or columns of packed (and scale, bias) sharded, each device
   multiplies its own block; the output is sharded like both.
