@@ -510,10 +510,10 @@ def test_flipped_byte_is_refused_naming_where(model_file, tmp_path, position):
 
 def test_unsupported_version_is_refused(model_file, tmp_path):
   _, header, data = split_file(open(model_file, "rb").read())
-  path = tmp_path / "v4.shiftjax"
-  path.write_bytes(join_file(4, header, data))
+  path = tmp_path / "v5.shiftjax"
+  path.write_bytes(join_file(5, header, data))
   with pytest.raises(ex.PackedModelError,
-                     match="unsupported format version 4 at byte 8 .* reads versions 1, 2, 3"):
+                     match="unsupported format version 5 at byte 8 .* reads versions 1, 2, 3, 4"):
     ex.load(path)
 
 

@@ -190,19 +190,7 @@ class PackedModel:
   def to_bytes(self) -> bytes:
     """The file's bytes, format version 3 (see the module docstring); checks the model first."""
     self.check()
-    entries, blobs, data_bytes = [], [], 0
-    for name, a in self.arrays.items():
-      dtype = _dtype_name(a.dtype)
-      storage = ARRAY_DTYPES[dtype][0]
-      # Same-size native view, then little-endian bytes (a no-op on little-endian hosts).
-      raw = np.ascontiguousarray(a).view(storage.newbyteorder("=")).astype(
-          storage, copy=False).tobytes()
-      offset = _align(data_bytes)
-      entries.append({"name": name, "dtype": dtype, "shape": list(a.shape),
-                      "offset": offset, "nbytes": len(raw), "crc32": zlib.crc32(raw)})
-      blobs.append((offset, raw))
-      data_bytes = offset + len(raw)
-    header = {
+    return encode_container(FORMAT_VERSION, {
         "format": FORMAT_NAME,
         "writer": f"shiftjax {shiftjax.__version__}",
         "architecture": {"name": self.architecture, "config": self.config},
@@ -211,22 +199,7 @@ class PackedModel:
         "code_layout": self.code_layout,
         "float_dtype": self.float_dtype,
         "layers": [l.to_json() for l in self.layers],
-        "arrays": entries,
-        "data_bytes": data_bytes,
-        "metadata": self.metadata,
-    }
-    head = json.dumps(header, sort_keys=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8")
-    head_end = _PREFIX.size + len(head)
-    start = _data_start(FORMAT_VERSION, len(head))
-    buf = bytearray(start + data_bytes)
-    _PREFIX.pack_into(buf, 0, MAGIC, FORMAT_VERSION, len(head))
-    buf[_PREFIX.size:head_end] = head
-    buf[head_end:head_end + DIGEST_BYTES] = hashlib.sha256(buf[:head_end]).digest()
-    for off, raw in blobs:
-      buf[start + off:start + off + len(raw)] = raw
-    buf += hashlib.sha256(buf).digest()
-    return bytes(buf)
+    }, self.arrays, self.metadata)
 
   def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Writes the model file atomically (a temporary file in the same directory, then a
@@ -236,6 +209,37 @@ class PackedModel:
       raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     write_atomic(path, self.to_bytes(), overwrite=overwrite)
     return path
+
+
+def encode_container(version: int, fields: Mapping[str, Any],
+                     arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> bytes:
+  """The file's bytes (module docstring): the header ``fields`` plus the ``arrays``
+  entries, ``data_bytes`` and ``metadata``, the digests, and the aligned array data."""
+  entries, blobs, data_bytes = [], [], 0
+  for name, a in arrays.items():
+    dtype = _dtype_name(a.dtype)
+    storage = ARRAY_DTYPES[dtype][0]
+    # Same-size native view, then little-endian bytes (a no-op on little-endian hosts).
+    raw = np.ascontiguousarray(a).view(storage.newbyteorder("=")).astype(
+        storage, copy=False).tobytes()
+    offset = _align(data_bytes)
+    entries.append({"name": name, "dtype": dtype, "shape": list(a.shape),
+                    "offset": offset, "nbytes": len(raw), "crc32": zlib.crc32(raw)})
+    blobs.append((offset, raw))
+    data_bytes = offset + len(raw)
+  header = {**fields, "arrays": entries, "data_bytes": data_bytes, "metadata": dict(metadata)}
+  head = json.dumps(header, sort_keys=False, allow_nan=False,
+                    separators=(",", ":")).encode("utf-8")
+  head_end = _PREFIX.size + len(head)
+  start = _data_start(version, len(head))
+  buf = bytearray(start + data_bytes)
+  _PREFIX.pack_into(buf, 0, MAGIC, version, len(head))
+  buf[_PREFIX.size:head_end] = head
+  buf[head_end:head_end + DIGEST_BYTES] = hashlib.sha256(buf[:head_end]).digest()
+  for off, raw in blobs:
+    buf[start + off:start + off + len(raw)] = raw
+  buf += hashlib.sha256(buf).digest()
+  return bytes(buf)
 
 
 def _dtype_name(dtype) -> str:
@@ -378,6 +382,10 @@ _ARRAY_KEYS[2] = _ARRAY_KEYS[1] | {"crc32"}
 # Version 3: each layer's own weight and input specs (mixed widths, quantized
 # activations) in the layers and the architecture config; the same header fields.
 _HEADER_KEYS[3], _ARRAY_KEYS[3] = _HEADER_KEYS[2], _ARRAY_KEYS[2]
+# Version 4: any model, its layers keyed by module path (``deploy.packed_tree``).
+_HEADER_KEYS[4] = {"format", "writer", "framework", "model", "layers", "arrays",
+                   "data_bytes", "metadata"}
+_ARRAY_KEYS[4] = _ARRAY_KEYS[3]
 READABLE_VERSIONS = tuple(sorted(_HEADER_KEYS))
 
 
@@ -449,7 +457,11 @@ def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
   if version == 1 and not digest_ok:
     raise checksum_error
   try:
-    model = _model_from_header(version, header, buf, head_end, data_start)
+    if version >= 4:
+      from shiftjax.deploy import packed_tree  # pylint: disable=g-import-not-at-top
+      model = packed_tree.from_header(version, header, buf, head_end, data_start)
+    else:
+      model = _model_from_header(version, header, buf, head_end, data_start)
   except PackedModelError as e:
     raise fail(str(e)) from None
   if not digest_ok:  # every part checked out: the damage is in the final digest itself
@@ -467,9 +479,8 @@ def _check_padding(buf: bytes, gaps: Sequence[tuple[int, int]]) -> None:
       raise PackedModelError(f"corrupted padding: byte {offset} is {buf[offset]}, expected 0")
 
 
-def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
-                       data_start: int) -> PackedModel:
-  keys, array_keys = _HEADER_KEYS[version], _ARRAY_KEYS[version]
+def check_header_keys(version: int, header: dict) -> None:
+  keys = _HEADER_KEYS[version]
   missing, unknown = keys - set(header), set(header) - keys
   if missing or unknown:
     raise PackedModelError(f"header fields differ from version {version}: missing "
@@ -477,6 +488,13 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
   if header["format"] != FORMAT_NAME:
     raise PackedModelError(f"header format is {header['format']!r}, expected "
                            f"{FORMAT_NAME!r}")
+  if not isinstance(header["metadata"], dict):
+    raise PackedModelError("metadata must be a JSON object")
+
+
+def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
+                       data_start: int) -> PackedModel:
+  check_header_keys(version, header)
   arch = header["architecture"]
   if not isinstance(arch, dict) or set(arch) != {"name", "config"}:
     raise PackedModelError(f"architecture must be an object with name and config, got "
@@ -501,9 +519,19 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
                            f"{float_dtype!r}")
   layers = build_layers(arch["name"], config, quantizer)
   _check_layers(header["layers"], layers, version)
-  if not isinstance(header["metadata"], dict):
-    raise PackedModelError("metadata must be a JSON object")
+  arrays = read_arrays(version, header, buf, head_end, data_start,
+                       expected_arrays(layers, float_dtype, code_layout))
+  return PackedModel(arch["name"], config, quantizer, layers, arrays, float_dtype,
+                     header["metadata"], code_layout)
 
+
+def read_arrays(version: int, header: dict, buf: bytes, head_end: int, data_start: int,
+                expected: Mapping[str, tuple[str, tuple]] | None = None
+                ) -> dict[str, np.ndarray]:
+  """The header's arrays, checked (entries, overlap, ``expected`` names, dtypes and
+  shapes when given, CRC-32s, zero padding) and copied out of ``buf``, in the order of
+  ``expected`` (else the file's)."""
+  array_keys = _ARRAY_KEYS[version]
   entries = header["arrays"]
   if not isinstance(entries, list):
     raise PackedModelError("arrays must be a list")
@@ -542,7 +570,8 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
   for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
     if start < end:
       raise PackedModelError(f"arrays {a!r} and {b!r} overlap")
-  _check_array_specs(declared, expected_arrays(layers, float_dtype, code_layout))
+  if expected is not None:
+    _check_array_specs(declared, expected)
   if version >= 2:
     for e in entries:
       start = data_start + e["offset"]
@@ -562,10 +591,9 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
                       offset=data_start + e["offset"])
     arrays[e["name"]] = a.astype(storage.newbyteorder("="), copy=True).view(
         loaded).reshape(e["shape"])
-  ordered = {name: arrays[name]
-             for name in expected_arrays(layers, float_dtype, code_layout)}
-  return PackedModel(arch["name"], config, quantizer, layers, ordered, float_dtype,
-                     header["metadata"], code_layout)
+  return {name: arrays[name] for name in (expected if expected is not None else arrays)}
+
+
 
 
 def load(path: str | os.PathLike) -> PackedModel:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -38,6 +39,9 @@ from shiftjax import codes as codes_lib
 from shiftjax import interception
 from shiftjax import kernels
 from shiftjax import quantizers as qz
+from shiftjax import trees
+from shiftjax.deploy import format as format_lib
+from shiftjax.deploy.packed_tree import CODES, VARIABLES, LayerEntry, PackedTree
 
 CODES_COLLECTION = "shift_codes"
 
@@ -134,18 +138,26 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs):
     jax.eval_shape(functools.partial(model.apply, **kwargs), variables, *inputs)
   params = dict(variables["params"])  # copied along each edited path (_subtree)
   codes: dict[str, Any] = {}
+  table = []
   for path, layer in record.layers.items():
     if layer.weight_spec is None:
       continue
     owner, codes_owner = _subtree(params, path), _subtree(codes, path, create=True)
     spec = layer.weight_spec
     codes_owner["kernel"] = kernel_words(spec.codes(owner.pop("kernel")), spec.bits)
-  if not codes:
+    table.append((path, LayerEntry(layer.kind, spec, layer.kernel_shape, layer.input_spec)))
+  if not table:
     raise ValueError("the model has no quantized layer to pack")
   base = type(model)._shiftjax_float_class  # pylint: disable=protected-access
+  return (packed_linen_model(model, base, tuple(table)),
+          {**variables, "params": params, CODES_COLLECTION: codes})
+
+
+def packed_linen_model(model: nn.Module, base: type, table) -> nn.Module:
+  """``model`` (unbound) as its packed class: ``table`` is ``((path, LayerEntry), ...)``."""
   packed = model.clone()
-  packed.__class__ = _packed_linen_class(base, model.shift_policy)
-  return packed, {**variables, "params": params, CODES_COLLECTION: codes}
+  packed.__class__ = _packed_linen_class(base, table)
+  return packed
 
 
 def _subtree(tree: dict, path: str, create: bool = False) -> dict:
@@ -160,29 +172,30 @@ def _subtree(tree: dict, path: str, create: bool = False) -> dict:
 
 
 @functools.cache
-def _packed_linen_class(base: type, policy) -> type:
+def _packed_linen_class(base: type, table) -> type:
   method = base.__call__
   inner = method.__wrapped__ if hasattr(method, "method_handler_wrapped") else method
+  layers = dict(table)
 
   @functools.wraps(inner)
   def run(self, *args, **kwargs):
-    with nn.intercept_methods(functools.partial(_intercept_packed, policy)):
+    with nn.intercept_methods(functools.partial(_intercept_packed, layers)):
       return inner(self, *args, **kwargs)
 
   if hasattr(inner, "compact"):
     run.compact = inner.compact
-  return type(base.__name__, (base,), {"__call__": run, "shift_policy": policy,
+  return type(base.__name__, (base,), {"__call__": run, "packed_layers": table,
                                        "_shiftjax_float_class": base})
 
 
-def _intercept_packed(policy, next_fun, args, kwargs, context):
+def _intercept_packed(layers, next_fun, args, kwargs, context):
   module = context.module
-  if (context.method_name != "__call__" or module.scope is None
-      or not isinstance(module, interception.LINEN_LAYERS)
-      or not module.has_variable(CODES_COLLECTION, "kernel")):
+  if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
-  path = "/".join(module.scope.path)
-  spec, input_spec = policy.quantizer_for(path), policy.activation_for(path)
+  entry = layers.get("/".join(module.scope.path))
+  if entry is None or not isinstance(module, interception.LINEN_LAYERS):
+    return next_fun(*args, **kwargs)
+  spec, input_spec = entry.weight_spec, entry.input_spec
   words = module.get_variable(CODES_COLLECTION, "kernel")
   x = args[0]
   if input_spec is not None:
@@ -236,3 +249,175 @@ def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs, **kwa
     return _pack_linen(model, variables, inputs, kwargs)
   raise TypeError(f"pack_model takes a flax.linen or flax.nnx Module, got "
                   f"{type(model).__name__}")
+
+
+# ------------------------------------------------------------------------- files (v4)
+
+
+def _bitplanes(words, entry: LayerEntry) -> np.ndarray:
+  codes = codes_lib.unpack(words, entry.weight_spec.bits, math.prod(entry.kernel_shape[:-1]),
+                           axis=0).reshape(entry.kernel_shape)
+  return np.asarray(codes_lib.pack_bitplanes(codes, entry.weight_spec.bits))
+
+
+def _words(tree: PackedTree, path: str) -> jax.Array:
+  """A layer's bit planes in the kernels' word layout: converted once, at load."""
+  return kernel_words(tree.kernel_codes(path), tree.layers[path].weight_spec.bits)
+
+
+def _class_name(cls: type) -> str:
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _storable(path: str, value) -> np.ndarray:
+  a = np.asarray(value)
+  if a.dtype.name not in format_lib.ARRAY_DTYPES:
+    raise ValueError(f"variable {path!r} has dtype {a.dtype}; a packed file stores "
+                     f"{', '.join(format_lib.ARRAY_DTYPES)}")
+  return a
+
+
+def _nnx_variables(model: nnx.Module) -> dict[str, Any]:
+  """Every variable a packed NNX model needs but its codes and RNG streams, by path."""
+  state = nnx.state(model, nnx.All(nnx.Variable, nnx.Not(nnx.RngState),
+                                    nnx.Not(PackedKernel)))
+  return trees.flatten(state)
+
+
+def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
+            metadata: Mapping[str, Any] | None = None) -> PackedTree:
+  """The ``PackedTree`` (format version 4) of a packed model (``pack_model``'s result:
+  an NNX model, or a linen model and its variables)."""
+  if isinstance(packed, nnx.Module):
+    layers, arrays = {}, {}
+    for path, layer in nnx.iter_modules(packed):
+      if isinstance(layer, interception.NNX_LAYERS) and isinstance(layer.kernel, PackedKernel):
+        name = "/".join(map(str, path))
+        kernel = layer.kernel
+        entry = LayerEntry(interception._nnx_kind(layer), kernel.weight_spec,  # pylint: disable=protected-access
+                           tuple(kernel.weight_shape), getattr(layer, "input_spec", None))
+        layers[name] = entry
+        arrays[CODES + name] = _bitplanes(kernel.get_value(), entry)
+    arrays.update({VARIABLES + p: _storable(p, v)
+                   for p, v in _nnx_variables(packed).items()})
+    base = type(packed).__mro__[0]
+    framework = "nnx"
+  else:
+    table = getattr(type(packed), "packed_layers", None)
+    if table is None or variables is None:
+      raise ValueError("to_tree takes pack_model's result: an NNX model, or a linen model "
+                       "and its packed variables")
+    layers = dict(table)
+    codes = variables[CODES_COLLECTION]
+    arrays = {CODES + p: _bitplanes(_subtree_get(codes, p)["kernel"], e)
+              for p, e in layers.items()}
+    rest = {k: v for k, v in variables.items() if k != CODES_COLLECTION}
+    arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
+    base = type(packed)._shiftjax_float_class  # pylint: disable=protected-access
+    framework = "linen"
+  return PackedTree(framework, _class_name(_float_class(base)), layers, arrays,
+                    dict(metadata or {}))
+
+
+def _float_class(cls: type) -> type:
+  """The user's class under shiftjax's dynamic subclasses (which keep its name)."""
+  while cls.__module__ in (__name__, interception.__name__) or cls.__dict__.get(
+      "_shiftjax_float_class") is not None:
+    cls = cls.__mro__[1]
+  return cls
+
+
+def _subtree_get(tree, path: str):
+  for part in path.split("/") if path else ():
+    tree = tree[part]
+  return tree
+
+
+def save_model(path: str | os.PathLike, packed, variables=None, *,
+               metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes a packed model (``pack_model``'s result) as a format version 4 file."""
+  return to_tree(packed, variables, metadata=metadata).save(path, overwrite=overwrite)
+
+
+def load_model(source, model):
+  """A packed model file (or ``PackedTree``) run by ``model``'s own code.
+
+  Args:
+    source: a path or a ``PackedTree``.
+    model: the float model the file was packed from (its class, built with the same
+      configuration; NNX: an instance, its values are replaced).
+  Returns:
+    NNX: the packed model. linen: ``(packed_model, variables)``.
+  Raises:
+    PackedModelError/ValueError: the file is damaged, of another framework or class, or
+      a layer or variable does not fit the model (naming it and both shapes).
+  """
+  tree = source if isinstance(source, PackedTree) else format_lib.load(source)
+  if not isinstance(tree, PackedTree):
+    raise ValueError(f"{source} is a packed ResNet (format version <= 3): load it with "
+                     "shiftjax.deploy.load")
+  framework = "nnx" if isinstance(model, nnx.Module) else "linen"
+  if tree.framework != framework:
+    raise ValueError(f"the file holds a {tree.framework} model, got a {framework} one")
+  wanted = _class_name(_float_class(type(model)))
+  if tree.model.rpartition(".")[2] != wanted.rpartition(".")[2]:
+    raise ValueError(f"the file holds a {tree.model}, got a {wanted}")
+  if framework == "linen":
+    variables = _unflatten(tree.variables)
+    variables[CODES_COLLECTION] = _unflatten({f"{p}/kernel": _words(tree, p)
+                                              for p in tree.layers})
+    base = _float_class(type(model))
+    plain = model.clone()
+    plain.__class__ = base
+    return packed_linen_model(plain, base, tuple(tree.layers.items())), variables
+  return _load_nnx(tree, model)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = jnp.asarray(value)
+  return out
+
+
+def _load_nnx(tree: PackedTree, model: nnx.Module) -> nnx.Module:
+  model = nnx.clone(model)
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
+  for path, entry in tree.layers.items():
+    layer = modules.get(path)
+    if not isinstance(layer, interception.NNX_LAYERS):
+      raise ValueError(f"the file's layer {path!r} ({entry.kind}) is "
+                       f"{type(layer).__name__ if layer is not None else 'not'} in the model")
+    shape = tuple(layer.kernel.shape)
+    if shape != entry.kernel_shape:
+      raise ValueError(f"layer {path!r} has kernel shape {list(entry.kernel_shape)} in the "
+                       f"file, {list(shape)} in the model")
+    layer.kernel = PackedKernel(_words(tree, path), weight_spec=entry.weight_spec,
+                                weight_shape=entry.kernel_shape)
+    if entry.input_spec is not None:
+      interception._quantize_nnx_input(layer, entry.input_spec)  # pylint: disable=protected-access
+    if isinstance(layer, nnx.Linear) and runs_on_kernels("Dense", entry.weight_spec):
+      layer.__class__ = _packed_linear(type(layer))
+  stored = tree.variables
+  state = nnx.state(model, nnx.All(nnx.Variable, nnx.Not(nnx.RngState),
+                                    nnx.Not(PackedKernel)))
+  flat = trees.flatten(state)
+  missing = sorted(set(flat) - set(stored))
+  extra = sorted(set(stored) - set(flat))
+  if missing or extra:
+    raise ValueError(f"the file's variables do not fit the model: missing {missing[:8]}, "
+                     f"not in the model {extra[:8]}")
+
+  def restore(path, leaf):
+    name = "/".join(trees.path_names(path))
+    value = stored[name]
+    if tuple(value.shape) != tuple(np.shape(leaf)):
+      raise ValueError(f"variable {name!r} has shape {tuple(value.shape)} in the file, "
+                       f"{tuple(np.shape(leaf))} in the model")
+    return jnp.asarray(value, dtype=jnp.asarray(leaf).dtype)
+  nnx.update(model, jax.tree_util.tree_map_with_path(restore, state))
+  return model
