@@ -9,9 +9,9 @@ Unix command does for a usage error. ``--verbose`` or ``SHIFTJAX_TRACEBACK=1`` i
 environment keeps the full traceback.
 
 ``check_run`` validates a config and its workdir before the launcher calls the library:
-``shiftjax.train.validate_config``, then the one check the library leaves to its
-callers, a workdir whose checkpoint another config wrote (orbax would fail deep in the
-restore with a shape and no name).
+``shiftjax.train.validate_config``, a data directory that does not exist, and a workdir
+whose checkpoint another config wrote (orbax would fail deep in the restore, with a
+shape and no name, and asyncio's noise after it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+from shiftjax import data as data_lib
+from shiftjax import train
+from shiftjax import trees
 
 flags.DEFINE_bool("verbose", False, "On a config or flag error, print the full traceback "
                   "(also: SHIFTJAX_TRACEBACK=1), not one line.")
@@ -97,32 +103,40 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def _tree_shapes(tree) -> dict[str, tuple[int, ...]]:
-  import jax  # pylint: disable=g-import-not-at-top
+  """``{'params/stem/kernel': shape, ...}`` of a tree of arrays or array metadata."""
+  return {path: tuple(leaf.shape) for path, leaf in trees.flatten(tree).items()}
 
-  def name(key):
-    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
 
-  return {"/".join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _checkpoint_shapes(workdir: str) -> tuple[int | None, dict[str, tuple[int, ...]]]:
+  """``(latest step, shapes of its params and batch_stats)`` from orbax's metadata (no
+  array is read); ``(None, {})`` without a checkpoint."""
+  directory = os.path.join(os.path.abspath(workdir), train.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):  # a manager would create it
+    return None, {}
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None, {}
+    stored = manager.item_metadata(step)
+  finally:
+    manager.close()
+  return step, _tree_shapes({k: stored[k] for k in ("params", "batch_stats") if k in stored})
 
 
 def check_run(config, workdir: str) -> None:
-  """``shiftjax.train.validate_config(config)``; FileNotFoundError when ``config.data_dir``
-  does not exist (the library's own error would come after tfds's warnings); then
-  ValueError naming ``--workdir`` when its latest checkpoint holds parameters of another model than ``config``'s (another
-  model, width, method, bits or per-layer rules).
+  """Errors in ``config`` and ``workdir``, before the launcher calls the library.
+
+  ``shiftjax.train.validate_config(config)``; FileNotFoundError when ``config.data_dir``
+  does not exist (the library's own error would come after tfds's warnings); ValueError
+  naming ``--workdir`` when its latest checkpoint holds parameters of another model than
+  ``config``'s (another model, width, method, bits or per-layer rules): the shapes of
+  the checkpoint's ``params`` and ``batch_stats`` against those ``config``'s model would
+  have (``jax.eval_shape``: nothing is compiled). A workdir without a checkpoint passes.
 
   Skipped when ``config.distributed``: ``jax.distributed.initialize()`` must come before
-  anything touches the devices, and ``train_and_evaluate`` validates after it. Compares the shapes of the checkpoint's ``params`` and ``batch_stats`` (orbax metadata,
-  no array is read) with those ``config``'s model would have (``jax.eval_shape``: nothing
-  is compiled). A workdir without a checkpoint passes.
+  anything touches the devices, and ``train_and_evaluate`` validates after it.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  from shiftjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from shiftjax import train  # pylint: disable=g-import-not-at-top
-
   if config.get("distributed", False):
     return
   train.validate_config(config)
@@ -132,16 +146,9 @@ def check_run(config, workdir: str) -> None:
         f"config.data_dir={data_dir!r}: no such directory; give the directory that holds "
         f"the prepared {config.dataset} (tfds layout), or '' for tfds's default "
         "(~/tensorflow_datasets)")
-  directory = os.path.join(os.path.abspath(workdir), train.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return
-  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
-  step = manager.latest_step()
+  step, stored = _checkpoint_shapes(workdir)
   if step is None:
     return
-  stored = manager.item_metadata(step)
-  manager.close()
-  stored = _tree_shapes({k: stored[k] for k in ("params", "batch_stats") if k in stored})
   spec = data_lib.get_spec(config.dataset)
   model = train.create_model(config, spec.num_classes)
   lr_fn = train.create_learning_rate_fn(config, 1, 1)
