@@ -37,6 +37,7 @@ flags.DEFINE_bool("verbose", False, "On a config or flag error, print the full t
 TRACEBACK_ENV = "SHIFTJAX_TRACEBACK"
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError)
 USAGE_EXIT_CODE = 2
+_TRACEBACK = "Traceback (most recent call last):"
 
 
 def _wants_traceback(argv=None) -> bool:
@@ -55,6 +56,9 @@ def one_line(error: BaseException) -> str:
     error = error.args[0]
   message = (error.args[0] if isinstance(error, KeyError) and len(error.args) == 1
              and isinstance(error.args[0], str) else str(error))
+  if _TRACEBACK in message:  # ml_collections quotes a config file's whole traceback
+    head, _, tail = message.partition(_TRACEBACK)
+    message = head + [line for line in tail.splitlines() if line.strip()][-1]
   return " ".join(message.split()) or type(error).__name__
 
 
@@ -88,6 +92,14 @@ def run(main: Callable[[list[str]], None]) -> None:
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:  # absl's INFO floods stderr (orbax: each step)
       logging.set_verbosity(logging.WARNING)
+    try:
+      # ml_collections reports a config file it could not read when the config is used.
+      if "config" in flags.FLAGS:
+        flags.FLAGS.config.keys()
+    except OSError as e:
+      if _wants_traceback():
+        raise
+      fail(f"--config: {one_line(e)}")
     try:
       return main(argv)
     except app.UsageError as e:

@@ -69,6 +69,18 @@ def test_missing_data_directory_names_the_field_and_the_directory(tmp_path):
   assert_one_line_error(run, "config.data_dir", str(missing), "no such directory")
 
 
+@pytest.mark.parametrize("config, names", [
+    ("experiments/configs/no_such_config.py",
+     ["--config", "No such file or directory", "no_such_config.py"]),
+    ("experiments/configs/cifar10.py:resnet21,denseshift,3",
+     ["config string 'resnet21,denseshift,3'", "unknown model 'resnet21'", "resnet20"]),
+], ids=["missing_file", "bad_recipe_string"])
+def test_config_file_error_is_one_line(config, names, tmp_path):
+  run = launch("train", f"--config={config}", f"--workdir={tmp_path / 'run'}")
+  assert_one_line_error(run, *names)
+  assert "Traceback" not in run.stderr
+
+
 def test_missing_required_flag_is_one_line():
   run = launch("export", CONFIG)
   assert_one_line_error(run, "--workdir")
