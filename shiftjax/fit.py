@@ -7,7 +7,8 @@ The loop the launcher's ResNets get, for a user's own model and batches:
   Both run as one pure function of ``(params, state, inputs)``: NNX through
   ``nnx.split``/``nnx.merge``, so the step, the optimizer and the checkpoints are one.
 * the data: a function ``start_step -> iterator of batches`` (exact resume for any data),
-  a random-access source (``len`` and ``[i]``, e.g. a grain or ``tfds.data_source``
+  a dict of equally long arrays (shuffled per epoch by seed, batched here), a
+  random-access source (``len`` and ``[i]``, e.g. a grain or ``tfds.data_source``
   source: shuffled per epoch by seed, batched here), a tfds dataset name, or any iterable
   of batches (on resume its first ``start_step`` batches are skipped). A batch is a dict
   of numpy or jax arrays.
@@ -85,16 +86,17 @@ def classification(image_key: str = "image", label_key: str = "label") -> Task:
   return Task(lambda batch: (batch[image_key],), loss)
 
 
-def next_token(tokens_key: str = "tokens") -> Task:
-  """A language model on ``tokens [B, T + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``;
-  metrics bits per token (``loss / ln 2``) and next-token accuracy."""
+def next_token(inputs_key: str = "inputs", targets_key: str = "targets") -> Task:
+  """A language model on ``inputs [B, T]`` and ``targets [B, T]`` (the next tokens, as
+  ``shiftjax.data.text`` makes them); metrics bits per token (``loss / ln 2``) and
+  next-token accuracy."""
   def loss(logits, batch):
-    targets = batch[tokens_key][:, 1:]
+    targets = batch[targets_key]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     mean = _masked_mean(losses, batch)
     return mean, {"bits_per_token": mean / math.log(2), "accuracy": _masked_mean(correct, batch)}
-  return Task(lambda batch: (batch[tokens_key][:, :-1],), loss)
+  return Task(lambda batch: (batch[inputs_key],), loss)
 
 
 # -------------------------------------------------------------------- model as a function
@@ -177,6 +179,10 @@ def batches_from(data, *, batch_size: int | None, seed: int, split: str = "train
     data = tfds.data_source(data, split=split, data_dir=data_dir)
   if callable(data) and not hasattr(data, "__getitem__"):
     return data
+  if isinstance(data, Mapping):
+    if not batch_size:
+      raise ValueError("arrays need batch_size (examples per step)")
+    return functools.partial(_array_batches, dict(data), batch_size, seed)
   if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
       data, (list, tuple)):
     if not batch_size:
@@ -200,6 +206,22 @@ def _source_batches(source, batch_size: int, seed: int, start: int) -> Iterator[
     order = np.random.default_rng([seed, epoch]).permutation(len(source))
     examples = [source[int(i)] for i in order[index * batch_size:(index + 1) * batch_size]]
     yield {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+
+def _array_batches(arrays: dict, batch_size: int, seed: int, start: int) -> Iterator[Batch]:
+  """Batches of equally long arrays, shuffled per epoch as ``_source_batches``."""
+  lengths = {k: len(v) for k, v in arrays.items()}
+  if len(set(lengths.values())) != 1:
+    raise ValueError(f"the arrays differ in length: {lengths}")
+  n = next(iter(lengths.values()))
+  steps_per_epoch = n // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"the arrays have {n} examples, fewer than batch_size {batch_size}")
+  for step in itertools.count(start):
+    epoch, index = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    chosen = np.sort(order[index * batch_size:(index + 1) * batch_size])
+    yield {k: v[chosen] for k, v in arrays.items()}
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict:

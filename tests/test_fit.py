@@ -54,7 +54,8 @@ def test_fit_trains_a_users_quantized_model_and_logs_metrics(framework, tmp_path
 
 def _tokens(start):
   for step in itertools.count(start):  # each batch a function of its step
-    yield {"tokens": np.random.default_rng(step).integers(0, 11, size=(4, 5), dtype=np.int32)}
+    window = np.random.default_rng(step).integers(0, 11, size=(4, 5), dtype=np.int32)
+    yield {"inputs": window[:, :-1], "targets": window[:, 1:]}
 
 
 def test_resume_is_bit_exact_for_a_non_resnet_model(tmp_path):
@@ -97,6 +98,19 @@ def test_random_access_sources_are_shuffled_per_epoch_and_resumable():
   assert epoch0.shape == (8,)
   with pytest.raises(ValueError, match="needs batch_size"):
     fit_lib.batches_from(Source(), batch_size=None, seed=0)
+
+
+def test_dicts_of_arrays_are_batched_per_epoch():
+  make = fit_lib.batches_from({"image": XS[:10], "label": YS[:10]}, batch_size=4, seed=1)
+  first = list(itertools.islice(make(0), 4))
+  np.testing.assert_array_equal(np.sort(np.concatenate([b["label"] for b in first[:2]])),
+                                np.sort(YS[:10][np.isin(XS[:10, 0], np.concatenate(
+                                    [b["image"][:, 0] for b in first[:2]]))]))
+  assert len({tuple(x) for b in first[:2] for x in b["image"]}) == 8
+  np.testing.assert_array_equal(list(itertools.islice(make(3), 1))[0]["image"],
+                                first[3]["image"])
+  with pytest.raises(ValueError, match="differ in length"):
+    next(fit_lib.batches_from({"a": XS, "b": YS[:3]}, batch_size=2, seed=0)(0))
 
 
 def test_divergence_stops_without_saving(tmp_path):

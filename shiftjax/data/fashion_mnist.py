@@ -64,6 +64,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
+def read_split(source_dir: str | os.PathLike | None, split: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """``(images uint8 [N, 28, 28], labels uint8 [N])`` of ``split`` (``'train'``: 60k,
+  ``'test'``: 10k) straight from the idx files, for code that wants arrays, not tfds."""
+  if split not in _FILES:
+    raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
+  source_dir = os.fspath(source_dir or DEFAULT_SOURCE_DIR)
+  images_file, labels_file, _ = _FILES[split]
+  paths = [os.path.join(source_dir, f) for f in (images_file, labels_file)]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"Fashion-MNIST files {missing} are missing; install them with "
+                            "'apt-get install dataset-fashion-mnist'")
+  return read_idx(paths[0]), read_idx(paths[1])
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
   return (struct.pack(">I", len(payload)) + kind + payload
           + struct.pack(">I", zlib.crc32(kind + payload)))

@@ -1,0 +1,114 @@
+"""A float ViT (linen) shift-quantized by rules, trained on real Fashion-MNIST.
+
+    python benchmarks/vit_fashion_mnist.py --seeds=3 --steps=1500
+
+For each method (float, DenseShift 3-bit, S3 3-bit, DenseShift 2-bit, and the variants
+named by --methods) and seed: ``shiftjax.models.vit_tiny()`` (a plain float flax model)
+goes through ``sj.quantize_model`` with the method's policy (the patch embedding and the
+classifier stay float, as the papers keep the first and last layer; ``SPECS`` gives
+each format's exponent offset), ``sj.fit`` trains it
+with adam (warmup + cosine) on the 60k training images, and top-1 is measured on all
+10k test images. Prints a markdown table: mean +- std over seeds, the change against
+float, and the wall time of a run. Data: Debian's ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import optax
+
+import shiftjax as sj
+from shiftjax import data as data_lib
+from shiftjax import fit as fit_lib
+from shiftjax.models import vit as vit_lib
+
+FLOAT_LAYERS = ("patch_embed", "head")
+ATTENTION = "encoder_block*/attention/*"
+# Exponent offsets put each format's largest magnitude at 1/4 (1/8 at 2 bits): a
+# transformer's matmuls have no BatchNorm after them to absorb a scale, and He's std for
+# its fan-ins (128-256) is 2**-3..2**-3.5.
+SPECS = {"DenseShift 3-bit": sj.DenseShift(3, e0=-5), "S3 3-bit": sj.S3(3, e0=-4),
+         "DenseShift 2-bit": sj.DenseShift(2, e0=-4), "DenseShift 4-bit": sj.DenseShift(4, e0=-9)}
+METHODS = {
+    "float": lambda: sj.LayerPolicy(None),
+    **{name: (lambda spec=spec: sj.LayerPolicy(spec, FLOAT_LAYERS)) for name, spec in SPECS.items()},
+    "DenseShift 3-bit, attention float": lambda: sj.LayerPolicy(
+        SPECS["DenseShift 3-bit"], FLOAT_LAYERS + (ATTENTION,)),
+}
+DEFAULT_METHODS = ("float", "DenseShift 3-bit", "S3 3-bit", "DenseShift 2-bit")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Any of {list(METHODS)}.")
+flags.DEFINE_integer("seeds", 3, "Seeds per method (0, 1, ...).")
+flags.DEFINE_integer("steps", 1500, "Optimizer steps per run (batch 128).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam's peak learning rate.")
+flags.DEFINE_float("latent_lr_scale", 1.0, "Multiplies the quantizer latents' updates.")
+flags.DEFINE_string("data_dir", data_lib.fashion_mnist.DEFAULT_SOURCE_DIR,
+                    "Where the Fashion-MNIST idx files are.")
+flags.DEFINE_string("workdir", None, "Keep each run's checkpoints and metrics here "
+                    "(<workdir>/<method>/seed<k>); a finished run is read, not retrained.")
+
+
+def load_split(split: str) -> dict[str, np.ndarray]:
+  """Images normalized as the main job's (float32 NHWC) and int32 labels."""
+  images, labels = data_lib.fashion_mnist.read_split(FLAGS.data_dir, split)
+  mean, std = data_lib.FASHION_MNIST_MEAN[0], data_lib.FASHION_MNIST_STD[0]
+  images = ((images.astype(np.float32) / 255.0 - mean) / std)[..., None]
+  return {"image": images, "label": labels.astype(np.int32)}
+
+
+def run(method: str, seed: int, train, test) -> tuple[float, float]:
+  """(test top-1, wall seconds) of one training run."""
+  model = sj.quantize_model(vit_lib.vit_tiny(), METHODS[method]())
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, FLAGS.learning_rate, FLAGS.steps // 20, FLAGS.steps)
+  workdir = (os.path.join(FLAGS.workdir, method.replace(" ", "_").replace(",", ""),
+                          f"seed{seed}") if FLAGS.workdir else None)
+  eval_batches = [{k: v[i:i + 1000] for k, v in test.items()}
+                  for i in range(0, len(test["label"]), 1000)]
+  start = time.time()
+  result = fit_lib.fit(model, train, optimizer=optax.adam(schedule), num_steps=FLAGS.steps,
+                       batch_size=FLAGS.batch_size, eval_data=eval_batches,
+                       workdir=workdir, seed=seed, log_every=max(FLAGS.steps // 10, 1),
+                       checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
+                       progress_bar=False)
+  return result.metrics["eval_accuracy"], time.time() - start
+
+
+def main(argv):
+  del argv
+  unknown = [m for m in FLAGS.methods if m not in METHODS]
+  if unknown:
+    raise app.UsageError(f"unknown methods {unknown}; allowed: {list(METHODS)}")
+  train, test = load_split("train"), load_split("test")
+  print(sj.summarize(sj.quantize_model(vit_lib.vit_tiny(), METHODS["DenseShift 3-bit"]()),
+                     train["image"][:1]))
+  results = {}
+  for method in FLAGS.methods:
+    for seed in range(FLAGS.seeds):
+      top1, seconds = run(method, seed, train, test)
+      results.setdefault(method, []).append((top1, seconds))
+      print(f"{method} seed {seed}: top-1 {top1:.4f} in {seconds:.0f} s", flush=True)
+  reference = statistics.mean(t for t, _ in results["float"]) if "float" in results else None
+  print(f"\nViT (vit_tiny) on Fashion-MNIST, {FLAGS.steps} steps of batch "
+        f"{FLAGS.batch_size}, {FLAGS.seeds} seed(s)\n")
+  print("| method | test top-1 (mean +- std) | vs float (points) | seconds a run |")
+  print("|---|---|---|---|")
+  for method, runs in results.items():
+    accs = [t for t, _ in runs]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    delta = ("" if reference is None or method == "float"
+             else f"{100 * (statistics.mean(accs) - reference):+.2f}")
+    print(f"| {method} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} | {delta} | "
+          f"{statistics.mean(s for _, s in runs):.0f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
