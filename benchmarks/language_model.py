@@ -14,6 +14,7 @@ in %), and the wall time of a run. Corpus: Debian's ``bible-kjv-text``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import statistics
@@ -95,7 +96,8 @@ def run(method: str, seed: int, train, validation) -> tuple[float, float]:
     path = os.path.join(workdir, "model.shiftjax")
     if not os.path.exists(path):
       packed_layers.save_model(path, sj.deploy.pack_model(result.model),
-                               metadata={"method": method, "seed": seed})
+                               metadata={"method": method, "seed": seed,
+                                         "config": dataclasses.asdict(model_config())})
   return result.metrics["eval_bits_per_token"], time.time() - start
 
 
