@@ -44,6 +44,14 @@ Cache = list[dict[str, jax.Array]]
 class LMConfig:
   """Sizes of a ``TransformerLM``. The defaults train on a 2-core CPU.
 
+  The defaults hold 1,927,552 parameters (7.7 MB of float32). Measured on the shared
+  2-core machine (other jobs running, load 3-6): an adam step on 2,048 tokens (B 16 x T
+  128, or B 8 x T 256) 0.47-1.2 s; 170 s of adam at 2e-3 (B 16, T 128, 319 steps) went
+  from 8 to 3.31 bits per byte (validation 3.36), while a smaller model (d 128, 2 layers,
+  MLP 512, T 64, B 32, lr 3e-3) reached 2.07 (validation 2.25) in 829 steps. A greedy
+  decode step over a 236-token cache: 0.31 ms at batch 1 (25 GB/s of weights), 0.86 ms
+  at batch 8.
+
   Attributes:
     context_length: longest sequence (positions learned up to it).
     d_model: token width d.
