@@ -50,6 +50,17 @@ LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 
+# Marks the subclasses this library makes of a user's classes (they keep its name).
+DYNAMIC = "_shiftjax_dynamic"
+
+
+def user_class(cls: type) -> type:
+  """The user's class under the subclasses ``quantize_model``/``pack_model`` make."""
+  while cls.__dict__.get(DYNAMIC):
+    cls = cls.__mro__[1]
+  return cls
+
+
 @dataclasses.dataclass
 class LayerRecord:
   """One quantizable layer as a traced call saw it (for checks and ``summary``)."""
@@ -145,7 +156,7 @@ def _quantize_linen(model: nn.Module, policy, methods) -> nn.Module:
 @functools.cache
 def _quantized_linen_class(base: type, policy, methods: tuple[str, ...]) -> type:
   """A subclass of ``base`` whose ``methods`` run under the shift interceptor."""
-  fields = {"_shiftjax_float_class": base, "shift_policy": policy}
+  fields = {"_shiftjax_float_class": base, "shift_policy": policy, DYNAMIC: True}
   for name in methods:
     method = getattr(base, name, None)
     if method is None:
@@ -324,7 +335,8 @@ def _with_quantized_input(layer_class: type) -> type:
                                 **kwargs)
 
   return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__})
+              {"__call__": __call__, "__module__": layer_class.__module__,
+               DYNAMIC: True})
 
 
 def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
@@ -356,7 +368,8 @@ def _recording_output(layer_class: type) -> type:
     self.output_record.output_shape = tuple(jnp.shape(out))
     return out
   return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__})
+              {"__call__": __call__, "__module__": layer_class.__module__,
+               DYNAMIC: True})
 
 
 def is_quantized(model) -> bool:

@@ -124,7 +124,8 @@ def _packed_linear(layer_class: type) -> type:
                         self.dtype)
 
   return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__})
+              {"__call__": __call__, "__module__": layer_class.__module__,
+               interception.DYNAMIC: True})
 
 
 # ---------------------------------------------------------------------------- linen
@@ -185,7 +186,8 @@ def _packed_linen_class(base: type, table) -> type:
   if hasattr(inner, "compact"):
     run.compact = inner.compact
   return type(base.__name__, (base,), {"__call__": run, "packed_layers": table,
-                                       "_shiftjax_float_class": base})
+                                       "_shiftjax_float_class": base,
+                                       interception.DYNAMIC: True})
 
 
 def _intercept_packed(layers, next_fun, args, kwargs, context):
@@ -315,16 +317,8 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
     arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
     base = type(packed)._shiftjax_float_class  # pylint: disable=protected-access
     framework = "linen"
-  return PackedTree(framework, _class_name(_float_class(base)), layers, arrays,
+  return PackedTree(framework, _class_name(interception.user_class(base)), layers, arrays,
                     dict(metadata or {}))
-
-
-def _float_class(cls: type) -> type:
-  """The user's class under shiftjax's dynamic subclasses (which keep its name)."""
-  while cls.__module__ in (__name__, interception.__name__) or cls.__dict__.get(
-      "_shiftjax_float_class") is not None:
-    cls = cls.__mro__[1]
-  return cls
 
 
 def _subtree_get(tree, path: str):
@@ -359,14 +353,14 @@ def load_model(source, model):
   framework = "nnx" if isinstance(model, nnx.Module) else "linen"
   if tree.framework != framework:
     raise ValueError(f"the file holds a {tree.framework} model, got a {framework} one")
-  wanted = _class_name(_float_class(type(model)))
+  wanted = _class_name(interception.user_class(type(model)))
   if tree.model.rpartition(".")[2] != wanted.rpartition(".")[2]:
     raise ValueError(f"the file holds a {tree.model}, got a {wanted}")
   if framework == "linen":
     variables = _unflatten(tree.variables)
     variables[CODES_COLLECTION] = _unflatten({f"{p}/kernel": _words(tree, p)
                                               for p in tree.layers})
-    base = _float_class(type(model))
+    base = interception.user_class(type(model))
     plain = model.clone()
     plain.__class__ = base
     return packed_linen_model(plain, base, tuple(tree.layers.items())), variables
