@@ -85,3 +85,13 @@ def test_old_resnet_files_still_load_as_packed_models():
   for name in sorted(os.listdir(data)):
     if name.endswith(".shiftjax"):
       assert isinstance(sj.deploy.load(os.path.join(data, name)), sj.deploy.PackedModel)
+
+
+def test_jax_export_artifact_runs_without_the_models_code(nnx_file, tmp_path):
+  _, packed = nnx_file
+  path = packed_layers.save_artifact(
+      tmp_path / "lm.jax", packed,
+      jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 4"), np.int32))
+  exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+  np.testing.assert_allclose(exported.call(TOKENS), packed(TOKENS), rtol=1e-5, atol=1e-4)
+  assert exported.call(TOKENS[:1]).shape == (1, 4, 11)  # a symbolic batch

@@ -253,6 +253,64 @@ def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs, **kwa
                   f"{type(model).__name__}")
 
 
+# --------------------------------------------------------------------- jax.export
+
+
+def export_artifact(packed, *inputs, variables: Mapping[str, Any] | None = None,
+                    platforms=None, native_kernels: bool = False) -> bytes:
+  """A packed model as a serialized ``jax.export.Exported``: the codes are constants of
+  the exported function, which anyone with jax runs without the model's code::
+
+    exported = jax.export.deserialize(bytearray(open(path, 'rb').read()))
+    outputs = exported.call(x)
+
+  Args:
+    packed: ``pack_model``'s result (NNX model; or linen model with ``variables``).
+    inputs: example inputs (arrays or ``jax.ShapeDtypeStruct``; shapes may be symbolic).
+    platforms: ``jax.export`` lowering platforms (default this machine's).
+    native_kernels: carry the native CPU matmul as an FFI call. The artifact then runs
+      only where its target (``shiftjax_pow2_matmul``) is registered, i.e. in a process
+      that has called ``shiftjax.kernels.cpu.native.available()`` on a CPU with the same
+      library; by default the weights are decoded with XLA ops, which every platform
+      runs (jax refuses to serialize the GPU Pallas kernel's Triton call).
+  """
+  from shiftjax.kernels.cpu import native  # pylint: disable=g-import-not-at-top
+  if isinstance(packed, nnx.Module):
+    graphdef, state = nnx.split(packed)
+
+    def call(*x):
+      return nnx.merge(graphdef, state)(*x)
+  else:
+    if variables is None:
+      raise ValueError("a linen packed model needs its variables")
+
+    def call(*x):
+      return packed.apply(variables, *x)
+  specs = [x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
+      jnp.shape(x), jnp.asarray(x).dtype) for x in inputs]
+  if native_kernels:
+    if not native.available():
+      raise ValueError("native_kernels=True needs the native CPU kernels (g++, CPU backend)")
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.ffi_targets()]
+    exported = jax.export.export(jax.jit(call), platforms=platforms,
+                                 disabled_checks=checks)(*specs)
+  else:
+    with native.disabled():
+      exported = jax.export.export(jax.jit(call), platforms=platforms)(*specs)
+  return bytes(exported.serialize())
+
+
+def save_artifact(path: str | os.PathLike, packed, *inputs, overwrite: bool = False,
+                  **kwargs) -> str:
+  """Writes ``export_artifact(packed, *inputs, **kwargs)`` atomically to ``path``."""
+  path = os.fspath(path)
+  if not overwrite and os.path.lexists(path):
+    raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+  format_lib.write_atomic(path, export_artifact(packed, *inputs, **kwargs),
+                          overwrite=overwrite)
+  return path
+
+
 # ------------------------------------------------------------------------- files (v4)
 
 
