@@ -10,6 +10,8 @@ For each weight shape K x N and each M (rows of x, float32), the contenders are:
   bf16 dot    XLA's ``x @ w`` in bfloat16 (2 bytes per weight)
   native      ``shiftjax.kernels.pow2_matmul`` on the CPU default: the C++ kernel
               (kernels/cpu/cpu_pow2_matmul.cc), weights packed in `bits` bits
+  native bf16 the same with x in bfloat16 (at M <= 16 on CPUs with AVX512-BF16: bfloat16
+              dot products, half the instructions; ``--nobf16_x`` leaves it out)
   XLA path    the same call with ``backend='xla'``: unpack + decode + dot in XLA
 
 Each round calls every contender once, in a rotating order, so load from other
@@ -47,6 +49,7 @@ _BITS = flags.DEFINE_string("bits", "2,3,4", "code widths, comma-separated")
 _REPS = flags.DEFINE_integer("reps", 15, "rounds (each calls every contender once)")
 _XLA_PATH = flags.DEFINE_bool("xla_path", True, "also time today's XLA decode path")
 _QUICK = flags.DEFINE_bool("quick", False, "K = N = 4096, M = 1 and 16 only")
+_BF16_X = flags.DEFINE_bool("bf16_x", True, "also time the native kernel on bfloat16 x")
 
 LM_SHAPES = "256x768,256x1024,1024x256"
 E0 = -6
@@ -73,7 +76,7 @@ def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
   return mib * 2**20 / statistics.median(once() for _ in range(reps)) / 1e9
 
 
-def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool):
+def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: bool):
   """{name: (jitted fn, args)} and {name: packed bytes} for one shape and M."""
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
@@ -85,12 +88,14 @@ def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool):
     codes = rng.integers(0, 1 << bits, (k, n), dtype=np.uint8)
     packed = jax.device_put(codes_lib.pack(codes, bits, axis=0))
     packed_bytes[bits] = packed.nbytes
-    for name, backend in (("native", None), ("XLA path", "xla")):
-      if backend == "xla" and not xla_path:
+    for name, backend, dtype in (("native", None, jnp.float32),
+                                 ("native bf16", None, jnp.bfloat16),
+                                 ("XLA path", "xla", jnp.float32)):
+      if (backend == "xla" and not xla_path) or (dtype == jnp.bfloat16 and not bf16_x):
         continue
       f = jax.jit(lambda x, p, bits=bits, backend=backend: kernels.pow2_matmul(
           x, p, bits=bits, e0=E0, backend=backend))
-      fns[f"{name} {bits}"] = (f, (x, packed))
+      fns[f"{name} {bits}"] = (f, (x.astype(dtype), packed))
   return fns, packed_bytes
 
 
@@ -142,13 +147,14 @@ def main(argv):
   rows = []
   for k, n in shapes:
     for m in ms:
-      fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value)
+      fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value,
+                                      _BF16_X.value)
       _check(fns, bits_list)
       t = _time(fns, reps)
       for bits in bits_list:
         native_s = t[f"native {bits}"]
-        xla_s = t.get(f"XLA path {bits}")
-        rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, xla_s,
+        xla_s, bf16_s = t.get(f"XLA path {bits}"), t.get(f"native bf16 {bits}")
+        rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, bf16_s, xla_s,
                      packed_bytes[bits] / native_s / 1e9))
         print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, f32 dot "
               f"{t['f32 dot'] * 1e3:.3f} ms", flush=True)
@@ -158,13 +164,14 @@ def main(argv):
   print(f"\nread bandwidth: {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after "
         f"the grid; % below of their mean, {bw:.1f} GB/s\n")
   print("| K x N | M | bits | native ms | f32 dot ms | bf16 dot ms | XLA path ms "
-        "| f32 dot / native | native GB/s (% of read) |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for k, n, m, bits, f32, bf16, nat, xla, gbs in rows:
-    xla_text = f"{xla * 1e3:.2f}" if xla is not None else "-"
+        "| f32 dot / native | native GB/s (% of read) | native, bf16 x: ms (f32 dot / it) |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  ms_text = lambda t: f"{t * 1e3:.2f}" if t is not None else "-"
+  for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, gbs in rows:
+    bf16_x = f"{nat_bf16 * 1e3:.3f} ({f32 / nat_bf16:.2f}x)" if nat_bf16 else "-"
     print(f"| {k} x {n} | {m} | {bits} | {nat * 1e3:.3f} | {f32 * 1e3:.2f} | "
-          f"{bf16 * 1e3:.2f} | {xla_text} | {f32 / nat:.2f}x | {gbs:.1f} "
-          f"({100 * gbs / bw:.0f} %) |")
+          f"{bf16 * 1e3:.2f} | {ms_text(xla)} | {f32 / nat:.2f}x | {gbs:.1f} "
+          f"({100 * gbs / bw:.0f} %) | {bf16_x} |")
 
 
 if __name__ == "__main__":
