@@ -1,4 +1,4 @@
-"""Train any Flax model (linen or NNX) on any data: ``fit(model, data, ...)``.
+"""The training loop of any Flax model (linen or NNX) on any data: ``sj.fit(model, data, ...)``.
 
 The loop the launcher's ResNets get, for a user's own model and batches:
 
@@ -322,6 +322,18 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) ->
   except (ValueError, KeyError) as e:
     raise ValueError(f"the checkpoint at step {step} in {workdir} is not of this model and "
                      f"optimizer (another run's workdir?); use a new workdir. ({e})") from e
+
+
+def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """A linen model's variables (``{'params': ..., **state}``) from ``fit``'s checkpoint
+  in ``workdir`` (the latest step by default), read without knowing the optimizer."""
+  manager = _checkpoint_manager(workdir, keep=1)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return {"params": restored["params"], **(restored.get("state") or {})}
 
 
 def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps: int,
