@@ -10,8 +10,8 @@ For each weight shape K x N and each M (rows of x, float32), the contenders are:
   bf16 dot    XLA's ``x @ w`` in bfloat16 (2 bytes per weight)
   native      ``shiftjax.kernels.pow2_matmul`` on the CPU default: the C++ kernel
               (kernels/cpu/cpu_pow2_matmul.cc), weights packed in `bits` bits
-  native bf16 the same with x in bfloat16 (at M <= 16 on CPUs with AVX512-BF16: bfloat16
-              dot products, half the instructions; ``--nobf16_x`` leaves it out)
+  native bf16 the same with x in bfloat16 (on CPUs with AVX512-BF16: bfloat16 dot
+              products, half the instructions; ``--nobf16_x`` leaves it out)
   XLA path    the same call with ``backend='xla'``: unpack + decode + dot in XLA
 
 Each round calls every contender once, in a rotating order, so load from other

@@ -21,7 +21,9 @@
 // Regimes (AVX-512):
 //   M <= 16: one pass over the packed words with all M rows' accumulators in registers
 //     (R rows x C vectors of 16 columns): a word vector is decoded once per code and
-//     used by every row. Memory-bound at M = 1: each packed word is read once.
+//     used by every row. At M = 1 each packed word is read once.
+//   bfloat16 x, AVX512-BF16: the same tiles and panels with codes decoded two at a time
+//     into bfloat16 pairs and multiplied by vdpbf16ps (two products per lane).
 //   M > 16: a panel of kc x 64 weights is decoded once into an L2-resident float buffer,
 //     then a 6 x 64 register-blocked float microkernel runs over all M rows.
 // Threads: the XLA intra-op pool, over blocks of output columns.
@@ -29,7 +31,8 @@
 // Summation order: every path sums each output's K products in order k = 0, 1, ...,
 // K - 1 into one float32 accumulator (a product by a power of two is exact, so a fused
 // multiply-add rounds exactly as a multiply then an add); then y * scale, then + bias,
-// each rounded. All paths and thread counts give bit-identical results.
+// each rounded. All paths and thread counts give bit-identical results, except the
+// bfloat16 pair path, which adds two products at a time.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -101,7 +104,7 @@ struct Problem {
   int bits, e0;
 };
 
-// kAvx512Bf16: kAvx512, plus bfloat16 dot products (vdpbf16ps) for bfloat16 x at M <= 16.
+// kAvx512Bf16: kAvx512, plus bfloat16 dot products (vdpbf16ps) for bfloat16 x.
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
 
 // The float32 bit pattern of a code's value.
@@ -330,7 +333,7 @@ int64_t DirectBlock(int64_t m) {
   return 16 * kVectors[std::min<int64_t>(m, kDirectMaxRows) - 1];
 }
 
-// The bfloat16 pair path (bfloat16 x, M <= 16): vdpbf16ps multiplies two bfloat16 pairs
+// The bfloat16 pair path (bfloat16 x): vdpbf16ps multiplies two bfloat16 pairs
 // per float32 lane and adds both products to the lane, so one instruction does the work
 // of two fused multiply-adds, and one vpermw decodes 32 codes (16-bit lanes). A lane's
 // pair is codes i and P/2 + i of its word: the word shifted right by i * bits puts code i
@@ -495,6 +498,80 @@ SHIFTJAX_AVX512 void PanelBlock(const Problem& p, const Table& t, int64_t n0) {
   }
 }
 
+// The bfloat16 pair path at M > 16: panels of bfloat16 pairs (uint32, rows q = (w - w0)
+// * P/2 + i) and a vdpbf16ps microkernel.
+template <int Bits, int I>
+SHIFTJAX_AVX512BF16 inline void DecodePairWord(const __m512i (&words)[kPanelVectors],
+                                               __m512i table, uint32_t* out) {
+  if constexpr (I < 32 / Bits / 2) {
+    for (int c = 0; c < kPanelVectors; ++c) {
+      const __m512i index = I == 0 ? words[c] : _mm512_srli_epi32(words[c], I * Bits);
+      _mm512_store_si512(out + I * kPanelBlock + 16 * c,
+                         _mm512_permutexvar_epi16(index, table));
+    }
+    DecodePairWord<Bits, I + 1>(words, table, out);
+  }
+}
+
+template <int R>
+SHIFTJAX_AVX512BF16 void PairPanelTile(const Problem& p, const uint32_t* panel, int64_t q0,
+                                       int64_t rows, int64_t r0, int64_t n0, bool first,
+                                       const __mmask16 (&mask)[kPanelVectors]) {
+  __m512 acc[R][kPanelVectors];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      acc[r][c] = first ? _mm512_setzero_ps()
+                        : _mm512_maskz_loadu_ps(mask[c], p.y + (r0 + r) * p.n + n0 + 16 * c);
+  const uint32_t* x = p.xp + q0 * p.m + r0;
+  for (int64_t q = 0; q < rows; ++q, x += p.m, panel += kPanelBlock) {
+    __m512bh wv[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c)
+      wv[c] = (__m512bh)_mm512_load_si512(panel + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r]));
+      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
+}
+
+template <int Bits>
+SHIFTJAX_AVX512BF16 void PairPanelBlock(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int kHalf = 32 / Bits / 2;
+  constexpr int64_t kWords = (kPanelK + 2 * kHalf - 1) / (2 * kHalf);
+  using Fn = void (*)(const Problem&, const uint32_t*, int64_t, int64_t, int64_t, int64_t,
+                      bool, const __mmask16 (&)[kPanelVectors]);
+  static constexpr Fn kTiles[] = {PairPanelTile<1>, PairPanelTile<2>, PairPanelTile<3>,
+                                  PairPanelTile<4>, PairPanelTile<5>, PairPanelTile<6>};
+  thread_local std::unique_ptr<uint32_t[], decltype(&free)> panel(nullptr, &free);
+  thread_local size_t panel_words = 0;
+  const size_t size = kWords * kHalf * kPanelBlock;
+  if (panel_words < size) {
+    panel.reset(static_cast<uint32_t*>(aligned_alloc(64, size * sizeof(uint32_t))));
+    panel_words = size;
+  }
+  const __m512i table = PairTable(Bits, p.e0);
+  for (int64_t c0 = n0; c0 < n1; c0 += kPanelBlock) {
+    __mmask16 mask[kPanelVectors];
+    ColumnMasks<kPanelVectors>(p.n, c0, mask);
+    for (int64_t w0 = 0; w0 < p.words; w0 += kWords) {
+      const int64_t w1 = std::min(p.words, w0 + kWords);
+      for (int64_t w = w0; w < w1; ++w) {
+        __m512i words[kPanelVectors];
+        for (int c = 0; c < kPanelVectors; ++c)
+          words[c] = PairWords<Bits>(
+              _mm512_maskz_loadu_epi32(mask[c], p.packed + w * p.n + c0 + 16 * c));
+        DecodePairWord<Bits, 0>(words, table, panel.get() + (w - w0) * kHalf * kPanelBlock);
+      }
+      for (int64_t r0 = 0; r0 < p.m; r0 += kPanelRows)
+        kTiles[std::min<int64_t>(kPanelRows, p.m - r0) - 1](
+            p, panel.get(), w0 * kHalf, (w1 - w0) * kHalf, r0, c0, w0 == 0, mask);
+    }
+  }
+}
+
 template <int Bits>
 SHIFTJAX_AVX512 void Avx512Block(const Problem& p, int64_t n0, int64_t n1) {
   const Table t = MakeTable(Bits, p.e0);
@@ -539,8 +616,10 @@ int64_t BlockColumns(Isa isa, int64_t m) {
 template <int Bits>
 void RunBlock(Isa isa, const Problem& p, int64_t n0, int64_t n1) {
 #if SHIFTJAX_X86
-  if (isa == kAvx512Bf16 && p.xp)
+  if (isa == kAvx512Bf16 && p.xp) {
+    if (p.m > kDirectMaxRows) return PairPanelBlock<Bits>(p, n0, n1);
     return PairBlock<Bits>(p, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
+  }
   if (isa == kAvx512 || isa == kAvx512Bf16) return Avx512Block<Bits>(p, n0, n1);
   if (isa == kAvx2) {
     for (int64_t c0 = n0; c0 < n1; c0 += kAvx2Block) Avx2Block<Bits>(p, c0);
@@ -619,8 +698,7 @@ ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   if (!Supported(isa))
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: this CPU lacks that path");
   if (m == 0 || n == 0) return ffi::Error::Success();
-  const bool pairs = isa == kAvx512Bf16 && x.element_type() == ffi::DataType::BF16 &&
-                     m <= kDirectMaxRows;
+  const bool pairs = isa == kAvx512Bf16 && x.element_type() == ffi::DataType::BF16;
   std::vector<float> xt(pairs ? 0 : words * p * m);
   std::vector<uint32_t> xp(pairs ? words * (p / 2) * m : 0);
   if (pairs) {

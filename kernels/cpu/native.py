@@ -387,7 +387,7 @@ _kernel_grad_sharded.def_partition(
 # ------------------------------------------------ matmul by packed power-of-two weights
 
 # The vector paths of cpu_pow2_matmul.cc: None picks the widest this CPU has.
-# 'avx512_bf16' is 'avx512' with bfloat16 dot products for bfloat16 x at M <= 16.
+# 'avx512_bf16' is 'avx512' with bfloat16 dot products for bfloat16 x.
 ISAS = (None, "avx512_bf16", "avx512", "avx2", "scalar")
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512_bf16": 4}
 _MATMUL_BITS = (2, 3, 4, 5)
@@ -414,8 +414,8 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   a vector path (``'avx512_bf16'``, ``'avx512'``, ``'avx2'``, ``'scalar'``; default the
   widest this CPU has), for tests. Every path sums each output's products in order of k
   into one float32 accumulator, so all give the same bits; except ``'avx512_bf16'`` with
-  bfloat16 x at M <= 16, which adds the products two at a time (vdpbf16ps, twice the
-  multiply-adds per instruction) and so agrees to float32 rounding of the sums.
+  bfloat16 x, which adds the products two at a time (vdpbf16ps, twice the multiply-adds
+  per instruction) and so agrees to float32 rounding of the sums.
   Check :func:`supports_pow2_matmul` first.
 
   With rows of x2 and/or columns of packed (and scale, bias) sharded, each device
