@@ -192,6 +192,8 @@ def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context
   if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
   path = _path_name(module.scope.path)  # '' for the model itself
+  if _is_shift_layer(module):
+    return _record_shift_layer(module, path, record, next_fun, args, kwargs)
   if not isinstance(module, LINEN_LAYERS):
     if not path:
       return next_fun(*args, **kwargs)
@@ -220,6 +222,26 @@ def _out_features(layer, kernel_shape: tuple[int, ...]) -> int:
   if isinstance(layer, (nn.DenseGeneral, nnx.LinearGeneral)):
     return math.prod(np.atleast_1d(features))
   return kernel_shape[-1]
+
+
+def _is_shift_layer(module) -> bool:
+  """``shiftjax.layers.ShiftConv``/``ShiftDense``: layers quantized by their own policy."""
+  return type(module).__name__ in ("ShiftConv", "ShiftDense") and hasattr(
+      module, "resolved_quantizer")
+
+
+def _record_shift_layer(module, path, record, next_fun, args, kwargs):
+  """Records an explicit shift layer (its own spec) without changing what it does."""
+  x = args[0]
+  kind = "Conv" if type(module).__name__ == "ShiftConv" else "Dense"
+  shape = ((*module.kernel_size, x.shape[-1], module.features) if kind == "Conv"
+           else (x.shape[-1], module.features))
+  input_spec = (module.policy.activation_for(module.scope.path) if module.policy is not None
+                else None)
+  out = next_fun(*args, **kwargs)
+  record.layers[path] = LayerRecord(kind, module.resolved_quantizer(), input_spec, shape,
+                                    tuple(jnp.shape(out)), module.use_bias, shape[-1])
+  return out
 
 
 def _quantize_input(module: nn.Module, spec, x):

@@ -42,6 +42,7 @@ from shiftjax import optim
 from shiftjax.optim import latent_mask, scale_latent_updates, weight_decay_mask  # pylint: disable=unused-import
 from shiftjax import policy as policy_lib
 from shiftjax import quantizers as qz
+from shiftjax import summary as summary_lib
 from shiftjax import transfer
 
 SUMMARY_FILE = "summary.json"
@@ -667,6 +668,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   end_step = total_steps if stop_after_steps is None else min(
       total_steps, start_step + stop_after_steps)
   progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
+  if jax.process_index() == 0:
+    say(str(summary_lib.summarize(model, jnp.zeros((1, *spec.image_shape), jnp.float32),
+                                  train=False)))
   say(f"Training {config.model} ({describe_policy(config)}) on {config.dataset}: {total_steps} "
       f"steps ({steps_per_epoch}/epoch) on {jax.device_count()} device(s), from step "
       f"{start_step}" + (f", distilled from {config.distill_from} (weight "

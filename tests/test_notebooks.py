@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ("quickstart.ipynb", "train_fashion_mnist.ipynb", "deploy_packed.ipynb",
-            "speech_slu.ipynb")
+            "speech_slu.ipynb", "any_model.ipynb")
 # Seconds a single cell may take before the run fails (generous: shared CPUs).
 CELL_TIMEOUT = 900
 
@@ -34,6 +34,8 @@ NEEDS = {
                                   "apt-get install dataset-fashion-mnist"),
     "deploy_packed.ipynb": ("Fashion-MNIST", lambda: os.path.isfile(FASHION_MNIST_FILE),
                             "apt-get install dataset-fashion-mnist"),
+    "any_model.ipynb": ("Fashion-MNIST", lambda: os.path.isfile(FASHION_MNIST_FILE),
+                        "apt-get install dataset-fashion-mnist"),
     "speech_slu.ipynb": ("espeak-ng", lambda: shutil.which("espeak-ng") is not None,
                          "apt-get install espeak-ng flite"),
 }

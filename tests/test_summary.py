@@ -39,3 +39,13 @@ def test_conv_attention_and_einsum_macs_and_a_float_model():
   # query: 2 x 4 tokens x (2 heads x 4) outputs, each 8 MACs; Einsum btd,de->bte likewise.
   assert by_path["attention/query"].macs == by_path["mix"].macs == 2 * 4 * 8 * 8
   assert summary.shift_mac_share == 0 and summary.compression == 1
+
+
+def test_zoo_resnets_explicit_shift_layers_are_summarized():
+  model = sj.models.resnet8(num_classes=10, quantizer=sj.DenseShift(3))
+  summary = sj.summarize(model, jnp.zeros((1, 28, 28, 1)), train=False)
+  by_path = {l.path: l for l in summary.layers}
+  assert by_path["stem"].bits == 32 and by_path["head"].bits == 32  # the reference's float ends
+  conv = by_path["stage1_block0/conv1"]
+  assert (conv.kind, conv.bits, conv.params, conv.stored_bytes) == ("Conv", 3, 2304, 864)
+  assert conv.macs == 28 * 28 * 16 * 9 * 16
