@@ -27,7 +27,7 @@ import numpy as np
 from shiftjax import deploy
 from shiftjax import host_memory
 from shiftjax import train
-import method_comparison  # benchmarks/, the directory of this script
+from shiftjax.benchmarking import method_comparison
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),

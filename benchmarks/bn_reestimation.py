@@ -30,7 +30,7 @@ import optax
 from shiftjax import data as data_lib
 from shiftjax import train
 from shiftjax import transfer
-import method_comparison  # benchmarks/, the directory of this script
+from shiftjax.benchmarking import method_comparison
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory of the accuracy benchmark's runs.",

@@ -20,7 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from shiftjax import host_memory
-import method_comparison  # benchmarks/, the directory of this script
+from shiftjax.benchmarking import method_comparison
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),

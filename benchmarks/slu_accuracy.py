@@ -23,8 +23,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from shiftjax import host_memory
+from shiftjax.benchmarking import method_comparison
 from shiftjax.data.slu import synthetic
-import method_comparison  # benchmarks/, the directory of this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "slu_accuracy"),

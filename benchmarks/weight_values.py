@@ -8,15 +8,12 @@ weights at each magnitude |w| (0 for S3's pruned weights) and the zero fraction.
 the checkpoints only; trains and writes nothing.
 """
 
-import collections
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import numpy as np
 
-from shiftjax import policy as policy_lib
 from shiftjax import train
+from shiftjax.benchmarking import weight_values
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "A training run's workdir (repeat for several).",
@@ -25,24 +22,12 @@ config_flags.DEFINE_config_file("config", None, "The runs' config.", lock_config
 flags.mark_flag_as_required("config")
 
 
-def magnitude_fractions(params, quantizers) -> dict[float, float]:
-  """{|w|: fraction of all quantized weights} over every quantized kernel of ``params``;
-  ``quantizers`` is one spec or ``{layer path: spec}``."""
-  counts, total = collections.Counter(), 0
-  for path, latents in train.quantized_kernels(params).items():
-    weight = np.abs(np.asarray(policy_lib.spec_of(quantizers, path).weight(latents)))
-    values, n = np.unique(weight, return_counts=True)
-    counts.update(dict(zip(values.tolist(), n.tolist())))
-    total += weight.size
-  return {value: counts[value] / total for value in sorted(counts)}
-
-
 def main(argv):
   del argv
   quantizers = train.layer_quantizers(train.layer_plan(FLAGS.config))
   for workdir in FLAGS.workdir:
     _, variables, step = train.restore_variables(FLAGS.config, workdir)
-    fractions = magnitude_fractions(variables["params"], quantizers)
+    fractions = weight_values.magnitude_fractions(variables["params"], quantizers)
     shares = ", ".join(f"|w|={v:g}: {f:.4f}" for v, f in fractions.items())
     print(f"{workdir} (step {step}): zero fraction {fractions.get(0.0, 0.0):.4f}; {shares}")
 

@@ -1,17 +1,13 @@
-"""Tests of benchmarks/gpu_kernel_sass.py's pieces that need neither a GPU nor the triton
-compiler: the loop reader, the occupancy arithmetic and the Triton IR it compiles."""
-
-import os
-import sys
+"""shiftjax.benchmarking.sass (what benchmarks/gpu_kernel_sass.py prints) without a GPU:
+the loop reader, the occupancy arithmetic, the Triton IR it compiles and the tile
+alternatives of shiftjax.benchmarking.gpu_tiles; with the triton compiler, the sm_90 code."""
 
 import jax.numpy as jnp
 import pytest
 
 from shiftjax import kernels
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import gpu_kernel_sass  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shiftjax.benchmarking import gpu_tiles
+from shiftjax.benchmarking import sass
 
 # A cuobjdump -sass shaped listing: a short loop (0x0040..0x0060) and a longer one
 # (0x0080..0x00f0) whose body has predicated and modified instructions.
@@ -35,7 +31,7 @@ _LISTING = """
 
 
 def test_main_loop_counts_the_longest_backward_branch_by_opcode():
-  loop = gpu_kernel_sass.main_loop(_LISTING)
+  loop = sass.main_loop(_LISTING)
   assert dict(loop) == {"LDG": 1, "SHF": 1, "LOP3": 2, "HMMA": 1, "STL": 1, "IADD3": 1,
                         "BRA": 1}
 
@@ -44,7 +40,7 @@ def test_main_loop_refuses_a_listing_without_a_loop():
   straight = "\n".join(line for line in _LISTING.splitlines() if "BRA 0x" not in line
                        or "0x110" in line)  # the self-branch after EXIT is not backward
   with pytest.raises(ValueError, match="no backward branch"):
-    gpu_kernel_sass.main_loop(straight)
+    sass.main_loop(straight)
 
 
 @pytest.mark.parametrize("registers,shared,threads,want", [
@@ -59,12 +55,12 @@ def test_main_loop_refuses_a_listing_without_a_loop():
     (32, 0, 128, 16),
 ])
 def test_resident_programs(registers, shared, threads, want):
-  assert gpu_kernel_sass.resident_programs(registers, shared, threads) == want
+  assert sass.resident_programs(registers, shared, threads) == want
 
 
 def test_triton_kernel_has_the_default_launch_configuration():
   try:
-    kernel = gpu_kernel_sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16)
+    kernel = sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16)
   except (ImportError, AttributeError):
     pytest.skip("jax internals for reading Triton IR moved")
   d = kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu")
@@ -72,7 +68,7 @@ def test_triton_kernel_has_the_default_launch_configuration():
   assert kernel.grid == (1, 4096 // d.n, d.split_k)
   assert kernel.num_warps == d.num_warps
   assert "tt.func" in kernel.ir and "tt.dot" in kernel.ir and "tt.join" in kernel.ir
-  fma = gpu_kernel_sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16, gpu_dot="fma")
+  fma = sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16, gpu_dot="fma")
   assert "tt.dot" not in fma.ir and "tt.reduce" in fma.ir
 
 
@@ -84,7 +80,7 @@ def test_candidates_keep_the_programs_of_the_default():
   for m in (1, 16, 128):
     d = kernels.default_blocks(m, 4096, 4096, 4, jnp.bfloat16, "gpu")
     programs = lambda b: -(-m // b.m) * (4096 // b.n) * b.split_k
-    for label, b in gpu_kernel_sass.candidates(m, 4096, 4, jnp.bfloat16):
+    for label, b in gpu_tiles.candidates(m, 4096, 4, jnp.bfloat16):
       assert words >= 2 * b.split_k * b.k_words, label
       assert programs(b) >= programs(d) // 2, label
 
@@ -97,11 +93,11 @@ def test_kernel_compiles_for_sm90_without_spills(gpu_dot, m, products):
   # Only where the optional triton compiler is installed (pip install -e ".[sass]").
   pytest.importorskip("triton")
   d = kernels.default_blocks(m, 2048, 1024, 4, jnp.bfloat16, "gpu", gpu_dot)
-  kernel = gpu_kernel_sass.triton_kernel(m, 2048, 1024, 4, jnp.bfloat16, gpu_dot=gpu_dot)
-  cubin, shared = gpu_kernel_sass.compile_sm90(kernel)
-  registers, stack = gpu_kernel_sass.registers_and_stack(cubin)
-  loop = gpu_kernel_sass.main_loop(gpu_kernel_sass._cuobjdump(cubin, "-sass"))  # pylint: disable=protected-access
+  kernel = sass.triton_kernel(m, 2048, 1024, 4, jnp.bfloat16, gpu_dot=gpu_dot)
+  cubin, shared = sass.compile_sm90(kernel)
+  registers, stack = sass.registers_and_stack(cubin)
+  loop = sass.main_loop(sass.cuobjdump(cubin, "-sass"))
   assert sum(loop[p] for p in products) > 0
   assert stack == 0 and loop["LDL"] == loop["STL"] == 0
   assert registers <= 255 and shared < 228 << 10
-  assert gpu_kernel_sass.resident_programs(registers, shared, 32 * d.num_warps) >= 1
+  assert sass.resident_programs(registers, shared, 32 * d.num_warps) >= 1

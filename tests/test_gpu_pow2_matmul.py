@@ -1,20 +1,15 @@
-"""benchmarks/gpu_pow2_matmul.py without a GPU: every kernel its GPU run compiles lowers
-to one Triton call for CUDA here, and its no-GPU check passes. A GPU session is short and
-rare; these keep it from being spent on a case that cannot lower."""
-
-import os
-import sys
+"""benchmarks/gpu_pow2_matmul.py without a GPU: every kernel its GPU run compiles
+(``shiftjax.benchmarking.gpu_checks``, ``gpu_tiles``) lowers to one Triton call for CUDA
+here, and its no-GPU check passes. A GPU session is short and rare; these keep it from
+being spent on a case that cannot lower."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from shiftjax import kernels
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import gpu_kernel_sass  # pylint: disable=g-import-not-at-top,wrong-import-position
-import gpu_pow2_matmul  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shiftjax.benchmarking import gpu_checks
+from shiftjax.benchmarking import gpu_tiles
 
 _TRITON_TARGET = "__gpu$xla.gpu.triton"
 _SHAPES = [(m, kn) for kn in (4096, 8192) for m in (1, 16, 128)]  # the timed grid
@@ -25,7 +20,7 @@ def _triton_calls(f, *specs) -> int:
   return text.count(_TRITON_TARGET)
 
 
-@pytest.mark.parametrize("case", gpu_pow2_matmul.GPU_CHECKS,
+@pytest.mark.parametrize("case", gpu_checks.GPU_CHECKS,
                          ids=lambda c: "x".join(map(str, c[:3])) + f"-{c[3]}bit-"
                          + f"{jnp.dtype(c[4]).name}-{c[6] or 'default'}")
 def test_every_gpu_check_lowers_to_one_triton_call(case):
@@ -43,7 +38,7 @@ def test_every_gpu_check_lowers_to_one_triton_call(case):
   assert _triton_calls(f, *specs) == 1
 
 
-@pytest.mark.parametrize("case", gpu_pow2_matmul.CONV_CHECKS, ids=str)
+@pytest.mark.parametrize("case", gpu_checks.CONV_CHECKS, ids=str)
 def test_every_gpu_conv_check_lowers_to_one_triton_call(case):
   stride, padding, shape, bits = case
   kh, kw, cin, cout = shape
@@ -58,7 +53,7 @@ def test_every_gpu_conv_check_lowers_to_one_triton_call(case):
 
 @pytest.mark.parametrize("m,kn", _SHAPES)
 def test_sweep_starts_at_the_default_and_every_setting_lowers(m, kn):
-  configs = gpu_pow2_matmul.sweep_configs(m, kn, 4)
+  configs = gpu_tiles.sweep_configs(m, kn, 4)
   assert configs[0] == kernels.default_blocks(m, kn, kn, 4, jnp.bfloat16, "gpu")
   assert len(set(configs)) == len(configs)  # no setting timed twice (Blocks is frozen)
   dots = {b.dot for b in configs}
@@ -68,16 +63,16 @@ def test_sweep_starts_at_the_default_and_every_setting_lowers(m, kn):
   for b in configs:
     f = lambda x, w, b=b: kernels.pow2_matmul(x, w, bits=4, e0=-10, backend="pallas",
                                               platform="gpu",
-                                              **gpu_kernel_sass.tile_kwargs(b, 4))
+                                              **gpu_tiles.tile_kwargs(b, 4))
     assert _triton_calls(f, *specs) == 1, b
 
 
 def test_tile_kwargs_select_the_blocks_pow2_matmul_runs():
   # 3 bits: 10 codes per word, so block_k is in codes, not words.
   b = kernels.Blocks(m=16, n=64, k_words=32, split_k=4, dot="mma_pairs", num_warps=4)
-  assert gpu_kernel_sass.tile_kwargs(b, 3) == dict(
+  assert gpu_tiles.tile_kwargs(b, 3) == dict(
       block_m=16, block_n=64, block_k=320, split_k=4, gpu_dot="mma_pairs", num_warps=4)
 
 
 def test_no_gpu_check_passes_in_interpret_mode():
-  assert gpu_pow2_matmul.correctness(interpret=True)
+  assert gpu_checks.correctness(interpret=True)

@@ -1,15 +1,13 @@
-"""The statistics the accuracy benchmarks print over seeds (benchmarks/method_comparison.py)."""
+"""The methods, runs and statistics the accuracy benchmarks print over seeds
+(shiftjax.benchmarking.method_comparison)."""
 
 import math
 import os
-import sys
 
 import ml_collections
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import method_comparison  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shiftjax.benchmarking import method_comparison
 
 
 def test_mean_and_sample_std():

@@ -1,17 +1,12 @@
-"""benchmarks/weight_values.py: the share of each weight magnitude in a model."""
-
-import os
-import sys
+"""shiftjax.benchmarking.weight_values: the share of each weight magnitude in a model
+(benchmarks/weight_values.py prints it)."""
 
 import jax
 import numpy as np
 import pytest
 
 import shiftjax as sj
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import weight_values  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shiftjax.benchmarking import weight_values
 
 
 def test_fractions_count_every_quantized_weight_once():
