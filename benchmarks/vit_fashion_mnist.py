@@ -25,7 +25,8 @@ import optax
 
 import shiftjax as sj
 from shiftjax import data as data_lib
-from shiftjax import fit as fit_lib
+from shiftjax import loop
+from shiftjax import ptq
 from shiftjax.models import vit as vit_lib
 
 FLOAT_LAYERS = ("patch_embed", "head")
@@ -52,6 +53,10 @@ flags.DEFINE_float("learning_rate", 1e-3, "Adam's peak learning rate.")
 flags.DEFINE_float("latent_lr_scale", 1.0, "Multiplies the quantizer latents' updates.")
 flags.DEFINE_string("data_dir", data_lib.fashion_mnist.DEFAULT_SOURCE_DIR,
                     "Where the Fashion-MNIST idx files are.")
+flags.DEFINE_bool("from_float", False, "Start each shift run from the float run of its "
+                  "seed (<workdir>/float/seed<k>) converted by post-training quantization "
+                  "(error feedback + bias correction, shiftjax.ptq); the float run's steps "
+                  "come on top of --steps.")
 flags.DEFINE_string("workdir", None, "Keep each run's checkpoints and metrics here "
                     "(<workdir>/<method>/seed<k>); a finished run is read, not retrained.")
 
@@ -64,21 +69,42 @@ def load_split(split: str) -> dict[str, np.ndarray]:
   return {"image": images, "label": labels.astype(np.int32)}
 
 
+def label(method: str) -> str:
+  """The method with the flags that change its training (a workdir and a table row)."""
+  if method == "float":
+    return method
+  return (method + (", from float" if FLAGS.from_float else "")
+          + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else ""))
+
+
+def from_float(method: str, seed: int, train):
+  """The float run of ``seed`` through post-training quantization to ``method``."""
+  if not FLAGS.workdir:
+    raise app.UsageError("--from_float reads the float runs in --workdir")
+  variables = loop.load_variables(os.path.join(FLAGS.workdir, "float", f"seed{seed}"))
+  calibration = [(train["image"][i:i + 128],) for i in range(0, 512, 128)]
+  return ptq.quantize_trained(vit_lib.vit_tiny(), METHODS[method](), variables, calibration,
+                              rounding="error_feedback", bias_correction=True)
+
+
 def run(method: str, seed: int, train, test) -> tuple[float, float]:
   """(test top-1, wall seconds) of one training run."""
   model = sj.quantize_model(vit_lib.vit_tiny(), METHODS[method]())
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, FLAGS.learning_rate, FLAGS.steps // 20, FLAGS.steps)
-  workdir = (os.path.join(FLAGS.workdir, method.replace(" ", "_").replace(",", ""),
+  workdir = (os.path.join(FLAGS.workdir, label(method).replace(" ", "_").replace(",", ""),
                           f"seed{seed}") if FLAGS.workdir else None)
   eval_batches = [{k: v[i:i + 1000] for k, v in test.items()}
                   for i in range(0, len(test["label"]), 1000)]
+  init_variables = None
+  if FLAGS.from_float and method != "float":
+    model, init_variables = from_float(method, seed, train)
   start = time.time()
-  result = fit_lib.fit(model, train, optimizer=optax.adam(schedule), num_steps=FLAGS.steps,
-                       batch_size=FLAGS.batch_size, eval_data=eval_batches,
-                       workdir=workdir, seed=seed, log_every=max(FLAGS.steps // 10, 1),
-                       checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
-                       progress_bar=False)
+  result = loop.fit(model, train, optimizer=optax.adam(schedule), num_steps=FLAGS.steps,
+                    batch_size=FLAGS.batch_size, eval_data=eval_batches, workdir=workdir,
+                    seed=seed, log_every=max(FLAGS.steps // 10, 1),
+                    checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
+                    progress_bar=False, init_variables=init_variables)
   return result.metrics["eval_accuracy"], time.time() - start
 
 
@@ -94,7 +120,7 @@ def main(argv):
   for method in FLAGS.methods:
     for seed in range(FLAGS.seeds):
       top1, seconds = run(method, seed, train, test)
-      results.setdefault(method, []).append((top1, seconds))
+      results.setdefault(label(method), []).append((top1, seconds))
       print(f"{method} seed {seed}: top-1 {top1:.4f} in {seconds:.0f} s", flush=True)
   reference = statistics.mean(t for t, _ in results["float"]) if "float" in results else None
   print(f"\nViT (vit_tiny) on Fashion-MNIST, {FLAGS.steps} steps of batch "

@@ -306,8 +306,9 @@ class FitResult:
   metrics: dict[str, float]
 
 
-def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+def _checkpoint_manager(workdir: str, keep: int, create: bool = True
+                        ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                options=options)
 
@@ -327,10 +328,13 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) ->
 def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
   """A linen model's variables (``{'params': ..., **state}``) from ``fit``'s checkpoint
   in ``workdir`` (the latest step by default), read without knowing the optimizer."""
-  manager = _checkpoint_manager(workdir, keep=1)
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):  # reading never creates a workdir
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  manager = _checkpoint_manager(workdir, keep=1, create=False)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
+    raise FileNotFoundError(f"no checkpoint in {directory}")
   restored = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   return {"params": restored["params"], **(restored.get("state") or {})}
@@ -344,7 +348,8 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
         eval_every: int | None = None, latent_lr_scale: float = 1.0,
         s3_alpha: float = 0.0, teacher: Callable | None = None,
         distillation: distill_lib.Distillation | None = None,
-        progress_bar: bool | None = None, stop_after_steps: int | None = None) -> FitResult:
+        progress_bar: bool | None = None, stop_after_steps: int | None = None,
+        init_variables: Mapping[str, Any] | None = None) -> FitResult:
   """Trains ``model`` on ``train_data`` for ``num_steps`` optimizer steps.
 
   Args:
@@ -364,6 +369,9 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
       towards with ``distillation``'s weight and temperature (both or neither).
     stop_after_steps: stop (checkpointed) after this many steps of this call, as if
       interrupted; for tests of resumption.
+    init_variables: linen only: the variables a fresh run starts from instead of an
+      initialization (e.g. ``shiftjax.ptq.quantize_trained``'s); a resumed run keeps its
+      checkpoint's. (An NNX model starts from the values it holds.)
   Returns:
     a ``FitResult``.
   Raises:
@@ -385,7 +393,13 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
 
   batches = make_batches(0)
   first = next(batches)
-  params, model_state = jax.jit(functional_model.init)(key, task.inputs(first))
+  if init_variables is not None:
+    if not isinstance(model, nn.Module):
+      raise ValueError("init_variables is for linen models; an NNX model holds its values")
+    init_variables = dict(init_variables)
+    params, model_state = init_variables.pop("params"), init_variables
+  else:
+    params, model_state = jax.jit(functional_model.init)(key, task.inputs(first))
   state = TrainState(jnp.asarray(0, jnp.int32), params, model_state, tx.init(params))
   manager = _checkpoint_manager(workdir, keep_checkpoints) if workdir else None
   if manager is not None:
