@@ -32,11 +32,11 @@ __version__ = "0.1.0"
 # Imported on first attribute access (PEP 562): these pull in flax, optax, orbax,
 # tensorflow-datasets and ml_collections, which deployment does not need.
 _LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "distill", "export",
-                 "host_memory", "interception", "kernels", "layers", "metrics", "models",
-                 "policy", "summary", "train", "transfer")
+                 "host_memory", "interception", "kernels", "layers", "loop", "metrics",
+                 "models", "optim", "policy", "summary", "train", "transfer", "trees")
 # Functions and classes of those modules that ``sj.`` offers directly: {name: module}.
 _LAZY_NAMES = {"quantize_model": "interception", "LayerPolicy": "policy",
-               "PolicyError": "policy", "summarize": "summary"}
+               "PolicyError": "policy", "summarize": "summary", "fit": "loop"}
 
 
 def __getattr__(name):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import shiftjax as sj
-from shiftjax import fit as fit_lib
+from shiftjax import loop
 from shiftjax.policy import LayerPolicy
 from test_interception import LinenMLP, NnxMLP, NnxTinyTransformer
 
@@ -32,7 +32,7 @@ def batches(start):
 def _fit(model, workdir=None, **kwargs):
   kwargs = {"optimizer": optax.adam(1e-2), "num_steps": 40, "log_every": 10,
             "checkpoint_every": 10, "progress_bar": False, **kwargs}
-  return fit_lib.fit(model, kwargs.pop("data", batches), workdir=workdir, **kwargs)
+  return loop.fit(model, kwargs.pop("data", batches), workdir=workdir, **kwargs)
 
 
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
@@ -61,7 +61,7 @@ def _tokens(start):
 def test_resume_is_bit_exact_for_a_non_resnet_model(tmp_path):
   def model():
     return sj.quantize_model(NnxTinyTransformer(nnx.Rngs(0)), POLICY)
-  kwargs = dict(task=fit_lib.next_token(), num_steps=20, data=lambda s: _tokens(s))
+  kwargs = dict(task=loop.next_token(), num_steps=20, data=lambda s: _tokens(s))
   straight = _fit(model(), str(tmp_path / "straight"), **kwargs)
   _fit(model(), str(tmp_path / "resumed"), stop_after_steps=10, **kwargs)
   resumed = _fit(model(), str(tmp_path / "resumed"), **kwargs)
@@ -74,7 +74,7 @@ def test_a_workdir_of_another_model_is_refused(tmp_path):
   _fit(sj.quantize_model(LinenMLP(), POLICY), str(tmp_path), num_steps=10)
   with pytest.raises(ValueError, match="not of this model and optimizer"):
     _fit(sj.quantize_model(NnxTinyTransformer(nnx.Rngs(0)), POLICY), str(tmp_path),
-         task=fit_lib.next_token(), num_steps=20, data=lambda s: _tokens(s))
+         task=loop.next_token(), num_steps=20, data=lambda s: _tokens(s))
 
 
 def test_random_access_sources_are_shuffled_per_epoch_and_resumable():
@@ -86,7 +86,7 @@ def test_random_access_sources_are_shuffled_per_epoch_and_resumable():
 
     def __getitem__(self, i):
       return source[i]
-  make = fit_lib.batches_from(Source(), batch_size=4, seed=3)
+  make = loop.batches_from(Source(), batch_size=4, seed=3)
   first = list(itertools.islice(make(0), 6))
   assert first[0]["image"].shape == (4, 5)
   epoch0 = np.concatenate([b["label"] for b in first[:2]])
@@ -97,11 +97,11 @@ def test_random_access_sources_are_shuffled_per_epoch_and_resumable():
     np.testing.assert_array_equal(a["image"], b["image"])
   assert epoch0.shape == (8,)
   with pytest.raises(ValueError, match="needs batch_size"):
-    fit_lib.batches_from(Source(), batch_size=None, seed=0)
+    loop.batches_from(Source(), batch_size=None, seed=0)
 
 
 def test_dicts_of_arrays_are_batched_per_epoch():
-  make = fit_lib.batches_from({"image": XS[:10], "label": YS[:10]}, batch_size=4, seed=1)
+  make = loop.batches_from({"image": XS[:10], "label": YS[:10]}, batch_size=4, seed=1)
   first = list(itertools.islice(make(0), 4))
   np.testing.assert_array_equal(np.sort(np.concatenate([b["label"] for b in first[:2]])),
                                 np.sort(YS[:10][np.isin(XS[:10, 0], np.concatenate(
@@ -110,14 +110,14 @@ def test_dicts_of_arrays_are_batched_per_epoch():
   np.testing.assert_array_equal(list(itertools.islice(make(3), 1))[0]["image"],
                                 first[3]["image"])
   with pytest.raises(ValueError, match="differ in length"):
-    next(fit_lib.batches_from({"a": XS, "b": YS[:3]}, batch_size=2, seed=0)(0))
+    next(loop.batches_from({"a": XS, "b": YS[:3]}, batch_size=2, seed=0)(0))
 
 
 def test_divergence_stops_without_saving(tmp_path):
   def exploding(start):
     for b in batches(start):
       yield {"image": b["image"] * np.float32(1e30), "label": b["label"]}
-  with pytest.raises(fit_lib.NonFiniteLossError, match="stopped without saving"):
+  with pytest.raises(loop.NonFiniteLossError, match="stopped without saving"):
     _fit(NnxMLP(nnx.Rngs(0)), str(tmp_path), data=exploding, optimizer=optax.sgd(1e10))
   assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
 
