@@ -14,9 +14,9 @@ Backends:
     ``cpu_pow2_matmul.cc``): decodes the words in vector registers (a 16-entry in-register
     table on AVX-512, bit assembly on AVX2) and reads each packed word once at small M;
     4-bit weights at M = 1 run several times faster than a float32 dot (docs/cpu_kernel.md).
-    It sums each output's products in order of k, XLA's dot in its own blocked order:
-    the two agree to float32 rounding of the sums (about ``K * 2**-24 * sum |x| |w|``),
-    not bit for bit.
+    It sums each output's products in order of k (bfloat16 x on AVX512-BF16: two at a
+    time), XLA's dot in its own blocked order: the two agree to float32 rounding of the
+    sums (within ``2 K 2**-24 sum |x| |w|``), not bit for bit.
   * ``'pallas'``: the Pallas kernel compiled for ``platform`` (``'gpu'``: Triton,
     ``'tpu'``: Mosaic), default the platform of ``jax.default_backend()``.
   * ``'pallas_interpret'``: the same kernel run by the Pallas interpreter (any machine).
