@@ -1,8 +1,10 @@
 """Times conv gradients on CPU: XLA's autodiff against ``shiftjax.kernels.training.conv``'s fast path (issue 7).
 
     python benchmarks/conv_grad.py               # all five parts, batch 128
-    python benchmarks/conv_grad.py --parts convs --reps 21
-    python benchmarks/conv_grad.py --parts kgrad
+    python benchmarks/conv_grad.py --parts=convs --reps=21
+    python benchmarks/conv_grad.py --parts=kgrad
+
+(absl flags; ``--parts`` is comma-separated.)
 
 1. convs: each ResNet-20 conv shape alone (inputs already in memory): the forward, XLA's
    gradient (input + kernel, ``jax.vjp`` of ``lax.conv_general_dilated``) and the fast
@@ -17,17 +19,18 @@
 5. fwd: the forward conv alone, per conv shape: the native C++ kernel (what the fast path
    runs on CPU), XLA's conv with its default libraries and with ``eigen_conv_options``.
 
-Repetitions alternate between the variants of a row and each number is a median, so the
-ratios hold on a machine shared with other jobs; the absolute times do not. Both wall time
-and the process's CPU time (all threads) are printed: on a loaded machine, CPU time
-is the steadier of the two.
+Repetitions alternate between the variants of a row (``shiftjax.benchmarking.timing``) and
+each number is a median, so the ratios hold on a machine shared with other jobs; the
+absolute times do not. Both wall time and the process's CPU time (all threads) are
+printed: on a loaded machine, CPU time is the steadier of the two.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import functools
 
+from absl import app
+from absl import flags
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -36,8 +39,14 @@ import optax
 
 import shiftjax as sj
 from shiftjax import models
+from shiftjax.benchmarking import timing
 from shiftjax.kernels.training import conv as sc
 from shiftjax.kernels.cpu import native
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 128, "Batch size.")
+flags.DEFINE_integer("reps", 11, "Repetitions per variant.")
+flags.DEFINE_list("parts", ["convs", "scan", "kgrad", "step", "fwd"], "A subset of the parts.")
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -54,21 +63,12 @@ SHAPES = [
 ]
 
 
-def _time_once(fn, args):
-  wall, cpu = time.perf_counter(), time.process_time()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def _interleaved(fns: dict, reps: int) -> dict:
-  """{name: (fn, args)} -> {name: (median wall s, median cpu s)}, repetitions alternating."""
-  for fn, args in fns.values():
-    jax.block_until_ready(fn(*args))  # compile
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, (fn, args) in fns.items():
-      times[name].append(_time_once(fn, args))
-  return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
+  """{name: (fn, args)} -> {name: (median wall s, median cpu s)}, repetitions alternating
+  (one untimed call of each first: compiles)."""
+  calls = {name: functools.partial(fn, *args) for name, (fn, args) in fns.items()}
+  t = timing.interleaved(calls, reps)
+  return {name: (x.median, x.median_of("cpu")) for name, x in t.items()}
 
 
 def _conv(stride, padding, fast):
@@ -243,16 +243,13 @@ def bench_step(batch, reps):
   print(f"  on / off: {on[0] / off[0]:.2f} wall ({on[1] / off[1]:.2f} cpu)")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--reps", type=int, default=11, help="repetitions per variant")
-  parser.add_argument("--parts", default="convs,scan,kgrad,step,fwd",
-                      help="comma-separated subset")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"shiftjax {sj.__version__}")
-  parts = args.parts.split(",")
+  parts = args.parts
   if "convs" in parts:
     bench_convs(args.batch, args.reps)
   if "scan" in parts:
@@ -266,4 +263,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

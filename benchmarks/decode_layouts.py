@@ -1,7 +1,9 @@
 """Times decoding a packed [K, N] weight on XLA CPU: the words layout against bit planes.
 
     python benchmarks/decode_layouts.py                       # 4096x4096 and 576x64
-    python benchmarks/decode_layouts.py --shapes 1024x1024 --bits 3,5 --reps 31
+    python benchmarks/decode_layouts.py --shapes=1024x1024 --bits=3,5 --reps=31
+
+(absl flags; lists are comma-separated.)
 
 Each weight is random codes of a zero-free DenseShift format
 (``CodeFormat(bits, e0=0, has_zero=False)``), packed on the host two ways and put on
@@ -13,28 +15,37 @@ the device; each variant is one jitted call from packed uint32 words to float32 
             then ``codes.decode``
 
 Both give the same float weights (checked). Repetitions alternate between the two
-variants, in a rotating order, so load from other processes hits both alike; the times
-are medians and the ratio is of the medians, measured together: it holds on a shared
-machine, the absolute times do not.
+variants, in a rotating order (``shiftjax.benchmarking.timing``), so load from other
+processes hits both alike; the times are medians and the ratio is of the medians, measured
+together: it holds on a shared machine, the absolute times do not.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import functools
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import shiftjax as sj
 from shiftjax import codes as sc
+from shiftjax.benchmarking import timing
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["4096x4096", "576x64"],
+                  "KxN weight shapes (576x64: a ResNet-20 3x3 64->64 conv kernel as "
+                  "[9*64, 64]).")
+flags.DEFINE_list("bits", ["2", "3", "4", "5"], "Code widths.")
+flags.DEFINE_integer("reps", 0, "Repetitions per variant; 0: about 0.5 s of decoding per "
+                     "variant and width, 11 to 301.")
 
 
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
+def _parse_shapes(items: list[str]) -> list[tuple[int, int]]:
   shapes = []
-  for item in text.split(","):
+  for item in items:
     k, n = item.lower().split("x")
     shapes.append((int(k), int(n)))
   return shapes
@@ -62,30 +73,19 @@ def _variants(k: int, n: int, bits: int, seed: int = 0):
 
 
 def _interleaved(fns: dict, reps: int) -> dict:
-  """{name: (fn, arg)} -> {name: median wall seconds}, repetitions rotating the order."""
-  names = list(fns)
-  times = {name: [] for name in names}
-  for rep in range(reps):
-    for name in names[rep % len(names):] + names[:rep % len(names)]:
-      fn, arg = fns[name]
-      start = time.perf_counter()
-      jax.block_until_ready(fn(arg))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  """{name: (fn, arg)} -> {name: median wall seconds}, repetitions rotating the order
+  (the functions are compiled already)."""
+  calls = {name: functools.partial(fn, arg) for name, (fn, arg) in fns.items()}
+  t = timing.interleaved(calls, reps, warmup=0, rotate=True, counters={})
+  return {name: x.median for name, x in t.items()}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default="4096x4096,576x64",
-                      help="comma-separated KxN weight shapes (576x64: a ResNet-20 3x3 "
-                           "64->64 conv kernel as [9*64, 64])")
-  parser.add_argument("--bits", default="2,3,4,5", help="comma-separated code widths")
-  parser.add_argument("--reps", type=int, default=0,
-                      help="repetitions per variant; 0: about 0.5 s of decoding per "
-                           "variant and width, 11 to 301")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
   shapes = _parse_shapes(args.shapes)
-  widths = [int(b) for b in args.bits.split(",")]
+  widths = [int(b) for b in args.bits]
 
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
         f"device(s) ({jax.devices()[0].device_kind}), shiftjax {sj.__version__}; "
@@ -108,4 +108,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Times packed inference against float inference of the same ResNet-20 on the CPU.
 
-    python benchmarks/packed_inference.py [--bits=3] [--reps=N]
+    python benchmarks/packed_inference.py [--bits=3] [--reps=N]    (absl flags)
 
 One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3), three ways, each one
 jitted call with its weights as arguments (nothing decoded ahead of time is cached):
@@ -17,26 +17,31 @@ jitted call with its weights as arguments (nothing decoded ahead of time is cach
   planes    ``packed_apply`` of the bit-plane layout (exactly N bits per weight, the
             export default): decoded inside every call, then ``fused_conv``
 
-Batch 1 and 128; the variants run interleaved, in a rotating order, so that load from
-other processes hits all alike; medians (and 10th/90th percentiles) and the median's
-ratio to float are printed.
+Batch 1 and 128; the variants run interleaved, in a rotating order
+(``shiftjax.benchmarking.timing``), so that load from other processes hits all alike;
+medians (and 10th/90th percentiles) and the median's ratio to float are printed.
 The goal: packed (either layout) <= 1.0x float while the weights stay packed.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import statistics
-import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import shiftjax as sj
+from shiftjax import deploy
 from shiftjax import export as ex
 from shiftjax import models
+from shiftjax.benchmarking import timing
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("bits", 3, "DenseShift code width.")
+flags.DEFINE_integer("reps", 0, "Repetitions per variant; 0: 200 at batch 1, 30 at 128.")
 
 
 def float_twin(variables, quantizer):
@@ -54,11 +59,10 @@ def float_twin(variables, quantizer):
   return {"params": visit(variables["params"]), "batch_stats": variables["batch_stats"]}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--bits", type=int, default=3)
-  parser.add_argument("--reps", type=int, default=0, help="0: 200 at batch 1, 30 at 128")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
 
   quantizer = sj.DenseShift(bits=args.bits, init_method="he")
   model = models.resnet20(num_classes=10, quantizer=quantizer)
@@ -77,9 +81,9 @@ def main():
   float_fn = jax.jit(functools.partial(float_model.apply, train=False))
   variants = {
       "float": lambda x: float_fn(float_vars, x),
-      "folded": lambda x: ex.packed_apply(folded, x),
-      "words": lambda x: ex.packed_apply(packed["words"], x),
-      "planes": lambda x: ex.packed_apply(packed["bitplanes"], x),
+      "folded": lambda x: deploy.packed_apply(folded, x),
+      "words": lambda x: deploy.packed_apply(packed["words"], x),
+      "planes": lambda x: deploy.packed_apply(packed["bitplanes"], x),
   }
   float_vars = jax.device_put(float_vars)
   weight_bytes = {
@@ -93,16 +97,12 @@ def main():
             f"{k} {v / 1024:.0f} KiB" for k, v in weight_bytes.items()))
   for layout, model_ in packed.items():
     fmt, quantized = model_.code_format, [l for l in model_.layers if l.quantized]
-    decode_all = jax.jit(lambda arrays: [ex.decode_kernel(  # pylint: disable=cell-var-from-loop
+    decode_all = jax.jit(lambda arrays: [deploy.decode_kernel(  # pylint: disable=cell-var-from-loop
         arrays[f"{l.name}/kernel"], fmt, l.shape, layout) for l in quantized])
-    jax.block_until_ready(decode_all(model_.device_arrays))
-    decode_times = []
-    for _ in range(200):
-      start = time.perf_counter()
-      jax.block_until_ready(decode_all(model_.device_arrays))
-      decode_times.append(time.perf_counter() - start)
+    decode = timing.interleaved(
+        {"decode": functools.partial(decode_all, model_.device_arrays)}, 200, counters={})
     print(f"unpack + decode of all {len(quantized)} packed kernels alone, {layout}: median "
-          f"{statistics.median(decode_times) * 1e3:.3f} ms")
+          f"{decode['decode'].median * 1e3:.3f} ms")
   for batch in (1, 128):
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     reference = np.asarray(variants["float"](x))
@@ -111,21 +111,16 @@ def main():
       err = np.max(np.abs(out - reference)) / np.max(np.abs(reference))
       assert err < 1e-4, (name, err)
     reps = args.reps or (200 if batch == 1 else 30)
-    times = {name: [] for name in variants}
-    names = list(variants)
-    for rep in range(reps):
-      # Rotate the order so that no variant always follows the same one.
-      for name in names[rep % len(names):] + names[:rep % len(names)]:
-        start = time.perf_counter()
-        variants[name](x).block_until_ready()
-        times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["float"])
+    # Already compiled above; the order rotates so that no variant always follows the same.
+    calls = {name: functools.partial(fn, x) for name, fn in variants.items()}
+    times = timing.interleaved(calls, reps, warmup=0, rotate=True, counters={})
+    base = times["float"].median
     for name, t in times.items():
-      med = statistics.median(t)
+      med = t.median
       print(f"batch {batch:3d}  {name:7s} median {med * 1e3:8.3f} ms  "
             f"({batch / med:8.0f} img/s)  {med / base:5.2f}x float  "
-            f"[p10 {np.percentile(t, 10) * 1e3:.3f}, p90 {np.percentile(t, 90) * 1e3:.3f} ms]")
+            f"[p10 {t.p10 * 1e3:.3f}, p90 {t.p90 * 1e3:.3f} ms]")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -26,6 +26,7 @@ import functools
 import os
 import tempfile
 
+from absl import app
 import jax
 import jax.numpy as jnp
 
@@ -53,7 +54,9 @@ def widths(stages: int):
                                   (f"stage{stages}_*/*", dense_shift(4)))
 
 
-def main():
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(f"{'model':22s} {'bits':>5s} {'layout':>9s} {'file KiB':>10s} {'float32 KiB':>12s} "
         f"{'smaller':>8s} {'bits/q-weight':>13s} {'bits/weight':>11s} {'q-weights':>10s}")
   with tempfile.TemporaryDirectory() as tmp:
@@ -78,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

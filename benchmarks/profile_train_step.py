@@ -1,20 +1,20 @@
 """Where a ResNet-20 CPU training step spends its time, by kind of XLA op (issue 7).
 
     python benchmarks/profile_train_step.py                # DenseShift 3-bit, fast path
-    python benchmarks/profile_train_step.py --plain --float --top 30
+    python benchmarks/profile_train_step.py --plain --float --top=30
 
-Traces ``--steps`` calls of the jitted step of ``benchmarks/train_step.py`` with
-``jax.profiler`` and sums the duration of every XLA:CPU thunk, grouped by the op's kind
-(convolution, dot, copy/pad/concatenate, reduction, elementwise fusion, loop) and by
-forward/backward pass (the op's source name). Milliseconds are per step and summed over
-threads. Convolutions and dots run asynchronously on Eigen's thread pool: their events
-time only the launch, so their share is what the total CPU time leaves after the rest.
-Use it to see what a change moved, next to the interleaved timings of ``train_step.py``.
+Traces ``--steps`` calls of the jitted step ``benchmarks/train_step.py`` times
+(``shiftjax.benchmarking.resnet20_step``) with ``jax.profiler`` and sums the duration of
+every XLA:CPU thunk, grouped by the op's kind (convolution, dot, copy/pad/concatenate,
+reduction, elementwise fusion, loop) and by forward/backward pass (the op's source name).
+Milliseconds are per step and summed over threads. Convolutions and dots run
+asynchronously on Eigen's thread pool: their events time only the launch, so their share
+is what the total CPU time leaves after the rest. Use it to see what a change moved, next
+to the interleaved timings of ``train_step.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -24,13 +24,20 @@ import re
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
 
 import shiftjax as sj
 from shiftjax import host_memory
+from shiftjax.benchmarking import resnet20_step
 from shiftjax.kernels.training import conv
 
-import train_step  # benchmarks/ is on sys.path when this file runs as a script
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("float", False, "Float model, not DenseShift 3-bit.")
+flags.DEFINE_bool("plain", False, "XLA's own gradients and libraries.")
+flags.DEFINE_integer("steps", 5, "Steps traced.")
+flags.DEFINE_integer("top", 15, "Also list the N slowest ops.")
 
 
 def _category(op: str) -> str:
@@ -73,17 +80,15 @@ def _thunk_events(trace_dir: str):
       yield name, e["dur"]
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--float", action="store_true", help="float model, not DenseShift 3-bit")
-  parser.add_argument("--plain", action="store_true", help="XLA's own gradients and libraries")
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--top", type=int, default=15, help="also list the N slowest ops")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
   host_memory.reuse_freed_memory()  # as experiments/train.py does
   quantizer = None if args.float else sj.DenseShift(bits=3)
   options = None if args.plain else conv.eigen_conv_options()
-  step = train_step.JaxStep(quantizer, not args.plain, train_step._batch(128), options)
+  step = resnet20_step.Resnet20Step(quantizer, not args.plain, resnet20_step.random_batch(128),
+                                    options)
   for _ in range(3):  # compile, then steps on donated state
     step()
   op_names = _hlo_op_names(step.step.as_text())
@@ -115,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -2,41 +2,42 @@
 and a plain PyTorch ResNet-20 (issue 7).
 
     python benchmarks/train_step.py                 # batch 128, 15 repetitions
-    python benchmarks/train_step.py --reps 31 --no-torch
+    python benchmarks/train_step.py --reps=31 --notorch
 
-Our step is ``shiftjax.train.train_step`` (what training runs: uint8 images normalized on
-device, SGD momentum 0.9 + coupled weight decay 1e-4, BatchNorm statistics updated),
-jitted with the state donated as ``train_and_evaluate`` does, on CIFAR shapes (32x32x3,
-10 classes). Variants: float and DenseShift 3-bit (stem and head float, as the recipe),
-each "plain" (XLA's own gradients and convolution libraries: ``fast_grad='off'``,
-``eigen_convs='off'``) and "fast" (what training runs on CPU by default: our conv and
-BatchNorm gradients, ``shiftjax.kernels.training.conv`` and ``shiftjax.batch_norm``, convs and kernel
-gradients on the native C++ kernels, ``shiftjax.kernels.cpu.native``, and the remaining XLA
-convolutions on Eigen, ``conv.eigen_conv_options``);
-"DenseShift3 fast grad" has our gradients on XLA's default libraries and "DenseShift3
-fast no native" everything but the native kernels, to show each part's share. This process
-keeps freed host memory for reuse as the launcher does (``shiftjax.host_memory``, off with
-``--no-reuse-freed-memory``); "DenseShift3 fast malloc default" runs in a child process
-that does not, stepped in turn with the others, to show what that saves (the page faults
-column counts the kernel mapping XLA's scratch buffer in again). The PyTorch step is the
-same architecture (3x3 stem
-16, three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts,
-global average pool, fc), float, SGD momentum + weight decay, run with
+(absl flags: ``--notorch`` or ``--torch=false`` and ``--noreuse_freed_memory`` are what
+argparse's ``--no-torch`` and ``--no-reuse-freed-memory`` were.)
+
+Our step is ``shiftjax.train.train_step`` (``shiftjax.benchmarking.resnet20_step``: what
+training runs: uint8 images normalized on device, SGD momentum 0.9 + coupled weight decay
+1e-4, BatchNorm statistics updated), jitted with the state donated as
+``train_and_evaluate`` does, on CIFAR shapes (32x32x3, 10 classes). Variants: float and
+DenseShift 3-bit (stem and head float, as the recipe), each "plain" (XLA's own gradients
+and convolution libraries: ``fast_grad='off'``, ``eigen_convs='off'``) and "fast" (what
+training runs on CPU by default: our conv and BatchNorm gradients,
+``shiftjax.kernels.training.conv`` and ``shiftjax.batch_norm``, convs and kernel gradients
+on the native C++ kernels, ``shiftjax.kernels.cpu.native``, and the remaining XLA
+convolutions on Eigen, ``conv.eigen_conv_options``); "DenseShift3 fast grad" has our
+gradients on XLA's default libraries and "DenseShift3 fast no native" everything but the
+native kernels, to show each part's share. This process keeps freed host memory for reuse
+as the launcher does (``shiftjax.host_memory``, off with ``--noreuse_freed_memory``);
+"DenseShift3 fast malloc default" runs in a child process that does not, stepped in turn
+with the others, to show what that saves (the page faults column counts the kernel mapping
+XLA's scratch buffer in again). The PyTorch step is the same architecture (3x3 stem 16,
+three stages of three basic blocks 16/32/64, 1x1 conv + BN projection shortcuts, global
+average pool, fc), float, SGD momentum + weight decay, run with
 ``torch.set_num_threads(2)`` and (1): on a machine loaded by other jobs, PyTorch's OpenMP
 threads spin at every barrier while the other thread waits for a core, so its 2-thread CPU
-time counts spinning; the 1-thread CPU time is the work itself. torch is optional
-(``pip install -e .[bench]``); without it that part is skipped.
+time counts spinning; the 1-thread CPU time is the work itself. torch is optional (``pip
+install -e .[bench]``); without it that part is skipped.
 
-Repetitions alternate between all variants and each number is a median, so the ratios
-hold on a machine shared with other jobs; the absolute times do not. Both wall time and
-the process's CPU time (all threads) are printed: on a loaded machine, CPU time is the
-steadier of the two, wall time is what a user waits for.
+Repetitions alternate between all variants (``shiftjax.benchmarking.timing``) and each
+number is a median, so the ratios hold on a machine shared with other jobs; the absolute
+times do not. Both wall time and the process's CPU time (all threads) are printed: on a
+loaded machine, CPU time is the steadier of the two, wall time is what a user waits for.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import os
 import resource
@@ -44,59 +45,25 @@ import subprocess
 import sys
 import time
 
+from absl import app
+from absl import flags
 import jax
-import ml_collections
-import numpy as np
 
 import shiftjax as sj
 from shiftjax import host_memory
-from shiftjax import models
-from shiftjax import train
+from shiftjax.benchmarking import resnet20_step
+from shiftjax.benchmarking import timing
 from shiftjax.kernels.training import conv
 from shiftjax.kernels.cpu import native
 
-BATCH_SHAPE = (32, 32, 3)
-NUM_CLASSES = 10
-
-
-def _optimizer_config() -> ml_collections.ConfigDict:
-  """The optimizer fields of experiments/configs/default.py (the reference recipe)."""
-  return ml_collections.ConfigDict(dict(
-      optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=1e-4,
-      weight_decay_on="all"))
-
-
-def _batch(batch: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (batch, *BATCH_SHAPE), dtype=np.uint8),
-          "label": rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32)}
-
-
-class JaxStep:
-  """The jitted ``train.train_step`` of one model variant, carrying its own state."""
-
-  def __init__(self, quantizer, fast_grad: bool, batch: dict, compiler_options=None,
-               native_kernels: bool = True):
-    model = models.resnet20(num_classes=NUM_CLASSES, quantizer=quantizer, fast_grad=fast_grad)
-    key = jax.random.key(0)
-    self.state = train.create_train_state(key, _optimizer_config(), model, BATCH_SHAPE,
-                                          lambda step: 0.1)
-    self.batch = jax.device_put(batch)
-    step = jax.jit(functools.partial(
-        train.train_step, dataset="cifar10", s3_alpha=0.0,
-        rounding_key=jax.random.fold_in(key, 1)), donate_argnums=0,
-        compiler_options=compiler_options)
-    # Compiled here: whether the native kernels are used is decided when tracing.
-    with contextlib.nullcontext() if native_kernels else native.disabled():
-      self.step = step.lower(self.state, self.batch).compile()
-    self.native = "shiftjax_conv" in self.step.as_text()  # the native kernels' FFI targets
-    if self.native and not native_kernels:
-      raise RuntimeError("the step traced without native kernels still calls them")
-
-  def __call__(self):
-    self.state, metrics = self.step(self.state, self.batch)
-    jax.block_until_ready(metrics)
-    return float(metrics["loss_sum"]) / float(metrics["count"])
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 128, "Batch size.")
+flags.DEFINE_integer("reps", 15, "Repetitions per variant.")
+flags.DEFINE_bool("torch", True, "Time the PyTorch step too; --notorch skips it.")
+flags.DEFINE_bool("reuse_freed_memory", True,
+                  "Keep freed host memory for reuse (see shiftjax.host_memory); "
+                  "--noreuse_freed_memory leaves glibc's malloc as it is.")
+flags.DEFINE_bool("worker", False, "Internal: serve steps to the parent process.")
 
 
 class WorkerStep:
@@ -104,11 +71,9 @@ class WorkerStep:
   ``host_memory.reuse_freed_memory()`` (glibc's default malloc), stepped on demand so it
   interleaves with the steps of this process; reports the child's CPU time and faults."""
 
-  reports_own_usage = True
-
   def __init__(self, batch_size: int):
     self.process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch_size)],
+        [sys.executable, os.path.abspath(__file__), "--worker", f"--batch={batch_size}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.native = self._read() == "native"
 
@@ -118,11 +83,11 @@ class WorkerStep:
       raise RuntimeError("the train_step.py --worker child exited")
     return line.strip()
 
-  def __call__(self) -> tuple[float, int]:
+  def __call__(self) -> timing.Reported:
     self.process.stdin.write("step\n")
     self.process.stdin.flush()
     cpu, faults = self._read().split()
-    return float(cpu), int(faults)
+    return timing.Reported({"cpu": float(cpu), "faults": int(faults)})
 
   def close(self):
     self.process.stdin.close()
@@ -131,7 +96,9 @@ class WorkerStep:
 
 def _serve_worker(batch_size: int):
   """The child of WorkerStep: one step per "step" line on stdin."""
-  step = JaxStep(sj.DenseShift(bits=3), True, _batch(batch_size), conv.eigen_conv_options())
+  step = resnet20_step.Resnet20Step(sj.DenseShift(bits=3), True,
+                                    resnet20_step.random_batch(batch_size),
+                                    conv.eigen_conv_options())
   print("native" if step.native else "xla", flush=True)
   for _ in sys.stdin:
     cpu, faults = time.process_time(), _minor_faults()
@@ -175,7 +142,7 @@ def _torch_steps(batch: dict, threads=(2, 1)) -> dict:
           blocks.append(Block(cin, width, 2 if i > 0 and j == 0 else 1))
           cin = width
       self.blocks = nn.Sequential(*blocks)
-      self.fc = nn.Linear(64, NUM_CLASSES)
+      self.fc = nn.Linear(64, resnet20_step.NUM_CLASSES)
 
     def forward(self, x):
       x = self.blocks(torch.relu(self.bn(self.stem(x))))
@@ -204,67 +171,44 @@ def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _time_once(fn):
-  """(wall s, CPU s, minor page faults) of one call, CPU and faults of whoever ran it."""
-  wall, cpu, faults = time.perf_counter(), time.process_time(), _minor_faults()
-  result = fn()
-  wall = time.perf_counter() - wall
-  if getattr(fn, "reports_own_usage", False):
-    return (wall, *result)
-  return wall, time.process_time() - cpu, _minor_faults() - faults
-
-
-def _interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-  """{name: fn} -> {name: (median wall s, median cpu s, median faults)}, alternating."""
-  for fn in fns.values():
-    for _ in range(warmup):  # compile, then one step on a donated state
-      fn()
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      time.sleep(0.05)  # idle OpenMP threads of the previous variant stop spinning
-      times[name].append(_time_once(fn))
-  return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--reps", type=int, default=15, help="repetitions per variant")
-  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch step")
-  parser.add_argument("--no-reuse-freed-memory", action="store_true",
-                      help="leave glibc's malloc as it is (see shiftjax.host_memory)")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
   if args.worker:
     return _serve_worker(args.batch)
   # As experiments/train.py does, before JAX's first computation.
-  reused = not args.no_reuse_freed_memory and host_memory.reuse_freed_memory()
+  reused = args.reuse_freed_memory and host_memory.reuse_freed_memory()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
         f"device(s), {os.cpu_count()} CPUs, shiftjax {sj.__version__}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, freed host memory reused: {reused}")
-  batch = _batch(args.batch)
-  fns = {}
+  batch = resnet20_step.random_batch(args.batch)
+  fns, step = {}, resnet20_step.Resnet20Step
   eigen = conv.eigen_conv_options()
   print(f"eigen_conv_options: {eigen or 'not available (not CPU, or unknown to jaxlib)'}")
   for qname, quantizer in (("float", None), ("DenseShift3", sj.DenseShift(bits=3))):
-    fns[f"{qname} plain"] = JaxStep(quantizer, False, batch)
-    fns[f"{qname} fast"] = JaxStep(quantizer, True, batch, eigen)
-  fns["DenseShift3 fast grad"] = JaxStep(sj.DenseShift(bits=3), True, batch)
+    fns[f"{qname} plain"] = step(quantizer, False, batch)
+    fns[f"{qname} fast"] = step(quantizer, True, batch, eigen)
+  fns["DenseShift3 fast grad"] = step(sj.DenseShift(bits=3), True, batch)
   if native.available():
-    fns["DenseShift3 fast no native"] = JaxStep(sj.DenseShift(bits=3), True, batch, eigen,
-                                                 native_kernels=False)
+    fns["DenseShift3 fast no native"] = step(sj.DenseShift(bits=3), True, batch, eigen,
+                                             native_kernels=False)
   if reused:
     fns["DenseShift3 fast malloc default"] = WorkerStep(args.batch)
-  torch_steps = {} if args.no_torch else _torch_steps(batch)
+  torch_steps = _torch_steps(batch) if args.torch else {}
   if torch_steps:
     import torch
     fns.update(torch_steps)
     print(f"torch {torch.__version__} (PyTorch float Nt: torch.set_num_threads(N))")
-  elif not args.no_torch:
+  elif args.torch:
     print("torch is not installed (pip install -e .[bench]): PyTorch step skipped")
 
-  t = _interleaved(fns, args.reps)
+  # Warm-up: compile, then one step on a donated state. The pause lets idle OpenMP
+  # threads of the previous variant stop spinning.
+  timings = timing.interleaved(fns, args.reps, warmup=2, pause=0.05,
+                               counters={**timing.CPU_TIME, "faults": _minor_faults})
+  t = {name: (x.median, x.median_of("cpu"), x.median_of("faults"))
+       for name, x in timings.items()}
   for fn in fns.values():
     if isinstance(fn, WorkerStep):
       fn.close()
@@ -299,4 +243,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

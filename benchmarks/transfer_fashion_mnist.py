@@ -2,6 +2,8 @@ r"""Float -> 3-bit DenseShift on real Fashion-MNIST: conversion, fine-tuning vs 
 
     python benchmarks/transfer_fashion_mnist.py [--float_steps=300 --shift_steps=300]
 
+(absl flags, as the launchers; ``experiments.configs`` comes from the installed package.)
+
 1. Trains a float ResNet-8 (width 1/2) for ``float_steps`` steps.
 2. Converts it to 3-bit DenseShift (``shiftjax.transfer``) and prints the test accuracy
    before any shift training: as converted, and after re-estimating the BatchNorm
@@ -16,24 +18,31 @@ About 10 minutes on 2 CPU cores. Needs Debian's ``dataset-fashion-mnist``.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.configs import default
+import shiftjax as sj
+from shiftjax import data as data_lib
+from shiftjax import host_memory
+from shiftjax import models
+from shiftjax import train
+from shiftjax import transfer
 
-import shiftjax as sj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.configs import default  # pylint: disable=wrong-import-position
-from shiftjax import data as data_lib  # pylint: disable=wrong-import-position
-from shiftjax import host_memory  # pylint: disable=wrong-import-position
-from shiftjax import models  # pylint: disable=wrong-import-position
-from shiftjax import train  # pylint: disable=wrong-import-position
-from shiftjax import transfer  # pylint: disable=wrong-import-position
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("float_steps", 300, "Steps of the float model.")
+flags.DEFINE_integer("shift_steps", 300, "Steps of each DenseShift model.")
+flags.DEFINE_float("finetune_lr", 0.01, "Learning rate fine-tuning from the conversion.")
+flags.DEFINE_float("scratch_lr", 0.1, "Learning rate from scratch.")
+flags.DEFINE_float("width", 0.5, "ResNet-8 width multiplier.")
+flags.DEFINE_integer("seed", 0, "Seed of every run.")
+flags.DEFINE_string("workdir", None, "Default: a temporary directory.")
 
 
 def config(args, workdir_data, **overrides):
@@ -70,16 +79,10 @@ def accuracy(model, variables, images, labels, batch=1000):
   return correct / len(labels)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--float_steps", type=int, default=300)
-  parser.add_argument("--shift_steps", type=int, default=300)
-  parser.add_argument("--finetune_lr", type=float, default=0.01)
-  parser.add_argument("--scratch_lr", type=float, default=0.1)
-  parser.add_argument("--width", type=float, default=0.5)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workdir", default=None, help="default: a temporary directory")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = FLAGS
   host_memory.reuse_freed_memory()  # as experiments/train.py does
 
   root = args.workdir or tempfile.mkdtemp(prefix="transfer_fashion_mnist_")
@@ -129,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
