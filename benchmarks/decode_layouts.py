@@ -27,7 +27,6 @@ import functools
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import shiftjax as sj
