@@ -7,9 +7,8 @@ folded, N-bit codes in uint32 words). ``flax_module(packed)`` rebuilds the modul
 packed model came from, for comparisons and fine-tuning. A training run's checkpoint is
 exported by ``shiftjax.train.export_checkpoint`` (the ``experiments/export.py`` launcher).
 
-Reading, writing and running packed models is ``shiftjax.deploy``, which needs neither
-flax nor the training stack; its public names are re-exported here so that
-``sj.export.load`` and ``sj.export.packed_apply`` keep working.
+Reading, writing and running packed models is ``shiftjax.deploy`` (``sj.deploy.load``,
+``sj.deploy.packed_apply``), which needs neither flax nor the training stack.
 """
 
 from __future__ import annotations
@@ -23,11 +22,7 @@ import jax.numpy as jnp
 from shiftjax import layers
 from shiftjax.deploy import architecture
 from shiftjax.deploy import folding
-# Re-exported: the deployment API under its historical home (see the module docstring).
-from shiftjax.deploy import (  # pylint: disable=unused-import
-    BN_EPSILON, FILE_SUFFIX, Layer, PackedModel, PackedModelError, check_architecture,
-    decode_kernel, export_serialized, fold_batch_norm, forward, from_bytes, load,
-    packed_apply, save_serialized, write_atomic)
+from shiftjax.deploy import PackedModel, PackedModelError
 from shiftjax.models import resnet_speech
 from shiftjax.models.resnet_cifar import CifarResNet
 from shiftjax.models.resnet_imagenet import ImageNetResNet

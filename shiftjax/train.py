@@ -33,12 +33,12 @@ from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
 from shiftjax import distill
 from shiftjax.deploy import architecture
+from shiftjax import deploy as deploy_lib
 from shiftjax import export as export_lib
 from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
 from shiftjax import models
-from shiftjax import optim
 from shiftjax.optim import latent_mask, scale_latent_updates, weight_decay_mask  # pylint: disable=unused-import
 from shiftjax import policy as policy_lib
 from shiftjax import quantizers as qz
@@ -760,7 +760,7 @@ def export_packed(config, workdir: str) -> dict:
 
   A file already there (a finished run started again) is kept, not overwritten.
   """
-  path = os.path.join(workdir, "model" + export_lib.FILE_SUFFIX)
+  path = os.path.join(workdir, "model" + deploy_lib.FILE_SUFFIX)
   if jax.process_index() == 0 and not os.path.exists(path):
     export_checkpoint(config, workdir, path)
   return {"packed_file": path, "packed_file_bytes": os.path.getsize(path)}
@@ -787,7 +787,7 @@ def restore_variables(config, workdir: str | os.PathLike, *, step: int | None = 
 
 
 def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
-                    float_dtype=jnp.float32) -> export_lib.PackedModel:
+                    float_dtype=jnp.float32) -> deploy_lib.PackedModel:
   """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``.
 
   ``config`` is the run's config; the dataset's input normalization is kept in the
@@ -813,7 +813,7 @@ def export_checkpoint(config, workdir: str | os.PathLike, output: str | None = N
   to replace an existing file unless ``overwrite``, before reading the checkpoint.
   """
   output = os.fspath(output or os.path.join(os.fspath(workdir),
-                                            "model" + export_lib.FILE_SUFFIX))
+                                            "model" + deploy_lib.FILE_SUFFIX))
   if not overwrite and os.path.lexists(output):
     raise FileExistsError(f"{output} already exists; pass overwrite=True "
                           "(--overwrite) to replace it")
@@ -839,7 +839,7 @@ def format_export_report(report: Mapping[str, Any]) -> str:
 
 def write_json_atomic(path: str, obj) -> None:
   """Writes ``obj`` as JSON to ``path`` atomically, replacing it."""
-  export_lib.write_atomic(path, json.dumps(obj, indent=2).encode(), overwrite=True)
+  deploy_lib.write_atomic(path, json.dumps(obj, indent=2).encode(), overwrite=True)
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:

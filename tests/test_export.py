@@ -31,6 +31,7 @@ import pytest
 import shiftjax as sj
 from experiments.configs import default
 from shiftjax import data as data_lib
+from shiftjax import deploy
 from shiftjax import export as ex
 from shiftjax import models
 from shiftjax import train
@@ -213,7 +214,7 @@ def test_packed_denseshift_matches_trained_model_on_full_test_set(trained, packe
   model, variables = trained["model"], trained["variables"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: ex.packed_apply(packed, x), images)
+  got = apply_in_batches(lambda x: deploy.packed_apply(packed, x), images)
   assert_same_predictions(got, expected)
   accuracy = np.mean(np.argmax(got, -1) == fashion_mnist["test_labels"])
   assert accuracy > 0.2  # it learned something (chance is 0.1): not noise against noise
@@ -278,12 +279,12 @@ def test_packed_mixed_widths_and_quantized_activations_match_on_full_test_set(
         clips[layer.name], np.asarray(_param(variables["params"], layer.name)["activation"]["clip"]))
   assert any(float(c) != 6.0 for c in clips.values())  # training moved the ranges
   # The file keeps them; the packed forward pass quantizes as training did.
-  reloaded = ex.load(packed.save(tmp_path / "mixed.shiftjax"))
+  reloaded = deploy.load(packed.save(tmp_path / "mixed.shiftjax"))
   assert reloaded.layers == packed.layers
   images = fashion_mnist["test_images"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: ex.packed_apply(reloaded, x), images)
+  got = apply_in_batches(lambda x: deploy.packed_apply(reloaded, x), images)
   np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
   accuracy = np.mean(np.argmax(got, -1) == fashion_mnist["test_labels"])
   assert accuracy > 0.2  # it learned something (chance is 0.1)
@@ -295,7 +296,7 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
   images = fashion_mnist["test_images"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: ex.packed_apply(packed, x), images)
+  got = apply_in_batches(lambda x: deploy.packed_apply(packed, x), images)
   assert_same_predictions(got, expected)
   # S3 has a zero code: its convs take the decode + lax.conv path, and zeros survive.
   zeros = sum(int(np.sum(sj.codes.unpack_bitplanes(packed.arrays[f"{l.name}/kernel"], 3,
@@ -336,11 +337,11 @@ def test_packed_matches_model_for_each_architecture(name, make, image_shape):
   expected = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables,
                                                                             images))
   packed = ex.export(variables, model)
-  got = np.asarray(ex.packed_apply(packed, images))
+  got = np.asarray(deploy.packed_apply(packed, images))
   assert got.shape == expected.shape
   assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
-  reloaded = ex.from_bytes(packed.to_bytes())
-  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+  reloaded = deploy.from_bytes(packed.to_bytes())
+  np.testing.assert_array_equal(np.asarray(deploy.packed_apply(reloaded, images)), got)
 
 
 def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
@@ -350,7 +351,7 @@ def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
   variables = random_variables(model, (29, 16, 1))
   path = tmp_path / "speech.shiftjax"
   ex.export(variables, model).save(path)
-  loaded = ex.load(path)
+  loaded = deploy.load(path)
   assert loaded.architecture == "SpeechResNet"
   assert loaded.config == {"num_classes": 6, "in_channels": 1,
                            "full_precision": ["stem", "head"], "stage_sizes": [1, 1],
@@ -375,9 +376,9 @@ def test_bad_speech_resnet_config_is_refused(field, value, message):
   config = {"num_classes": 6, "in_channels": 1, "full_precision": ["stem"],
             "stage_sizes": [1, 1], "widths": [8, 16], "stem_strides": [2, 2],
             "first_stride": 2, "pooling": "max"}
-  ex.check_architecture("SpeechResNet", config)
-  with pytest.raises(ex.PackedModelError, match=re.escape(message)):
-    ex.check_architecture("SpeechResNet", dict(config, **{field: value}))
+  deploy.check_architecture("SpeechResNet", config)
+  with pytest.raises(deploy.PackedModelError, match=re.escape(message)):
+    deploy.check_architecture("SpeechResNet", dict(config, **{field: value}))
 
 
 def test_batch_norm_folding_is_exact():
@@ -387,11 +388,11 @@ def test_batch_norm_folding_is_exact():
   stats = {"mean": rng.normal(0, 2, c), "var": rng.uniform(0.01, 5, c)}
   affine = {"scale": rng.normal(1, 0.5, c), "bias": rng.normal(0, 1, c)}
   x = rng.normal(0, 3, (64, c)).astype(np.float32)
-  bn = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=ex.BN_EPSILON)
+  bn = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=deploy.BN_EPSILON)
   variables = {"params": {k: jnp.asarray(v, jnp.float32) for k, v in affine.items()},
                "batch_stats": {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}}
   expected = np.asarray(bn.apply(variables, x), np.float64)
-  scale, bias = ex.fold_batch_norm(affine["scale"].astype(np.float32),
+  scale, bias = deploy.fold_batch_norm(affine["scale"].astype(np.float32),
                                    affine["bias"].astype(np.float32),
                                    stats["mean"].astype(np.float32),
                                    stats["var"].astype(np.float32))
@@ -406,13 +407,13 @@ def test_float_kernels_in_bfloat16_on_request(trained, packed, fashion_mnist):
   assert half.arrays["stem/bias"].dtype == np.float32
   for name in ("stage1_block0/conv1/kernel", "stage1_block0/conv1/scale"):
     np.testing.assert_array_equal(half.arrays[name], packed.arrays[name])
-  reloaded = ex.from_bytes(half.to_bytes())
+  reloaded = deploy.from_bytes(half.to_bytes())
   for name, a in half.arrays.items():
     assert reloaded.arrays[name].dtype == a.dtype
     np.testing.assert_array_equal(reloaded.arrays[name].view(np.uint8), a.view(np.uint8))
   images = fashion_mnist["test_images"][:EVAL_BATCH]
-  full = np.asarray(ex.packed_apply(packed, images))
-  got = np.asarray(ex.packed_apply(reloaded, images))
+  full = np.asarray(deploy.packed_apply(packed, images))
+  got = np.asarray(deploy.packed_apply(reloaded, images))
   assert np.max(np.abs(got - full)) <= 0.05 * np.max(np.abs(full))
   assert np.mean(np.argmax(got, -1) == np.argmax(full, -1)) > 0.97
 
@@ -421,7 +422,7 @@ def test_float_kernels_in_bfloat16_on_request(trained, packed, fashion_mnist):
 
 
 def test_round_trip_keeps_arrays_and_metadata_exactly(packed, model_file):
-  loaded = ex.load(model_file)
+  loaded = deploy.load(model_file)
   assert loaded.architecture == packed.architecture == "CifarResNet"
   assert loaded.config == packed.config == {
       "depth": 8, "num_classes": 10, "width_multiplier": 0.5, "in_channels": 1,
@@ -467,8 +468,8 @@ def test_truncated_file_is_refused(model_file, tmp_path, where):
   path.write_bytes(buf[:cut])
   expected = f"truncated at byte {cut} (expected {len(buf)})" if where in (
       "data", "checksum") else f"truncated at byte {cut} (expected at least"
-  with pytest.raises(ex.PackedModelError, match=re.escape(expected)):
-    ex.load(path)
+  with pytest.raises(deploy.PackedModelError, match=re.escape(expected)):
+    deploy.load(path)
   assert header["data_bytes"] > 0
 
 
@@ -504,24 +505,24 @@ def test_flipped_byte_is_refused_naming_where(model_file, tmp_path, position):
       "padding": f"corrupted padding: byte {index} is 16, expected 0",
       "digest": f"checksum corrupted: bytes {len(buf) - 32}..{len(buf)}",
   }[position]
-  with pytest.raises(ex.PackedModelError, match=re.escape(expected)):
-    ex.load(path)
+  with pytest.raises(deploy.PackedModelError, match=re.escape(expected)):
+    deploy.load(path)
 
 
 def test_unsupported_version_is_refused(model_file, tmp_path):
   _, header, data = split_file(open(model_file, "rb").read())
   path = tmp_path / "v5.shiftjax"
   path.write_bytes(join_file(5, header, data))
-  with pytest.raises(ex.PackedModelError,
+  with pytest.raises(deploy.PackedModelError,
                      match="unsupported format version 5 at byte 8 .* reads versions 1, 2, 3, 4"):
-    ex.load(path)
+    deploy.load(path)
 
 
 def test_not_a_model_file_is_refused(tmp_path):
   path = tmp_path / "other.shiftjax"
   path.write_bytes(b"PK\x03\x04" + bytes(100))
-  with pytest.raises(ex.PackedModelError, match="not a shiftjax packed model"):
-    ex.load(path)
+  with pytest.raises(deploy.PackedModelError, match="not a shiftjax packed model"):
+    deploy.load(path)
 
 
 def _rewritten(model_file, tmp_path, edit):
@@ -569,8 +570,8 @@ def _entry(header, name):
 def test_inconsistent_header_is_refused_with_a_clear_message(model_file, tmp_path, edit,
                                                              message):
   path = _rewritten(model_file, tmp_path, edit)
-  with pytest.raises(ex.PackedModelError) as info:
-    ex.load(path)
+  with pytest.raises(deploy.PackedModelError) as info:
+    deploy.load(path)
   assert message in str(info.value)
   assert str(path) in str(info.value)
 
@@ -581,7 +582,7 @@ def test_load_runs_no_code_from_the_file(model_file, monkeypatch):
   for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
                        (np, "load")):
     monkeypatch.setattr(module, name, forbidden)
-  ex.load(model_file)
+  deploy.load(model_file)
   # And no module of the deployment package imports a deserializer that can run code.
   for path in glob.glob(os.path.join(os.path.dirname(sj.deploy.__file__), "*.py")):
     tree = ast.parse(open(path).read())
@@ -602,16 +603,16 @@ def test_save_refuses_to_overwrite(packed, tmp_path):
     packed.save(path)
   assert path.read_bytes() == before
   dataclasses.replace(packed, metadata={"note": "second"}).save(path, overwrite=True)
-  assert ex.load(path).metadata == {"note": "second"}
+  assert deploy.load(path).metadata == {"note": "second"}
   assert sorted(os.listdir(tmp_path)) == ["m.shiftjax"]  # no temporary files left
 
 
 def test_an_invalid_model_writes_nothing(packed, tmp_path):
   arrays = dict(packed.arrays)
   arrays["head/bias"] = np.zeros(11, np.float32)
-  bad = ex.PackedModel(packed.architecture, packed.config, packed.quantizer, packed.layers,
+  bad = deploy.PackedModel(packed.architecture, packed.config, packed.quantizer, packed.layers,
                        arrays)
-  with pytest.raises(ex.PackedModelError, match="layer 'head' bias has shape"):
+  with pytest.raises(deploy.PackedModelError, match="layer 'head' bias has shape"):
     bad.save(tmp_path / "bad.shiftjax")
   assert os.listdir(tmp_path) == []
 
@@ -620,13 +621,13 @@ def test_export_names_a_parameter_the_architecture_lacks(trained):
   model = trained["model"]
   variables = jax.tree.map(lambda x: x, trained["variables"])  # a copy of the dicts
   variables["params"]["stage1_block0"]["extra"] = {"kernel": np.zeros((1, 1, 8, 8))}
-  with pytest.raises(ex.PackedModelError, match="stage1_block0/extra/kernel"):
+  with pytest.raises(deploy.PackedModelError, match="stage1_block0/extra/kernel"):
     ex.export(variables, model)
   del variables["params"]["stage1_block0"]["extra"]
   del variables["params"]["stage1_block0"]["conv2"]
-  with pytest.raises(ex.PackedModelError, match="no 'stage1_block0/conv2/kernel'"):
+  with pytest.raises(deploy.PackedModelError, match="no 'stage1_block0/conv2/kernel'"):
     ex.export(variables, model)
-  with pytest.raises(ex.PackedModelError, match="supports CifarResNet, ImageNetResNet, SpeechResNet modules, got Dense"):
+  with pytest.raises(deploy.PackedModelError, match="supports CifarResNet, ImageNetResNet, SpeechResNet modules, got Dense"):
     ex.export(trained["variables"], nn.Dense(3))
 
 
@@ -655,7 +656,7 @@ def test_launcher_writes_and_refuses_to_overwrite(trained, tmp_path):
                        timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "bits per quantized weight" in run.stdout and "smaller" in run.stdout
-  assert ex.load(output).metadata["source"]["step"] == 60
+  assert deploy.load(output).metadata["source"]["step"] == 60
   run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode != 0 and "already exists" in run.stderr
@@ -683,7 +684,7 @@ print("ok", exported.in_avals)
 
 def test_jax_export_artifact_runs_without_shiftjax(packed, fashion_mnist, tmp_path):
   pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
-  artifact = ex.save_serialized(packed, tmp_path / "model.jax_exported", (None, 28, 28, 1))
+  artifact = deploy.save_serialized(packed, tmp_path / "model.jax_exported", (None, 28, 28, 1))
   images = fashion_mnist["test_images"][:50]
   np.save(tmp_path / "images.npy", images)
   site_packages = os.path.dirname(os.path.dirname(jax.__file__))
@@ -695,7 +696,7 @@ def test_jax_export_artifact_runs_without_shiftjax(packed, fashion_mnist, tmp_pa
   assert run.returncode == 0, run.stderr[-3000:]
   assert "ok" in run.stdout
   logits = np.load(tmp_path / "logits.npy")
-  expected = np.asarray(ex.packed_apply(packed, images))
+  expected = np.asarray(deploy.packed_apply(packed, images))
   assert logits.shape == (50, 10)
   assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
 
@@ -716,9 +717,9 @@ def _v1(name):
 def test_version1_file_loads_and_gives_its_logits(name, tmp_path):
   path, images, logits = _v1(name)
   assert struct.unpack_from("<I", open(path, "rb").read(), 8) == (1,)
-  packed = ex.load(path)
+  packed = deploy.load(path)
   assert packed.code_layout == "words"
-  got = np.asarray(ex.packed_apply(packed, images))
+  got = np.asarray(deploy.packed_apply(packed, images))
   # The logits the writing version computed (same ops; 1e-6 of the scale covers a jax
   # upgrade's rounding), and the same predictions.
   np.testing.assert_allclose(got, logits, rtol=0, atol=1e-6 * np.abs(logits).max())
@@ -728,9 +729,9 @@ def test_version1_file_loads_and_gives_its_logits(name, tmp_path):
   assert planes.size_report()["bits_per_quantized_weight"] < (
       packed.size_report()["bits_per_quantized_weight"])
   planes.save(tmp_path / "v2.shiftjax")
-  reloaded = ex.load(tmp_path / "v2.shiftjax")
+  reloaded = deploy.load(tmp_path / "v2.shiftjax")
   assert reloaded.code_layout == "bitplanes"
-  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+  np.testing.assert_array_equal(np.asarray(deploy.packed_apply(reloaded, images)), got)
   back = sj.deploy.with_code_layout(reloaded, "words")
   for k, a in packed.arrays.items():
     np.testing.assert_array_equal(back.arrays[k], a)
@@ -740,14 +741,14 @@ def test_damaged_version1_file_is_refused(tmp_path):
   path, _, _ = _v1(V1_MODELS[0])
   buf = bytearray(open(path, "rb").read())
   (tmp_path / "cut.shiftjax").write_bytes(bytes(buf[:-100]))
-  with pytest.raises(ex.PackedModelError, match=re.escape(
+  with pytest.raises(deploy.PackedModelError, match=re.escape(
       f"truncated at byte {len(buf) - 100} (expected {len(buf)})")):
-    ex.load(tmp_path / "cut.shiftjax")
+    deploy.load(tmp_path / "cut.shiftjax")
   buf[len(buf) // 2] ^= 1
   (tmp_path / "flipped.shiftjax").write_bytes(bytes(buf))
-  with pytest.raises(ex.PackedModelError, match=re.escape(
+  with pytest.raises(deploy.PackedModelError, match=re.escape(
       f"checksum mismatch: the file is corrupted (SHA-256 of bytes 0..{len(buf) - 32}")):
-    ex.load(tmp_path / "flipped.shiftjax")
+    deploy.load(tmp_path / "flipped.shiftjax")
 
 
 @pytest.mark.parametrize("name", V1_MODELS)
@@ -756,37 +757,37 @@ def test_version2_file_loads_and_gives_its_logits(name, tmp_path):
   path = os.path.join(V1_DIR, f"{name}.v2.shiftjax")
   _, images, logits = _v1(name)
   assert struct.unpack_from("<I", open(path, "rb").read(), 8) == (2,)
-  packed = ex.load(path)
+  packed = deploy.load(path)
   assert packed.code_layout == "bitplanes"
   assert packed.config["layer_quantizers"] == [] and packed.config["activation"] is None
   assert all(l.activation is None and l.quantizer in (None, packed.quantizer)
              for l in packed.layers)
-  got = np.asarray(ex.packed_apply(packed, images))
+  got = np.asarray(deploy.packed_apply(packed, images))
   np.testing.assert_allclose(got, logits, rtol=0, atol=1e-6 * np.abs(logits).max())
   np.testing.assert_array_equal(got.argmax(-1), logits.argmax(-1))
   # Saved again it is a version 3 file with the same arrays and identical logits.
   packed.save(tmp_path / "v3.shiftjax")
   buf = open(tmp_path / "v3.shiftjax", "rb").read()
   assert struct.unpack_from("<I", buf, 8) == (3,)
-  reloaded = ex.load(tmp_path / "v3.shiftjax")
+  reloaded = deploy.load(tmp_path / "v3.shiftjax")
   for k, a in packed.arrays.items():
     np.testing.assert_array_equal(reloaded.arrays[k], a)
-  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)), got)
+  np.testing.assert_array_equal(np.asarray(deploy.packed_apply(reloaded, images)), got)
 
 
 def test_damaged_version2_file_is_refused(tmp_path):
   path = os.path.join(V1_DIR, f"{V1_MODELS[0]}.v2.shiftjax")
   buf = bytearray(open(path, "rb").read())
   (tmp_path / "cut.shiftjax").write_bytes(bytes(buf[:-100]))
-  with pytest.raises(ex.PackedModelError, match=re.escape(
+  with pytest.raises(deploy.PackedModelError, match=re.escape(
       f"truncated at byte {len(buf) - 100} (expected {len(buf)})")):
-    ex.load(tmp_path / "cut.shiftjax")
+    deploy.load(tmp_path / "cut.shiftjax")
   header_len = struct.unpack_from("<Q", buf, 12)[0]
   buf[20 + header_len // 2] ^= 1
   (tmp_path / "header.shiftjax").write_bytes(bytes(buf))
-  with pytest.raises(ex.PackedModelError, match=re.escape(
+  with pytest.raises(deploy.PackedModelError, match=re.escape(
       f"header corrupted: the SHA-256 of bytes 0..{20 + header_len}")):
-    ex.load(tmp_path / "header.shiftjax")
+    deploy.load(tmp_path / "header.shiftjax")
 
 
 def test_bitplanes_and_words_files_give_identical_logits(trained, fashion_mnist):
@@ -795,11 +796,11 @@ def test_bitplanes_and_words_files_give_identical_logits(trained, fashion_mnist)
   planes = ex.export(variables, model)
   words = ex.export(variables, model, code_layout="words")
   assert planes.code_layout == "bitplanes" and words.code_layout == "words"
-  np.testing.assert_array_equal(np.asarray(ex.packed_apply(planes, images)),
-                                np.asarray(ex.packed_apply(words, images)))
+  np.testing.assert_array_equal(np.asarray(deploy.packed_apply(planes, images)),
+                                np.asarray(deploy.packed_apply(words, images)))
   # Both layouts hold the same codes.
   converted = sj.deploy.with_code_layout(words, "bitplanes")
   for k, a in planes.arrays.items():
     np.testing.assert_array_equal(converted.arrays[k], a)
-  with pytest.raises(ex.PackedModelError, match="code_layout must be one of"):
+  with pytest.raises(deploy.PackedModelError, match="code_layout must be one of"):
     ex.export(variables, model, code_layout="nibbles")

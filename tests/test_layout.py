@@ -154,10 +154,24 @@ def test_package_has_no_import_cycle():
   assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
+# Running a model of any architecture packed runs its own flax code: that module may
+# also reach the interception glue (flax, not the training stack).
+FLAX_DEPLOY = "shiftjax.deploy.packed_layers"
+FLAX_DEPLOY_MAY_IMPORT = ("shiftjax.interception", "shiftjax.trees", "shiftjax.transfer")
+SHIFTJAX_TRAINING = ("shiftjax.train", "shiftjax.loop", "shiftjax.optim", "shiftjax.metrics",
+                     "shiftjax.data", "shiftjax.distill", "shiftjax.export")
+
+
 def test_deploy_imports_only_codes_quantizers_and_inference_kernels():
   graph = import_graph()
-  deploy = [m for m in graph if m == "shiftjax.deploy" or m.startswith("shiftjax.deploy.")]
+  deploy = [m for m in graph if (m == "shiftjax.deploy" or m.startswith("shiftjax.deploy."))
+            and m != FLAX_DEPLOY]
   assert len(deploy) >= 5
+  flax_side = {m for m in reachable(graph, FLAX_DEPLOY)
+               if not any(m == a or m.startswith(a + ".")
+                          for a in DEPLOY_MAY_IMPORT + FLAX_DEPLOY_MAY_IMPORT)}
+  assert not flax_side, f"{FLAX_DEPLOY} imports {sorted(flax_side)}"
+  assert not {m for m in reachable(graph, FLAX_DEPLOY) if m.startswith(SHIFTJAX_TRAINING)}
   for module in deploy:
     outside = {m for m in reachable(graph, module)
                if not any(m == a or m.startswith(a + ".") for a in DEPLOY_MAY_IMPORT)
@@ -172,10 +186,11 @@ def test_convolution_code_has_one_home():
   conv_modules = sorted(m for m in modules if m.rpartition(".")[2] in ("conv", "native"))
   assert conv_modules == ["shiftjax.kernels.cpu.native", "shiftjax.kernels.inference.conv",
                           "shiftjax.kernels.training.conv"]
-  cc = [os.path.relpath(os.path.join(root, f), REPO)
+  cc = sorted(os.path.relpath(os.path.join(root, f), REPO)
         for root, _, files in os.walk(os.path.join(REPO, "kernels")) for f in files
-        if f.endswith(".cc")]
-  assert cc == [os.path.join("kernels", "cpu", "cpu_conv.cc")]
+        if f.endswith(".cc"))
+  assert cc == [os.path.join("kernels", "cpu", "cpu_conv.cc"),
+                os.path.join("kernels", "cpu", "cpu_pow2_matmul.cc")]
 
 
 # Runs in the subprocess: refuses every module of the training stack, then loads the

@@ -12,7 +12,7 @@ from shiftjax.deploy import packed_layers
 from shiftjax.deploy.architecture import PackedModelError
 from shiftjax.deploy.packed_tree import PackedTree
 from shiftjax.policy import LayerPolicy
-from test_interception import IMAGES, TOKENS, X, LinenTinyViT, NnxMLP, NnxTinyTransformer
+from test_interception import IMAGES, TOKENS, LinenTinyViT, NnxMLP, NnxTinyTransformer
 
 POLICY = LayerPolicy(sj.DenseShift(3), activation=sj.PACT(4),
                      layer_quantizers=(("out", sj.S3(3)),))

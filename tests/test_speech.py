@@ -307,7 +307,7 @@ def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tm
   config.eval_batch_size = 3
   config.progress_bar = False
   summary = sj.train.train_and_evaluate(config, str(tmp_path))
-  packed = export.load(summary["packed_file"])
+  packed = sj.deploy.load(summary["packed_file"])
   assert packed.architecture == "SpeechResNet"
   assert packed.config["widths"] == [16, 32, 64] and packed.config["pooling"] == "max"
   assert packed.quantizer == sj.DenseShift(bits=3)
@@ -320,7 +320,7 @@ def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tm
   features = sj.data.normalize(test.images, "synthetic_slu")
   expected = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          features, train=False)
-  logits = export.packed_apply(packed, features)
+  logits = sj.deploy.packed_apply(packed, features)
   assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
   accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
   assert accuracy == pytest.approx(summary["test_accuracy"])

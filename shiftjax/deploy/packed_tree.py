@@ -15,7 +15,7 @@ A ``PackedTree`` is what a packed file of any architecture holds:
             (``deploy.packed_layers.load_model``).
 
 The container (magic, version, header digest, aligned arrays with CRC-32s, final
-SHA-256, atomic writes) is ``deploy.format``'s; header fields of version 4::
+SHA-256, atomic writes) is ``deploy.container``'s; header fields of version 4::
 
   {"format": "shiftjax.packed_model", "writer": ..., "framework": "nnx",
    "model": "shiftjax.models.language_model.TransformerLM",
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +37,7 @@ import shiftjax
 from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
 from shiftjax import quantizers as qz
-from shiftjax.deploy import format as format_lib
+from shiftjax.deploy import container
 from shiftjax.deploy.architecture import (PackedModelError, activation_from_json, is_int,
                                           quantizer_from_json, quantizer_to_json)
 
@@ -127,8 +127,8 @@ class PackedTree:
 
   def to_bytes(self) -> bytes:
     self.check()
-    return format_lib.encode_container(VERSION, {
-        "format": format_lib.FORMAT_NAME,
+    return container.encode_container(VERSION, {
+        "format": container.FORMAT_NAME,
         "writer": f"shiftjax {shiftjax.__version__}",
         "framework": self.framework, "model": self.model,
         "layers": {p: e.to_json() for p, e in self.layers.items()},
@@ -140,14 +140,14 @@ class PackedTree:
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
       raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    format_lib.write_atomic(path, self.to_bytes(), overwrite=overwrite)
+    container.write_atomic(path, self.to_bytes(), overwrite=overwrite)
     return path
 
 
 def from_header(version: int, header: dict, buf: bytes, head_end: int,
                 data_start: int) -> PackedTree:
   """The ``PackedTree`` of a checked version 4 container (``format.from_bytes``)."""
-  format_lib.check_header_keys(version, header)
+  container.check_header_keys(version, header)
   if header["framework"] not in FRAMEWORKS:
     raise PackedModelError(f"framework must be one of {FRAMEWORKS}, got "
                            f"{header['framework']!r}")
@@ -156,7 +156,7 @@ def from_header(version: int, header: dict, buf: bytes, head_end: int,
   if not isinstance(header["layers"], dict):
     raise PackedModelError("layers must be an object keyed by module path")
   layers = {p: _entry_from_json(p, e) for p, e in header["layers"].items()}
-  arrays = format_lib.read_arrays(version, header, buf, head_end, data_start)
+  arrays = container.read_arrays(version, header, buf, head_end, data_start)
   tree = PackedTree(header["framework"], header["model"], layers, arrays,
                     header["metadata"])
   tree.check()
