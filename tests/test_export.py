@@ -703,8 +703,8 @@ def test_jax_export_artifact_runs_without_shiftjax(packed, fashion_mnist, tmp_pa
 
 # ---------------------------------------------------- version 1 files (the 'words' layout)
 
-V1_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-V1_MODELS = ("resnet8_denseshift3", "resnet8_s3")  # tests/data/make_v1_files.py wrote them
+V1_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+V1_MODELS = ("resnet8_denseshift3", "resnet8_s3")  # tests/golden/make_v1_files.py wrote them
 
 
 def _v1(name):
@@ -753,7 +753,7 @@ def test_damaged_version1_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", V1_MODELS)
 def test_version2_file_loads_and_gives_its_logits(name, tmp_path):
-  # tests/data/make_v2_files.py wrote them with commit 4b7ef77 (the same models as v1).
+  # tests/golden/make_v2_files.py wrote them with commit 4b7ef77 (the same models as v1).
   path = os.path.join(V1_DIR, f"{name}.v2.shiftjax")
   _, images, logits = _v1(name)
   assert struct.unpack_from("<I", open(path, "rb").read(), 8) == (2,)

@@ -13,7 +13,7 @@ import pytest
 import shiftjax as sj
 from shiftjax import loop
 from shiftjax.policy import LayerPolicy
-from test_interception import LinenMLP, NnxMLP, NnxTinyTransformer
+from tiny_models import LinenMLP, NnxMLP, NnxTinyTransformer
 
 POLICY = LayerPolicy(sj.DenseShift(3), full_precision=("head",))
 RNG = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 import shiftjax as sj
 from shiftjax import ptq
 from shiftjax.policy import LayerPolicy
-from test_interception import LinenMLP, NnxMLP, X
+from tiny_models import LinenMLP, NnxMLP, X
 
 DS4 = sj.DenseShift(4)
 

@@ -6,7 +6,7 @@ import pytest
 
 import shiftjax as sj
 from shiftjax.policy import LayerPolicy
-from test_interception import X, LinenMLP, NnxMLP, LinenTinyViT, IMAGES
+from tiny_models import X, LinenMLP, NnxMLP, LinenTinyViT, IMAGES
 
 POLICY = LayerPolicy(sj.DenseShift(3), full_precision=("head",),
                      layer_quantizers=(("fc1", sj.DenseShift(2)),))

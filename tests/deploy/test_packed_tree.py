@@ -12,7 +12,7 @@ from shiftjax.deploy import packed_layers
 from shiftjax.deploy.architecture import PackedModelError
 from shiftjax.deploy.packed_tree import PackedTree
 from shiftjax.policy import LayerPolicy
-from test_interception import IMAGES, TOKENS, LinenTinyViT, NnxMLP, NnxTinyTransformer
+from tiny_models import IMAGES, TOKENS, LinenTinyViT, NnxMLP, NnxTinyTransformer
 
 POLICY = LayerPolicy(sj.DenseShift(3), activation=sj.PACT(4),
                      layer_quantizers=(("out", sj.S3(3)),))
@@ -81,7 +81,7 @@ def test_a_file_is_refused_by_another_model(nnx_file):
 
 
 def test_old_resnet_files_still_load_as_packed_models():
-  data = os.path.join(os.path.dirname(__file__), "data")
+  data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
   for name in sorted(os.listdir(data)):
     if name.endswith(".shiftjax"):
       assert isinstance(sj.deploy.load(os.path.join(data, name)), sj.deploy.PackedModel)

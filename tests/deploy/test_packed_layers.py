@@ -9,7 +9,7 @@ import pytest
 import shiftjax as sj
 from shiftjax.deploy import packed_layers
 from shiftjax.policy import LayerPolicy
-from test_interception import (IMAGES, TOKENS, X, LinenMLP, LinenTinyViT, NnxMLP,
+from tiny_models import (IMAGES, TOKENS, X, LinenMLP, LinenTinyViT, NnxMLP,
                                NnxTinyTransformer)
 
 DS3 = sj.DenseShift(3)

@@ -3,7 +3,7 @@ shiftjax of commit 4b7ef77, the last that wrote version 2):
 
     git worktree add /tmp/shiftjax_v2 4b7ef77
     ln -s ../kernels /tmp/shiftjax_v2/shiftjax/kernels
-    PYTHONPATH=/tmp/shiftjax_v2 python tests/data/make_v2_files.py tests/data
+    PYTHONPATH=/tmp/shiftjax_v2 python tests/golden/make_v2_files.py tests/golden
 
 The same models, images and statistics as make_v1_files.py (same seed): each file's
 logits equal the committed ``<name>.logits.npy`` of version 1 (it checks, and prints the

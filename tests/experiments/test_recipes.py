@@ -3,7 +3,7 @@ command-line parsing, and every recipe run end to end at its ``runlocal`` settin
 
 Runs use ``tfds.testing.mock_data`` and, to fit the CPU budget (compiling is most of a
 3-step run), ResNets cut to one block per stage (the architectures themselves are tested
-in test_models.py). After that cut, ResNet-20 and ResNet-56 recipes with the same method
+in tests/models/test_resnets.py). After that cut, ResNet-20 and ResNet-56 recipes with the same method
 are the same computation, so each such pair runs once (the test id names both); ResNet-18
 and ResNet-50 (basic and bottleneck blocks) run apart, the ImageNet recipes whose method
 runs on CIFAR only with SHIFTJAX_ALL_RECIPES=1 (see IMAGENET_REPRESENTATIVES).

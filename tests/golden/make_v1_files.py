@@ -3,7 +3,7 @@ shiftjax of commit d07ac99, the last that wrote version 1):
 
     git worktree add /tmp/shiftjax_v1 d07ac99
     ln -s ../kernels /tmp/shiftjax_v1/shiftjax/kernels   # its own kernels, not the installed
-    PYTHONPATH=/tmp/shiftjax_v1 python tests/data/make_v1_files.py tests/data
+    PYTHONPATH=/tmp/shiftjax_v1 python tests/golden/make_v1_files.py tests/golden
 
 For each model: ``<name>.v1.shiftjax``, the images ``<name>.images.npy`` and the logits
 that version's ``packed_apply`` gave, ``<name>.logits.npy``. Small initialized models with
