@@ -31,7 +31,7 @@ Pallas' Triton backend, which the kernel uses, warns from jax 0.11 that it is de
    With the sweep, more settings are timed too: one knob at a time around the default
    (M/N tiles, K words, split_k, warps), the alternatives ``gpu_kernel_sass.py`` compiles
    (wider N tiles, more warps; both from ``shiftjax.benchmarking.gpu_tiles``), the
-   one-code ``gpu_dot='mma'`` default and, at M <= 4, the CUDA-core ``gpu_dot='fma'``
+   one-code ``Blocks.dot='mma'`` default and, at M <= 4, the CUDA-core ``dot='fma'``
    variant.
    Each shape prints every setting's time, then the best: the table the defaults of
    ``kernels.default_blocks`` are to be picked from.
@@ -128,8 +128,7 @@ def time_grid(sweep: bool, sizes=(4096, 8192), ms=(1, 16, 128), max_seconds=None
           print(f"      time limit: {len(configs) - i} settings not timed", flush=True)
           break
         f = jax.jit(lambda xs, ws, b=b: [
-            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas",
-                                **gpu_tiles.tile_kwargs(b, bits))
+            kernels.pow2_matmul(x, w, bits=bits, e0=e0, backend="pallas", blocks=b)
             for x, w in zip(xs, ws)])
         try:
           results[_key(b)] = _time(f, xs, packed_all) / copies

@@ -25,6 +25,8 @@ import numpy as np
 from shiftjax import codes as codes_lib
 from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference import matmul as mm
+from shiftjax.kernels.inference.matmul_xla import xla_epilogue
+from shiftjax.kernels.inference.tiling import Blocks
 
 
 def _pair(v, name) -> tuple[int, int]:
@@ -104,7 +106,7 @@ def _fused_conv(x, kernel, strides, pads, scale, bias, residual, relu, use_nativ
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
       preferred_element_type=jnp.float32)
-  return _residual_relu(mm.xla_epilogue(y, scale, bias), residual, relu)
+  return _residual_relu(xla_epilogue(y, scale, bias), residual, relu)
 
 
 def _check_residual(residual, x_shape, kernel_shape, strides, pads):
@@ -127,7 +129,7 @@ def _residual_relu(y, residual, relu):
 def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
               strides=1, padding="SAME", scale=None, bias=None, residual=None,
               relu: bool = False, backend: str | None = None, platform: str | None = None,
-              **block_kwargs):
+              blocks: Blocks | None = None):
   """Convolution of NHWC ``x`` with a packed HWIO power-of-two kernel.
 
   Args:
@@ -144,8 +146,8 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
       native conv applies scale, bias, residual and relu in its registers).
     backend, platform: as ``pow2_matmul`` (None: Pallas im2col + matmul on GPU/TPU,
       decode + ``fused_conv`` on CPU).
-    **block_kwargs: ``block_m``, ``block_n``, ``block_k``, ``split_k``, ``gpu_dot``,
-      ``num_warps``, ``num_stages`` for the Pallas matmul.
+    blocks: the Pallas matmul's tiles (``pow2_matmul``) for its ``[B * Ho * Wo, kh * kw *
+      I] @ [kh * kw * I, O]`` product; None: ``default_blocks``.
   Returns:
     float32 ``[B, Ho, Wo, O]``.
   """
@@ -164,7 +166,7 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
     raise ValueError(f"x has {x.shape[-1]} channels but kernel_shape {kernel_shape} "
                      f"expects I={cin}")
   k = kh * kw * cin
-  p = mm.codes_per_word(bits)
+  p = codes_lib.codes_per_word(bits)
   if tuple(packed.shape) != (-(-k // p), cout):
     raise ValueError(
         f"kernel_shape {kernel_shape} packs to ({-(-k // p)}, {cout}) words "
@@ -172,15 +174,11 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
         f"{tuple(packed.shape)}")
   strides = _pair(strides, "strides")
   pads = _padding(padding, tuple(x.shape[1:3]), (kh, kw), strides)
-  unknown = set(block_kwargs) - {"block_m", "block_n", "block_k", "split_k", "gpu_dot",
-                                 "num_warps", "num_stages"}
-  if unknown:
-    raise TypeError(f"pow2_conv got unexpected keyword arguments {sorted(unknown)}")
 
   _check_residual(residual, x.shape, kernel_shape, strides, pads)
   if backend == "xla":
     # Checks dtypes and the scale/bias shapes with the matmul's messages.
-    mm._check_operands(  # pylint: disable=protected-access
+    mm.check_operands(
         jax.ShapeDtypeStruct((1, k), x.dtype), packed, bits, scale, bias, k)
     # Whether the native conv runs is decided here, not in the jitted body: jit's cache
     # would otherwise keep a trace made while it was available (see native.disabled).
@@ -190,7 +188,7 @@ def pow2_conv(x, packed, *, bits: int, e0: int, kernel_shape: Sequence[int],
                      use_native=use_native)
   patches = _im2col(x, (kh, kw), strides, pads)
   y = mm.pow2_matmul(patches, packed, bits=bits, e0=e0, scale=scale, bias=bias,
-                     backend=backend, platform=platform, **block_kwargs)
+                     backend=backend, platform=platform, blocks=blocks)
   return _residual_relu(y, residual, relu)
 
 
@@ -200,6 +198,6 @@ def _xla_conv(x, packed, scale, bias, residual, *, bits, e0, kernel_shape, strid
               relu, use_native):
   kh, kw, cin, _ = kernel_shape
   fmt = codes_lib.CodeFormat(bits=bits, e0=e0)
-  w = codes_lib.decode(mm.unpack_codes(packed, bits, kh * kw * cin), fmt, x.dtype)
+  w = codes_lib.decode(codes_lib.unpack(packed, bits, kh * kw * cin), fmt, x.dtype)
   return _fused_conv(x, w.reshape(kernel_shape), strides, pads, scale, bias, residual, relu,
                      use_native)

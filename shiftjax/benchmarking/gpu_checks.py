@@ -10,6 +10,8 @@ numpy only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +67,7 @@ def _check(x, packed, bits, e0, scale, bias, label, **kernel_kwargs) -> bool:
   got = kernels.pow2_matmul(x, packed, bits=bits, e0=e0, scale=scale, bias=bias,
                             **kernel_kwargs)
   k = x.shape[-1]
-  w = codes_lib.decode(kernels.unpack_codes(packed, bits, k),
+  w = codes_lib.decode(codes_lib.unpack(packed, bits, k),
                        codes_lib.CodeFormat(bits=bits, e0=e0))
   # |sum order A - sum order B| <= 2 * gamma_K * sum |x| |w|.
   bound = 2 * k * 2.0**-24 * jnp.dot(jnp.abs(x.astype(jnp.float32)), jnp.abs(w),
@@ -97,16 +99,18 @@ def correctness(interpret: bool) -> bool:
       label = (f"{m}x{k}x{n} {bits}-bit x {jnp.dtype(dtype).name} "
                f"{'scale+bias' if affine else 'plain'}" + (f" {gpu_dot}" if gpu_dot else "")
                + (f" ({platform} kernel, interpreted)" if interpret else ""))
-      blocks = dict(block_m=8, block_n=16, block_k=2 * (32 // bits)) if interpret else {}
-      if interpret and platform == "gpu":
-        blocks["split_k"] = 2  # the small-M path: partial products summed in XLA
-      if gpu_dot:
-        blocks["gpu_dot"] = gpu_dot
+      blocks = None
+      if gpu_dot or interpret:
+        blocks = kernels.default_blocks(m, n, k, bits, dtype, platform or "gpu", gpu_dot)
+      if interpret:
+        blocks = dataclasses.replace(blocks, m=8, n=16, k_words=2)
+      if interpret and platform == "gpu":  # the small-M path: partial products summed
+        blocks = dataclasses.replace(blocks, split_k=2)  # in XLA
       if interpret and gpu_dot == "fma":
-        blocks["block_m"] = 1  # the one-row accumulator
+        blocks = dataclasses.replace(blocks, m=1)  # the one-row accumulator
       try:
         ok &= _check(x, packed, bits, e0, scale, bias, label, platform=platform,
-                     **extra, **blocks)
+                     blocks=blocks, **extra)
       except Exception as e:  # pylint: disable=broad-except
         print(f"  FAIL {label}: {type(e).__name__}: {e}")
         ok = False

@@ -2,7 +2,7 @@
 compiles for sm_90 and the sweep ``benchmarks/gpu_pow2_matmul.py`` times on a GPU.
 
 A setting is a ``kernels.Blocks`` (M and N tiles, K words per step, split_k, the GPU
-multiply, warps); ``tile_kwargs`` turns it into ``pow2_matmul``'s keyword arguments.
+multiply, warps), passed to ``pow2_matmul`` as its ``blocks``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from shiftjax import codes as codes_lib
 from shiftjax import kernels
-
-
-def tile_kwargs(blocks: kernels.Blocks, bits: int) -> dict:
-  """``pow2_matmul``'s keyword arguments that select the tiles and multiply ``blocks``."""
-  return dict(block_m=blocks.m, block_n=blocks.n,
-              block_k=blocks.k_words * kernels.codes_per_word(bits),
-              split_k=blocks.split_k, gpu_dot=blocks.dot, num_warps=blocks.num_warps)
 
 
 def _alternative(default: kernels.Blocks, words: int, max_split: int = 8,
@@ -38,7 +32,7 @@ def candidates(m, kn, bits, dtype):
   (wider N tiles), programs (split_k), registers (K words, warps); then the other
   multiplies' defaults: one code at a time ('mma', what bfloat16 x used before the pair
   decode) and, at M <= 4, the CUDA cores ('fma')."""
-  words = -(-kn // kernels.codes_per_word(bits))
+  words = -(-kn // codes_lib.codes_per_word(bits))
   d = kernels.default_blocks(m, kn, kn, bits, dtype, "gpu")
   if m <= 16:
     # The pair kernel at M = 1 takes 130 registers, 3 programs per SM: 512 programs are

@@ -20,8 +20,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from shiftjax import codes as codes_lib
 from shiftjax import kernels
-from shiftjax.benchmarking.gpu_tiles import tile_kwargs
 
 # sm_90 limits (H100 / H200).
 _REGISTERS_PER_SM = 65536
@@ -44,14 +44,16 @@ class TritonKernel:
   num_stages: int
 
 
-def triton_kernel(m, k, n, bits, dtype, **pow2_kwargs) -> TritonKernel:
-  """The Triton IR and launch configuration jax lowers ``pow2_matmul`` to for CUDA."""
+def triton_kernel(m, k, n, bits, dtype,
+                  blocks: kernels.Blocks | None = None) -> TritonKernel:
+  """The Triton IR and launch configuration jax lowers ``pow2_matmul`` to for CUDA, with
+  ``blocks`` (None: ``default_blocks``)."""
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.triton import lowering as triton_lowering  # pylint: disable=g-import-not-at-top
 
   f = lambda x, w: kernels.pow2_matmul(x, w, bits=bits, e0=-8, backend="pallas",
-                                       platform="gpu", **pow2_kwargs)
-  p = kernels.codes_per_word(bits)
+                                       platform="gpu", blocks=blocks)
+  p = codes_lib.codes_per_word(bits)
   specs = (jax.ShapeDtypeStruct((m, k), dtype),
            jax.ShapeDtypeStruct((-(-k // p), n), jnp.uint32))
   module = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).compiler_ir()
@@ -145,15 +147,13 @@ def resident_programs(registers: int, shared: int, threads: int) -> int:
   return min(by_registers, by_shared, _THREADS_PER_SM // threads, _PROGRAMS_PER_SM)
 
 
-def analyse(m, kn, bits, dtype, blocks: kernels.Blocks, num_stages=None, sms=132,
-            clock_ghz=1.98) -> dict:
+def analyse(m, kn, bits, dtype, blocks: kernels.Blocks, sms=132, clock_ghz=1.98) -> dict:
   """The static costs of ``pow2_matmul`` at [m, kn] x [kn, kn] with ``blocks``, compiled
   for sm_90 (``sms`` SMs at ``clock_ghz``): registers, spills, shared memory, resident
   programs and waves, the main loop's instructions by kind and per weight word, x bytes
   over weight bytes, and the weight bandwidth at which instruction issue saturates."""
   k = n = kn
-  kernel = triton_kernel(m, k, n, bits, dtype, num_stages=num_stages,
-                         **tile_kwargs(blocks, bits))
+  kernel = triton_kernel(m, k, n, bits, dtype, blocks)
   cubin, shared = compile_sm90(kernel)
   registers, stack = registers_and_stack(cubin)
   loop = main_loop(cuobjdump(cubin, "-sass"))
@@ -163,7 +163,7 @@ def analyse(m, kn, bits, dtype, blocks: kernels.Blocks, num_stages=None, sms=132
   words_per_step = blocks.k_words * blocks.n
   per_word = sum(loop.values()) * kernel.num_warps / words_per_step
   x_bytes = kernel.grid[1] * m * k * jnp.dtype(dtype).itemsize
-  w_bytes = kernel.grid[0] * -(-k // kernels.codes_per_word(bits)) * n * 4
+  w_bytes = kernel.grid[0] * -(-k // codes_lib.codes_per_word(bits)) * n * 4
   issue_bound = _WARP_ISSUE_PER_CLOCK * sms * clock_ghz * 1e9 / per_word * 4
   kind = lambda ops: sum(v for op, v in loop.items() if op in ops)
   return dict(

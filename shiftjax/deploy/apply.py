@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
 from shiftjax.kernels.cpu import native
+from shiftjax.kernels.inference.matmul import resolve_backend
 from shiftjax import pooling
 from shiftjax.deploy.architecture import SPEECH_POOLS, Layer, PackedModelError
 from shiftjax.deploy.format import PackedModel, write_atomic
@@ -50,7 +51,7 @@ def decode_kernel(words, fmt: codes_lib.CodeFormat, shape,
   if code_layout == "bitplanes":
     codes = codes_lib.unpack_bitplanes(words, fmt.bits, tuple(shape))
   else:
-    codes = kernels.unpack_codes(words, fmt.bits, math.prod(shape[:-1]))
+    codes = codes_lib.unpack(words, fmt.bits, math.prod(shape[:-1]))
   return codes_lib.decode(codes, fmt, jnp.float32).reshape(shape)
 
 
@@ -74,7 +75,7 @@ def _runs_kernel(layer: Layer, code_layout, backend, platform) -> bool:
   """
   if not (layer.quantized and _uses_kernel(layer.code_format)):
     return False
-  return code_layout == "words" or kernels.resolve_backend(backend, platform)[0] != "xla"
+  return code_layout == "words" or resolve_backend(backend, platform)[0] != "xla"
 
 
 def _conv_layer(layer: Layer, arrays, x, residual, code_layout, backend, platform):

@@ -68,7 +68,8 @@ def test_triton_kernel_has_the_default_launch_configuration():
   assert kernel.grid == (1, 4096 // d.n, d.split_k)
   assert kernel.num_warps == d.num_warps
   assert "tt.func" in kernel.ir and "tt.dot" in kernel.ir and "tt.join" in kernel.ir
-  fma = sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16, gpu_dot="fma")
+  fma = sass.triton_kernel(1, 4096, 4096, 4, jnp.bfloat16, kernels.default_blocks(
+      1, 4096, 4096, 4, jnp.bfloat16, "gpu", "fma"))
   assert "tt.dot" not in fma.ir and "tt.reduce" in fma.ir
 
 
@@ -93,7 +94,7 @@ def test_kernel_compiles_for_sm90_without_spills(gpu_dot, m, products):
   # Only where the optional triton compiler is installed (pip install -e ".[sass]").
   pytest.importorskip("triton")
   d = kernels.default_blocks(m, 2048, 1024, 4, jnp.bfloat16, "gpu", gpu_dot)
-  kernel = sass.triton_kernel(m, 2048, 1024, 4, jnp.bfloat16, gpu_dot=gpu_dot)
+  kernel = sass.triton_kernel(m, 2048, 1024, 4, jnp.bfloat16, d)
   cubin, shared = sass.compile_sm90(kernel)
   registers, stack = sass.registers_and_stack(cubin)
   loop = sass.main_loop(sass.cuobjdump(cubin, "-sass"))

@@ -19,7 +19,7 @@ import pytest
 
 from shiftjax.kernels.cpu import native
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 DEVICES = 4
 
 # name: strides, padding. x [8, 12, 12, 16] (2 images per device), kernel [3, 3, 16, 32]

@@ -25,7 +25,7 @@ from shiftjax import kernels
 from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference import matmul as mm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 TARGET = "shiftjax_pow2_matmul"
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),
@@ -77,7 +77,7 @@ def _assert_close_to_xla(y, x, packed, scale, bias, bits, e0):
 def _assert_within_rounding(y, ref, x, packed, scale, bits, e0):
   """|y - ref| <= 2 K 2**-24 sum |x| |w| (* scale), plus a rounding of ref's magnitude."""
   fmt = codes_lib.CodeFormat(bits=bits, e0=e0)
-  w = codes_lib.decode(mm.unpack_codes(packed, bits, x.shape[-1]), fmt)
+  w = codes_lib.decode(codes_lib.unpack(packed, bits, x.shape[-1]), fmt)
   size = jnp.dot(jnp.abs(x.astype(jnp.float32)), jnp.abs(w),
                  precision=jax.lax.Precision.HIGHEST)
   if scale is not None:
@@ -137,7 +137,7 @@ def test_padding_codes_and_unused_bits_are_ignored():
   rng = np.random.default_rng(5)
   packed = jnp.asarray(rng.integers(0, 2**32, (3, n), dtype=np.uint64).astype(np.uint32))
   x = jnp.asarray(rng.standard_normal((4, k)), jnp.float32)
-  codes = np.asarray(mm.unpack_codes(packed, bits, k))
+  codes = np.asarray(codes_lib.unpack(packed, bits, k))
   y = kernels.pow2_matmul(x, packed, bits=bits, e0=-2)
   np.testing.assert_array_equal(np.asarray(y), _sequential(x, codes, None, None, bits, -2))
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from shiftjax import codes as codes_lib
 from shiftjax import kernels
 from shiftjax.benchmarking import gpu_checks
 from shiftjax.benchmarking import gpu_tiles
@@ -26,14 +27,15 @@ def _triton_calls(f, *specs) -> int:
 def test_every_gpu_check_lowers_to_one_triton_call(case):
   m, k, n, bits, dtype, affine, gpu_dot = case
   specs = [jax.ShapeDtypeStruct((m, k), dtype),
-           jax.ShapeDtypeStruct((-(-k // kernels.codes_per_word(bits)), n), jnp.uint32)]
+           jax.ShapeDtypeStruct((-(-k // codes_lib.codes_per_word(bits)), n), jnp.uint32)]
   specs += [jax.ShapeDtypeStruct((n,), jnp.float32)] * (2 * affine)
+  blocks = gpu_dot and kernels.default_blocks(m, n, k, bits, dtype, "gpu", gpu_dot)
 
   def f(x, w, *affine_args):
     scale, bias = affine_args or (None, None)
     return kernels.pow2_matmul(x, w, bits=bits, e0=-(1 << (bits - 1)) - 3, scale=scale,
                                bias=bias, backend="pallas", platform="gpu",
-                               gpu_dot=gpu_dot)
+                               blocks=blocks)
 
   assert _triton_calls(f, *specs) == 1
 
@@ -42,7 +44,7 @@ def test_every_gpu_check_lowers_to_one_triton_call(case):
 def test_every_gpu_conv_check_lowers_to_one_triton_call(case):
   stride, padding, shape, bits = case
   kh, kw, cin, cout = shape
-  words = -(-kh * kw * cin // kernels.codes_per_word(bits))
+  words = -(-kh * kw * cin // codes_lib.codes_per_word(bits))
   specs = (jax.ShapeDtypeStruct((8, 32, 32, cin), jnp.float32),
            jax.ShapeDtypeStruct((words, cout), jnp.uint32))
   f = lambda x, w: kernels.pow2_conv(x, w, bits=bits, e0=-(1 << (bits - 1)) - 2,
@@ -62,16 +64,8 @@ def test_sweep_starts_at_the_default_and_every_setting_lowers(m, kn):
            jax.ShapeDtypeStruct((kn // 8, kn), jnp.uint32))
   for b in configs:
     f = lambda x, w, b=b: kernels.pow2_matmul(x, w, bits=4, e0=-10, backend="pallas",
-                                              platform="gpu",
-                                              **gpu_tiles.tile_kwargs(b, 4))
+                                              platform="gpu", blocks=b)
     assert _triton_calls(f, *specs) == 1, b
-
-
-def test_tile_kwargs_select_the_blocks_pow2_matmul_runs():
-  # 3 bits: 10 codes per word, so block_k is in codes, not words.
-  b = kernels.Blocks(m=16, n=64, k_words=32, split_k=4, dot="mma_pairs", num_warps=4)
-  assert gpu_tiles.tile_kwargs(b, 3) == dict(
-      block_m=16, block_n=64, block_k=320, split_k=4, gpu_dot="mma_pairs", num_warps=4)
 
 
 def test_no_gpu_check_passes_in_interpret_mode():

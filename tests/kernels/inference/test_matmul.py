@@ -1,11 +1,13 @@
-"""Tests of shiftjax.kernels: Pallas (interpret mode) vs XLA vs a dense float reference,
-GPU/TPU lowering through jax.export, and argument errors.
+"""Tests of shiftjax.kernels.inference.matmul and conv (``pow2_matmul``, ``pow2_conv``):
+Pallas (interpret mode) vs XLA vs a dense float reference, GPU/TPU lowering through
+jax.export, and argument errors.
 
 The Pallas kernels run here with the Pallas interpreter (no accelerator on CI); both the
 TPU kernel (K grid axis + VMEM accumulator) and the GPU kernel (in-program K loop) are
 interpreted. Every interpret-mode case is a separate compile, so the grid is kept small.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -19,7 +21,9 @@ import jax.numpy as jnp
 
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
+from shiftjax.benchmarking import sass
 from shiftjax.kernels.inference import matmul as mm_lib
+from shiftjax.kernels.inference.tiling import Blocks
 
 
 # Interpret-mode kernels are XLA:CPU while loops whose compile time dominates this file;
@@ -33,26 +37,17 @@ def _fast(fn, *args, **static):
   return jax.jit(lambda *a: fn(*a, **static), compiler_options=_FAST_COMPILE)(*args)
 
 
-def _pack_local(codes, bits):
-  """Reference packer written from the format's definition (numpy, axis 0)."""
-  codes = np.asarray(codes, np.uint64)
-  p = 32 // bits
-  k, n = codes.shape
-  words = -(-k // p)
-  padded = np.zeros((words * p, n), np.uint64)
-  padded[:k] = codes
-  padded = padded.reshape(words, p, n)
-  out = np.zeros((words, n), np.uint64)
-  for j in range(p):
-    out |= padded[:, j] << np.uint64(j * bits)
-  return out.astype(np.uint32)
-
-
 def _pack(codes, bits):
-  pack = getattr(codes_lib, "pack", None)
-  if pack is None:  # shiftjax.codes.pack not landed yet
-    return jnp.asarray(_pack_local(codes, bits))
-  return jnp.asarray(pack(np.asarray(codes), bits, axis=0))
+  """[K, N] codes -> uint32 [ceil(K / P), N] words (test_in_kernel.py checks the packer
+  against the format's definition)."""
+  return jnp.asarray(codes_lib.pack(np.asarray(codes), bits, axis=0))
+
+
+def _blocks(mnk, bits, dtype, platform, dot=None, **change):
+  """``default_blocks`` for an ``(M, N, K)`` product with ``change`` (the interpreter
+  takes any tile)."""
+  return dataclasses.replace(
+      kernels.default_blocks(*mnk, bits, dtype, platform, dot), **change)
 
 
 def _case(seed, m, k, n, bits, e0, dtype, with_scale, with_bias):
@@ -89,18 +84,18 @@ def _assert_close(y, ref, bound):
       f"error {err[worst]} > bound {np.asarray(bound)[worst]} at {worst}")
 
 
-# (bits, dtype, M, K, N, e0, scale, bias, blocks for the interpreted kernels)
-# K is not a multiple of the codes per word (except where marked), M/N/K not multiples of
-# the blocks, so every case pads in all three dims.
+# (bits, dtype, M, K, N, e0, scale, bias, tiles (m, n, k_words) for the interpreted
+# kernels, None: the defaults). K is not a multiple of the codes per word (except where
+# marked), M/N/K not multiples of the blocks, so every case pads in all three dims.
 MATMUL_CASES = [
-    (2, jnp.float32, 5, 70, 20, -3, True, True, (8, 16, 32)),      # P=16
-    (2, jnp.bfloat16, 3, 33, 17, 4, False, False, (8, 16, 16)),
-    (3, jnp.float32, 9, 41, 24, 2, True, False, (8, 16, 20)),      # P=10
-    (3, jnp.bfloat16, 7, 95, 9, -12, False, True, (4, 8, 30)),
-    (4, jnp.float32, 3, 100, 33, -10, False, True, (8, 16, 16)),   # P=8
-    (4, jnp.bfloat16, 16, 64, 32, 0, True, True, (None, None, None)),  # K = 8 words
-    (5, jnp.float32, 6, 50, 16, -20, True, True, (8, 8, 12)),      # P=6
-    (5, jnp.bfloat16, 11, 23, 40, 5, True, False, (8, 16, 6)),
+    (2, jnp.float32, 5, 70, 20, -3, True, True, (8, 16, 2)),       # P=16
+    (2, jnp.bfloat16, 3, 33, 17, 4, False, False, (8, 16, 1)),
+    (3, jnp.float32, 9, 41, 24, 2, True, False, (8, 16, 2)),       # P=10
+    (3, jnp.bfloat16, 7, 95, 9, -12, False, True, (4, 8, 3)),
+    (4, jnp.float32, 3, 100, 33, -10, False, True, (8, 16, 2)),    # P=8
+    (4, jnp.bfloat16, 16, 64, 32, 0, True, True, None),  # K = 8 words
+    (5, jnp.float32, 6, 50, 16, -20, True, True, (8, 8, 2)),       # P=6
+    (5, jnp.bfloat16, 11, 23, 40, 5, True, False, (8, 16, 1)),
 ]
 
 
@@ -110,7 +105,7 @@ def _ids(cases):
 
 @pytest.mark.parametrize("case", MATMUL_CASES, ids=_ids(MATMUL_CASES))
 def test_matmul_paths_agree_with_dense_reference(case):
-  bits, dtype, m, k, n, e0, with_scale, with_bias, (bm, bn, bk) = case
+  bits, dtype, m, k, n, e0, with_scale, with_bias, tiles = case
   codes, packed, x, scale, bias = _case(bits * 10 + m, m, k, n, bits, e0, dtype,
                                         with_scale, with_bias)
   ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
@@ -121,8 +116,10 @@ def test_matmul_paths_agree_with_dense_reference(case):
   # Most cases take several K steps, so the accumulator must carry across them (TPU: K
   # grid axis; GPU: the in-program loop) and the epilogue run once.
   platform = "tpu" if (MATMUL_CASES.index(case) % 2 == 0) else "gpu"
+  blocks = tiles and _blocks((m, n, k), bits, dtype, platform, **dict(
+      zip(("m", "n", "k_words"), tiles)))
   y = _fast(matmul, x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
-            platform=platform, block_m=bm, block_n=bn, block_k=bk)
+            platform=platform, blocks=blocks)
   _assert_close(y, ref, bound)
 
 
@@ -134,7 +131,7 @@ def test_padded_k_rows_add_exactly_zero():
   packed = _pack(codes, bits)
   x = jnp.ones((2, k), jnp.float32)
   y = _fast(kernels.pow2_matmul, x, packed, bits=bits, e0=e0, backend="pallas_interpret",
-            block_k=10)
+            blocks=_blocks((2, 4, k), bits, jnp.float32, "tpu", k_words=1))
   np.testing.assert_array_equal(np.asarray(y), np.full((2, 4), k * 2.0**e0, np.float32))
 
 
@@ -149,54 +146,6 @@ def test_leading_dims_jit_and_default_backend():
   _assert_close(y.reshape(6, 8), ref, bound)
   assert mm_lib.resolve_backend(None, None) == ("xla", None)  # CPU default
   assert mm_lib.resolve_backend(None, "cuda") == ("pallas", "gpu")
-
-
-@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
-def test_decode_slot_and_unpack_every_code(bits):
-  p = 32 // bits
-  codes = np.resize(np.arange(1 << bits), (p * 2, 1 << bits))  # every code in every slot
-  packed = _pack(codes, bits)
-  np.testing.assert_array_equal(np.asarray(kernels.unpack_codes(packed, bits, p * 2)),
-                                codes)
-  sign, index = codes >> (bits - 1), codes & ((1 << (bits - 1)) - 1)
-  for e0 in (-126, -9, 0, 7):
-    want = np.where(sign == 1, -1.0, 1.0) * np.ldexp(1.0, e0 + index)
-    for dtype in (jnp.float32, jnp.bfloat16):
-      got = jnp.stack([kernels.decode_slot(packed, j, bits, e0, dtype) for j in range(p)],
-                      axis=1).reshape(codes.shape)
-      assert got.dtype == dtype
-      np.testing.assert_array_equal(np.asarray(got, np.float64), want)
-
-
-@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
-def test_decode_pair_bf16_is_two_slots_in_one_word(bits):
-  # Every code in every slot (each column runs through all codes, shifted per slot):
-  # the low half of pair i is slot i's bfloat16, the high half slot i + P/2's.
-  p = 32 // bits
-  codes = (np.arange(1 << bits)[None, :] + 3 * np.arange(p * 2)[:, None]) % (1 << bits)
-  packed = _pack(codes, bits)
-  to_bits = lambda v: np.asarray(lax.bitcast_convert_type(v, jnp.uint16))
-  for e0 in (-126, -9, 0, 7):
-    for i in range(p // 2):
-      pair = np.asarray(kernels.decode_pair_bf16(packed, i, bits, e0))
-      assert pair.dtype == np.uint32
-      low = to_bits(kernels.decode_slot(packed, i, bits, e0, jnp.bfloat16))
-      high = to_bits(kernels.decode_slot(packed, i + p // 2, bits, e0, jnp.bfloat16))
-      np.testing.assert_array_equal(pair & 0xFFFF, low)
-      np.testing.assert_array_equal(pair >> 16, high)
-
-
-def test_packing_agrees_with_shiftjax_codes():
-  if not hasattr(codes_lib, "pack"):
-    pytest.skip("shiftjax.codes.pack not available yet")
-  rng = np.random.default_rng(0)
-  for bits in kernels.SUPPORTED_BITS:
-    codes = rng.integers(0, 1 << bits, size=(37, 5))
-    np.testing.assert_array_equal(np.asarray(codes_lib.pack(codes, bits)),
-                                  _pack_local(codes, bits))
-    np.testing.assert_array_equal(
-        np.asarray(kernels.unpack_codes(jnp.asarray(_pack_local(codes, bits)), bits, 37)),
-        codes)
 
 
 # ------------------------------------------------------------------------------------
@@ -245,8 +194,9 @@ def test_conv_matches_lax_conv_of_decoded_kernel(case):
   _assert_close(kernels.pow2_conv(x, packed, backend="xla", **args), ref, bound)
   conv = lambda x, w, s, b, **kw: kernels.pow2_conv(x, w, scale=s, bias=b, **kw)
   del args["scale"], args["bias"]
-  y = _fast(conv, x, packed, scale, bias, backend="pallas_interpret", block_m=32,
-            block_n=8, **args)
+  blocks = Blocks(m=32, n=8, k_words=packed.shape[0])  # all of K: the TPU default here
+  y = _fast(conv, x, packed, scale, bias, backend="pallas_interpret", blocks=blocks,
+            **args)
   _assert_close(y, ref, bound)
 
 
@@ -276,7 +226,7 @@ def test_conv_fused_residual_and_relu_match_reference(cout, stride):
                          and _native_available())
   _assert_close(xla(x, packed), want, bound)
   _assert_close(_fast(lambda x, w, r: kernels.pow2_conv(
-      x, w, backend="pallas_interpret", block_m=32, block_n=8,
+      x, w, backend="pallas_interpret", blocks=Blocks(m=32, n=8, k_words=packed.shape[0]),
       **{**args, "residual": r}), x, packed, residual), want, bound)
   w = codes_lib.decode(jnp.asarray(hwio), codes_lib.CodeFormat(bits=bits, e0=e0))
   _assert_close(kernels.fused_conv(x, w, strides=stride, padding="SAME", scale=scale,
@@ -321,19 +271,19 @@ def test_split_k_partial_products_sum_to_the_product(split_k):
   ref, bound = _reference(x, jnp.asarray(codes), scale, bias, bits=bits, e0=e0)
   y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
             x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
-            platform="gpu", block_m=8, block_n=16, block_k=16, split_k=split_k)
+            platform="gpu", blocks=Blocks(m=8, n=16, k_words=2, split_k=split_k))
   _assert_close(y, ref, bound)
 
 
-# (bits, M, K, N, e0, tiles (bm, bn, bk), split_k, gpu_dot): the GPU tensor-core
+# (bits, M, K, N, e0, tiles (m, n, k_words), split_k, dot): the GPU tensor-core
 # kernels with bfloat16 x beyond MATMUL_CASES (whose bfloat16 GPU cases take the default,
 # 'mma_pairs'): the one-code 'mma' kernel, and pairs with split K and several K steps.
 # 3 and 5 bits have an odd number of bits below the pair's high code (the moved-up codes).
 GPU_BF16_CASES = [
-    (3, 5, 95, 24, -12, (8, 16, 20), 1, "mma"),
-    (5, 16, 50, 40, 5, (16, 16, 12), 2, "mma"),
-    (2, 1, 200, 33, -3, (8, 16, 32), 2, "mma_pairs"),
-    (5, 9, 130, 20, 9, (8, 8, 12), 3, "mma_pairs"),
+    (3, 5, 95, 24, -12, (8, 16, 2), 1, "mma"),
+    (5, 16, 50, 40, 5, (16, 16, 2), 2, "mma"),
+    (2, 1, 200, 33, -3, (8, 16, 2), 2, "mma_pairs"),
+    (5, 9, 130, 20, 9, (8, 8, 2), 3, "mma_pairs"),
 ]
 
 
@@ -341,81 +291,36 @@ GPU_BF16_CASES = [
                          ids=[f"{c[0]}bit-{c[1]}x{c[2]}x{c[3]}-{c[7]}-split{c[6]}"
                               for c in GPU_BF16_CASES])
 def test_gpu_bfloat16_kernels_agree_with_dense_reference(case):
-  bits, m, k, n, e0, (bm, bn, bk), split_k, gpu_dot = case
+  bits, m, k, n, e0, (bm, bn, bkw), split_k, dot = case
   codes, packed, x, scale, bias = _case(bits * 7 + m, m, k, n, bits, e0, jnp.bfloat16,
                                         True, True)
   ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
   y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
             x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
-            platform="gpu", gpu_dot=gpu_dot, block_m=bm, block_n=bn, block_k=bk,
-            split_k=split_k)
+            platform="gpu", blocks=Blocks(bm, bn, bkw, split_k, dot))
   _assert_close(y, ref, bound)
 
 
-# (bits, dtype, M, K, N, e0, tiles (bm, bn, bk), split_k): the GPU kernel's CUDA-core
+# (bits, dtype, M, K, N, e0, tiles (m, n, k_words), split_k): the GPU kernel's CUDA-core
 # ('fma') variant, interpreted. M = 1 takes the one-row accumulator [bk_words, bn]; the
 # others the [bm, bk_words, bn] one; every case pads in M, N and K.
 FMA_CASES = [
-    (2, jnp.float32, 1, 70, 20, -3, (1, 16, 32), 1),
-    (3, jnp.bfloat16, 3, 95, 9, -12, (4, 8, 20), 2),
-    (4, jnp.bfloat16, 1, 100, 33, -10, (1, 16, 16), 3),
-    (5, jnp.float32, 6, 50, 16, 5, (8, 8, 12), 1),
+    (2, jnp.float32, 1, 70, 20, -3, (1, 16, 2), 1),
+    (3, jnp.bfloat16, 3, 95, 9, -12, (4, 8, 2), 2),
+    (4, jnp.bfloat16, 1, 100, 33, -10, (1, 16, 2), 3),
+    (5, jnp.float32, 6, 50, 16, 5, (8, 8, 2), 1),
 ]
 
 
 @pytest.mark.parametrize("case", FMA_CASES, ids=_ids(FMA_CASES))
 def test_fma_kernel_agrees_with_dense_reference(case):
-  bits, dtype, m, k, n, e0, (bm, bn, bk), split_k = case
+  bits, dtype, m, k, n, e0, (bm, bn, bkw), split_k = case
   codes, packed, x, scale, bias = _case(bits + m, m, k, n, bits, e0, dtype, True, True)
   ref, bound = _reference(x, codes, scale, bias, bits=bits, e0=e0)
   y = _fast(lambda x, w, s, b, **kw: kernels.pow2_matmul(x, w, scale=s, bias=b, **kw),
             x, packed, scale, bias, bits=bits, e0=e0, backend="pallas_interpret",
-            platform="gpu", gpu_dot="fma", block_m=bm, block_n=bn, block_k=bk,
-            split_k=split_k)
+            platform="gpu", blocks=Blocks(bm, bn, bkw, split_k, "fma"))
   _assert_close(y, ref, bound)
-
-
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 200])
-def test_default_fma_tiles_fit_the_register_accumulator(m):
-  for bits, k, n in [(4, 4096, 4096), (3, 4096, 1000), (5, 300, 24)]:
-    b = kernels.default_blocks(m, n, k, bits, jnp.bfloat16, "gpu", "fma")
-    assert b.dot == "fma"
-    # x's rows (no 16-row minimum), at most 16.
-    assert b.m == min(16, 1 << max(0, (m - 1).bit_length()))
-    assert b.m * b.k_words * b.n <= mm_lib.FMA_MAX_ACCUMULATOR
-    for v in (b.m, b.n, b.k_words):
-      assert v & (v - 1) == 0  # Triton tiles are powers of two
-  # The tensor cores' pair decode for bfloat16 x, one code at a time for float32.
-  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu").dot == "mma_pairs"
-  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.float32, "gpu").dot == "mma"
-  assert kernels.default_dot(jnp.bfloat16) == "mma_pairs"
-  assert kernels.default_dot(jnp.float32) == "mma"
-
-
-def test_default_gpu_tiles_split_k_and_warps():
-  small = kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "gpu")
-  # 64 (M, N) tiles of 64 columns; split into 8 parts of 2 steps of 32 words each.
-  assert (small.m, small.n, small.k_words, small.split_k, small.num_warps) == (
-      16, 64, 32, 8, 4)
-  assert kernels.default_blocks(16, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 4
-  assert kernels.default_blocks(1, 4096, 256, 4, jnp.bfloat16, "gpu").split_k == 1  # short K
-  assert kernels.default_blocks(1, 4096, 4096, 4, jnp.bfloat16, "tpu").split_k == 1
-  # M = 128: 64 x 128 tiles (8 warps hold that accumulator without spilling); 64 tiles
-  # at N = 4096 fill half the SMs, so K splits in two; 128 tiles at N = 8192 do not.
-  large = kernels.default_blocks(128, 4096, 4096, 4, jnp.bfloat16, "gpu")
-  assert (large.m, large.n, large.split_k, large.num_warps) == (64, 128, 2, 8)
-  assert kernels.default_blocks(128, 8192, 8192, 4, jnp.bfloat16, "gpu").split_k == 1
-  assert kernels.default_blocks(32, 4096, 4096, 4, jnp.bfloat16, "gpu").num_warps == 4
-
-
-def test_num_warps_overrides_the_default_and_is_checked():
-  blocks = mm_lib._resolve_blocks(  # pylint: disable=protected-access
-      128, 4096, 4096, 4, jnp.bfloat16, "gpu", False, None, None, None, num_warps=4)
-  assert blocks.num_warps == 4 and blocks.n == 128
-  with pytest.raises(ValueError, match="num_warps must be a power of two <= 32 "
-                                       r"\(Triton\), got 6"):
-    kernels.pow2_matmul(jnp.zeros((4, 20)), jnp.zeros((2, 8), jnp.uint32), bits=3, e0=0,
-                        backend="pallas", platform="gpu", num_warps=6)
 
 
 # ------------------------------------------------------------------------------------
@@ -481,39 +386,23 @@ def test_pallas_conv_lowers_for_gpu_and_tpu(platform):
                                       ("mma_pairs", 1), ("fma", 1), ("fma", 4)])
 def test_triton_kernel_ir_verifies(gpu_dot, m):
   # Lowering writes the Triton module as bytecode without running the MLIR verifier on
-  # the whole module; parse it back and verify it, as XLA's Triton compiler would.
+  # the whole module; sass.triton_kernel parses it back and verifies it, as XLA's Triton
+  # compiler would.
   try:
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering as triton_lowering
     new_context = triton_lowering._new_ir_context  # pylint: disable=protected-access
   except (ImportError, AttributeError):
     pytest.skip("jax internals for reading Triton IR moved")
-  f = lambda x, w: kernels.pow2_matmul(x, w, bits=3, e0=-8, backend="pallas",
-                                       platform="gpu", gpu_dot=gpu_dot)
-  specs = (jax.ShapeDtypeStruct((m, 640), jnp.bfloat16),
-           jax.ShapeDtypeStruct((64, 256), jnp.uint32))
-  module = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).compiler_ir()
-  configs = []
-
-  def walk(op):
-    for region in op.regions:
-      for block in region.blocks:
-        for child in block.operations:
-          if child.operation.name == "stablehlo.custom_call":
-            configs.append(child.operation.attributes["mhlo.backend_config"])
-          walk(child.operation)
-
-  walk(module.operation)
-  assert len(configs) == 1
+  blocks = kernels.default_blocks(m, 256, 640, 3, jnp.bfloat16, "gpu", gpu_dot)
+  text = sass.triton_kernel(m, 640, 256, 3, jnp.bfloat16, blocks).ir
   with new_context():
-    triton_module = ir.Module.parse(ir.StringAttr(configs[0]["ir"]).value_bytes)
-    assert triton_module.operation.verify()
-    text = str(triton_module)
+    assert ir.Module.parse(text).operation.verify()
   assert "tt.bitcast" in text and "arith.shrui" in text
   # x and the output keep their m rows, so the rows of an M tile past them lie outside
   # both buffers: where m is not a multiple of the tile's rows every x load is masked
   # (pointer, mask, other) and every store (pointer, value, mask); plain where it is.
-  bm = kernels.default_blocks(m, 256, 640, 3, jnp.bfloat16, "gpu", gpu_dot).m
+  bm = blocks.m
   stores = re.findall(r"tt\.store (%\w+(?:, %\w+)*) :", text)
   assert stores and all(len(s.split(", ")) == (3 if m % bm else 2) for s in stores), stores
   x_loads = re.findall(r"tt\.load (%\w+(?:, %\w+)*) : tensor<[\dx]+!tt\.ptr<bf16>>", text)
@@ -533,8 +422,9 @@ def test_gpu_call_does_not_pad_x_rows_or_slice_the_output(gpu_dot, m, split):
   # The M tile (16 rows for the tensor cores) overhangs x and the output, masked in the
   # kernel, so the call around it is x's re-layout and, for split K, the parts' sum: no
   # copy of x to whole tiles and, at split_k 1, the kernel's output is the result.
+  blocks = _blocks((m, 256, 512), 4, jnp.bfloat16, "gpu", gpu_dot, split_k=split)
   f = lambda x, w: kernels.pow2_matmul(x, w, bits=4, e0=-8, backend="pallas",
-                                       platform="gpu", gpu_dot=gpu_dot, split_k=split)
+                                       platform="gpu", blocks=blocks)
   specs = (jax.ShapeDtypeStruct((m, 512), jnp.bfloat16),
            jax.ShapeDtypeStruct((64, 256), jnp.uint32))
   text = jax.jit(f).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
@@ -570,29 +460,31 @@ def _ok_args():
     (dict(bits=3, e0=0, backend="cuda"), "backend must be one of"),
     (dict(bits=3, e0=0, backend="pallas", platform="metal"), "platform must be"),
     (dict(bits=3, e0=0, backend="pallas"), "pass platform='gpu' or 'tpu'"),
-    (dict(bits=3, e0=0, backend="pallas_interpret", block_k=16), "multiple of the 10"),
-    (dict(bits=3, e0=0, backend="pallas_interpret", block_m=0), "positive integer"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", split_k=0),
-     "split_k must be a positive integer, got 0"),
-    (dict(bits=3, e0=0, backend="pallas", platform="tpu", split_k=2),
-     "split_k=2 is for the GPU kernel only"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", block_n=48), "power of two"),
-    (dict(bits=3, e0=0, backend="pallas", platform="tpu", block_n=4, block_m=8),
-     "multiple of 128"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="simt"),
-     "gpu_dot must be one of \\('mma', 'fma', 'mma_pairs'\\) \\(or None\\), got 'simt'"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="mma_pairs"),
-     "gpu_dot='mma_pairs' decodes the weights as bfloat16 pairs and multiplies bfloat16 x; "
-     "x is float32 \\(use gpu_dot='mma' or cast x\\)"),
-    (dict(bits=3, e0=0, backend="pallas", platform="tpu", gpu_dot="mma_pairs"),
-     "gpu_dot='mma_pairs' is for the GPU kernel only"),
-    (dict(bits=3, e0=0, backend="pallas", platform="tpu", gpu_dot="fma"),
-     "gpu_dot='fma' is for the GPU kernel only"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="fma", block_m=3),
-     "block_m must be a power of two, got 3"),
-    (dict(bits=3, e0=0, backend="pallas", platform="gpu", gpu_dot="fma", block_m=16,
-          block_n=64, block_k=640),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", blocks=Blocks(8, 8, 2, 2)),
+     "Blocks.split_k=2 is for the GPU kernel only"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", blocks=Blocks(16, 48, 16)),
+     "on GPU \\(Triton\\) Blocks.n must be a power of two >= 16, got 48"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", blocks=Blocks(8, 4, 2)),
+     "on TPU Blocks.n=4 must be a multiple of 128"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu",
+          blocks=Blocks(16, 16, 16, dot="mma_pairs")),
+     "Blocks.dot='mma_pairs' decodes the weights as bfloat16 pairs and multiplies "
+     "bfloat16 x; x is float32 \\(use dot='mma' or cast x\\)"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu",
+          blocks=Blocks(8, 8, 2, dot="mma_pairs")),
+     "Blocks.dot='mma_pairs' is for the GPU kernel only"),
+    (dict(bits=3, e0=0, backend="pallas", platform="tpu", blocks=Blocks(8, 8, 2, dot="fma")),
+     "Blocks.dot='fma' is for the GPU kernel only"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", blocks=Blocks(3, 16, 1, dot="fma")),
+     "on GPU \\(Triton\\) Blocks.m must be a power of two, got 3"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu",
+          blocks=Blocks(16, 64, 64, dot="fma")),
      "16 \\* 64 \\* 64 = 65536 floats in registers; keep it <= 4096"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu",
+          blocks=Blocks(16, 16, 16, num_warps=6)),
+     "Blocks.num_warps must be a power of two <= 32 \\(Triton\\), got 6"),
+    (dict(bits=3, e0=0, backend="pallas", platform="gpu", blocks=(16, 16, 16)),
+     "blocks must be a Blocks \\(or None\\), got \\(16, 16, 16\\)"),
 ])
 def test_matmul_errors(kwargs, match):
   x, packed = _ok_args()
