@@ -26,23 +26,14 @@ import optax
 from flax import nnx
 
 import shiftjax as sj
+from shiftjax.benchmarking import transformer_methods
 from shiftjax import loop
 from shiftjax.data import text
 from shiftjax.models import language_model as lm
 
 FLOAT_LAYERS = ("head",)
-ATTENTION = "blocks/*/attention/*"
-# Largest magnitude 1/4 (1/8 at 2 bits): no norm follows these matmuls to absorb a scale,
-# and He's std for fan-ins of 192-768 is 2**-3..2**-4.
-SPECS = {"DenseShift 3-bit": sj.DenseShift(3, e0=-5), "S3 3-bit": sj.S3(3, e0=-4),
-         "DenseShift 2-bit": sj.DenseShift(2, e0=-4), "DenseShift 4-bit": sj.DenseShift(4, e0=-9)}
-METHODS = {
-    "float": lambda: sj.LayerPolicy(None),
-    **{name: (lambda spec=spec: sj.LayerPolicy(spec, FLOAT_LAYERS)) for name, spec in SPECS.items()},
-    "DenseShift 3-bit, attention float": lambda: sj.LayerPolicy(
-        SPECS["DenseShift 3-bit"], FLOAT_LAYERS + (ATTENTION,)),
-}
-DEFAULT_METHODS = ("float", "DenseShift 3-bit", "S3 3-bit", "DenseShift 2-bit")
+METHODS = transformer_methods.methods(FLOAT_LAYERS, "blocks/*/attention/*")
+DEFAULT_METHODS = transformer_methods.DEFAULT_METHODS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Any of {list(METHODS)}.")

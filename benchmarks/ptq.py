@@ -25,12 +25,13 @@ import jax
 import numpy as np
 
 import shiftjax as sj
+from shiftjax import data as data_lib
 from shiftjax import loop
 from shiftjax import ptq
 from shiftjax.models import vit as vit_lib
 
-import vit_fashion_mnist as vit_bench  # pylint: disable=import-error  (same folder)
 
+FLOAT_LAYERS = ("patch_embed", "head")  # as benchmarks/vit_fashion_mnist.py keeps them
 FLAGS = flags.FLAGS
 flags.DEFINE_list("bits", ["3", "4"], "DenseShift widths.")
 flags.DEFINE_integer("calibration", 512, "Training images the calibration sees.")
@@ -64,7 +65,8 @@ def qat_accuracy(method: str) -> list[float]:
 
 def main(argv):
   del argv
-  train, test = vit_bench.load_split("train"), vit_bench.load_split("test")
+  train = data_lib.fashion_mnist.normalized_arrays("train")
+  test = data_lib.fashion_mnist.normalized_arrays("test")
   calibration = [(train["image"][i:i + 128],) for i in range(0, FLAGS.calibration, 128)]
   model = vit_lib.vit_tiny()
   rows = {}
@@ -72,7 +74,7 @@ def main(argv):
     variables = loop.load_variables(seed_dir)
     rows.setdefault("float", []).append((accuracy(model, variables, test), 0.0))
     for bits in map(int, FLAGS.bits):
-      policy = sj.LayerPolicy(sj.DenseShift(bits), vit_bench.FLOAT_LAYERS)
+      policy = sj.LayerPolicy(sj.DenseShift(bits), FLOAT_LAYERS)
       for name, kwargs in CALIBRATIONS.items():
         start = time.time()
         quantized, qvars = ptq.quantize_trained(model, policy, variables, calibration,

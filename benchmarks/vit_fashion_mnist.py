@@ -5,9 +5,9 @@
 For each method (float, DenseShift 3-bit, S3 3-bit, DenseShift 2-bit, and the variants
 named by --methods) and seed: ``shiftjax.models.vit_tiny()`` (a plain float flax model)
 goes through ``sj.quantize_model`` with the method's policy (the patch embedding and the
-classifier stay float, as the papers keep the first and last layer; ``SPECS`` gives
-each format's exponent offset), ``sj.fit`` trains it
-with adam (warmup + cosine) on the 60k training images, and top-1 is measured on all
+classifier stay float, as the papers keep the first and last layer; the formats'
+exponent offsets are in ``shiftjax.benchmarking.transformer_methods``), ``sj.fit``
+trains it with adam (warmup + cosine) on the 60k training images, and top-1 is measured on all
 10k test images. Prints a markdown table: mean +- std over seeds, the change against
 float, and the wall time of a run. Data: Debian's ``dataset-fashion-mnist``.
 """
@@ -24,25 +24,15 @@ import numpy as np
 import optax
 
 import shiftjax as sj
+from shiftjax.benchmarking import transformer_methods
 from shiftjax import data as data_lib
 from shiftjax import loop
 from shiftjax import ptq
 from shiftjax.models import vit as vit_lib
 
 FLOAT_LAYERS = ("patch_embed", "head")
-ATTENTION = "encoder_block*/attention/*"
-# Exponent offsets put each format's largest magnitude at 1/4 (1/8 at 2 bits): a
-# transformer's matmuls have no BatchNorm after them to absorb a scale, and He's std for
-# its fan-ins (128-256) is 2**-3..2**-3.5.
-SPECS = {"DenseShift 3-bit": sj.DenseShift(3, e0=-5), "S3 3-bit": sj.S3(3, e0=-4),
-         "DenseShift 2-bit": sj.DenseShift(2, e0=-4), "DenseShift 4-bit": sj.DenseShift(4, e0=-9)}
-METHODS = {
-    "float": lambda: sj.LayerPolicy(None),
-    **{name: (lambda spec=spec: sj.LayerPolicy(spec, FLOAT_LAYERS)) for name, spec in SPECS.items()},
-    "DenseShift 3-bit, attention float": lambda: sj.LayerPolicy(
-        SPECS["DenseShift 3-bit"], FLOAT_LAYERS + (ATTENTION,)),
-}
-DEFAULT_METHODS = ("float", "DenseShift 3-bit", "S3 3-bit", "DenseShift 2-bit")
+METHODS = transformer_methods.methods(FLOAT_LAYERS, "encoder_block*/attention/*")
+DEFAULT_METHODS = transformer_methods.DEFAULT_METHODS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Any of {list(METHODS)}.")
@@ -62,11 +52,7 @@ flags.DEFINE_string("workdir", None, "Keep each run's checkpoints and metrics he
 
 
 def load_split(split: str) -> dict[str, np.ndarray]:
-  """Images normalized as the main job's (float32 NHWC) and int32 labels."""
-  images, labels = data_lib.fashion_mnist.read_split(FLAGS.data_dir, split)
-  mean, std = data_lib.FASHION_MNIST_MEAN[0], data_lib.FASHION_MNIST_STD[0]
-  images = ((images.astype(np.float32) / 255.0 - mean) / std)[..., None]
-  return {"image": images, "label": labels.astype(np.int32)}
+  return data_lib.fashion_mnist.normalized_arrays(split, FLAGS.data_dir)
 
 
 def label(method: str) -> str:

@@ -224,6 +224,11 @@ def _array_batches(arrays: dict, batch_size: int, seed: int, start: int) -> Iter
     yield {k: v[chosen] for k, v in arrays.items()}
 
 
+def create_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
 def shard_batch(batch: Batch, mesh: Mesh) -> dict:
   """This host's slice of the global batch -> arrays sharded over the 'data' axis."""
   sharding = NamedSharding(mesh, P("data"))
@@ -232,6 +237,7 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
+  """``tree`` placed on every device of ``mesh`` (replicated)."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
@@ -388,7 +394,7 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
   functional_model = functional(model)
   make_batches = batches_from(train_data, batch_size=batch_size, seed=seed)
   tx = optim.scale_latent_updates(optimizer, latent_lr_scale)
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = create_mesh()
   key = jax.random.key(seed)
 
   batches = make_batches(0)

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
@@ -38,6 +37,7 @@ from shiftjax import export as export_lib
 from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
+from shiftjax import loop
 from shiftjax import models
 from shiftjax.optim import latent_mask, scale_latent_updates, weight_decay_mask  # pylint: disable=unused-import
 from shiftjax import policy as policy_lib
@@ -478,21 +478,8 @@ def all_finite(tree) -> jax.Array:
 # -------------------------------------------------------------------- devices, sharding
 
 
-def create_mesh() -> Mesh:
-  """A 1-D data-parallel mesh over every device of every host."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """This host's slice of the global batch -> arrays sharded over the 'data' axis."""
-  sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-  """``tree`` placed on every device of ``mesh`` (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+# The mesh, batch sharding and replication are the generic loop's (``shiftjax.loop``).
+create_mesh, shard_batch, replicate = loop.create_mesh, loop.shard_batch, loop.replicate
 
 
 # ------------------------------------------------------------------------ checkpoints

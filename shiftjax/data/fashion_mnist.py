@@ -80,6 +80,16 @@ def read_split(source_dir: str | os.PathLike | None, split: str
   return read_idx(paths[0]), read_idx(paths[1])
 
 
+def normalized_arrays(split: str, source_dir: str | os.PathLike | None = None
+                      ) -> dict[str, np.ndarray]:
+  """``{'image': float32 [N, 28, 28, 1], 'label': int32 [N]}`` of ``split``, the images
+  normalized with the dataset's mean and std (as the main job's pipeline does)."""
+  from shiftjax.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # pylint: disable=g-import-not-at-top
+  images, labels = read_split(source_dir, split)
+  images = (images.astype(np.float32) / 255.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+  return {"image": images[..., None], "label": labels.astype(np.int32)}
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
   return (struct.pack(">I", len(payload)) + kind + payload
           + struct.pack(">I", zlib.crc32(kind + payload)))
