@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import codes as codes_lib
+from shiftjax.benchmarking import timing
 from shiftjax import kernels
 from shiftjax.kernels.cpu import native
 
@@ -114,17 +115,9 @@ def _check(fns, bits_list):
 
 def _time(fns, reps: int) -> dict[str, float]:
   """Median seconds per call, the contenders called in a rotating order each round."""
-  names = list(fns)
-  for f, args in fns.values():  # compile and warm up
-    jax.block_until_ready(f(*args))
-  times = {name: [] for name in names}
-  for r in range(reps):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      f, args = fns[name]
-      start = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  timings = timing.interleaved({name: (lambda f=f, a=args: f(*a))
+                                for name, (f, args) in fns.items()}, reps, rotate=True)
+  return {name: t.median for name, t in timings.items()}
 
 
 def main(argv):

@@ -22,9 +22,6 @@ the cost.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 from absl import app
 from absl import flags
 from flax import nnx
@@ -33,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import shiftjax as sj
+from shiftjax.benchmarking import timing
 from shiftjax.data import text
 from shiftjax.deploy import packed_layers
 from shiftjax.kernels.cpu import native
@@ -62,13 +60,10 @@ def float_twin(packed: nnx.Module) -> nnx.Module:
 def timed_generations(models: dict, prompt, tokens: int) -> dict[str, tuple[float, np.ndarray]]:
   """{name: (median seconds, tokens)}: each model compiled once, then run interleaved."""
   outputs = {name: np.asarray(lm.generate(m, prompt, tokens)) for name, m in models.items()}
-  times = {name: [] for name in models}
-  for _ in range(FLAGS.repeats):
-    for name, model in models.items():
-      start = time.perf_counter()
-      jax.block_until_ready(lm.generate(model, prompt, tokens))
-      times[name].append(time.perf_counter() - start)
-  return {name: (statistics.median(t), outputs[name]) for name, t in times.items()}
+  timings = timing.interleaved(
+      {name: (lambda m=m: lm.generate(m, prompt, tokens)) for name, m in models.items()},
+      FLAGS.repeats, warmup=0, rotate=True)
+  return {name: (timings[name].median, outputs[name]) for name in models}
 
 
 def compare(title: str, packed: nnx.Module, prompts: np.ndarray) -> None:
