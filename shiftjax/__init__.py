@@ -1,22 +1,22 @@
 """shiftjax: low-bit power-of-two (shift) neural networks in JAX/Flax.
 
-``import shiftjax as sj``: quantizer specs (``sj.DenseShift``, ``sj.S3``,
-``sj.DeepShiftQ``, ``sj.DeepShiftPS``), activation quantizers (``sj.PACT``,
-``sj.FixedPoint``: ``sj.activations``), the code format (``sj.codes``), layers
-(``sj.layers``, ``sj.batch_norm``), models (``sj.models``), deployment of packed models
-(``sj.deploy``: the file format, BatchNorm folding, packed apply), export of trained flax
-models (``sj.export``), the kernels (``sj.kernels``: inference on packed codes;
-``shiftjax.kernels.training``: the differentiable CPU-fast convolution), data pipelines
-(``sj.data``), the log-mel frontend (``sj.audio``), training (``sj.train``,
-``sj.metrics``), float-to-shift conversion (``sj.transfer``) and distillation from a
-float run (``sj.distill``);
-``sj.host_memory.reuse_freed_memory()`` at the start of a CPU training program spares
-each step from faulting in XLA's scratch memory again.
+``import shiftjax as sj``:
 
-Only the quantizers (weights and activations) and the code format are imported with the
-package; every other
-module is imported on first use (``sj.train``, ``from shiftjax import train``). So a program that only loads and runs a packed model
-needs jax and numpy, not flax, optax, orbax, tensorflow-datasets or ml_collections.
+* specs: weight quantizers (``sj.DenseShift``, ``sj.S3``, ``sj.DeepShiftQ``,
+  ``sj.DeepShiftPS``), activation quantizers (``sj.PACT``, ``sj.FixedPoint``), the
+  N-bit code format (``sj.codes``);
+* any model: ``sj.quantize_model(model, sj.LayerPolicy(...))`` (linen or NNX, rules over
+  module paths), ``sj.summarize``, ``sj.fit`` (``shiftjax.loop``: any model, any data),
+  ``sj.ptq`` (post-training quantization of a trained float model);
+* deployment: ``sj.deploy`` (packed files, ``pack_model`` for any model, packed apply),
+  ``sj.kernels`` (the packed matmul and conv: native CPU, Pallas on GPU/TPU, XLA);
+* the zoo and its launcher: ``sj.models`` (ResNets, a ViT, a byte-level language model),
+  ``sj.data``, ``sj.audio``, ``sj.train``, ``sj.transfer``, ``sj.distill``, ``sj.export``.
+
+Only the specs and the code format are imported with the package; every other module on
+first use (``sj.train``, ``from shiftjax import train``). So a program that loads and
+runs a packed ResNet needs jax and numpy, not flax, optax, orbax, tensorflow-datasets or
+ml_collections.
 """
 
 import importlib
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 # tensorflow-datasets and ml_collections, which deployment does not need.
 _LAZY_MODULES = ("audio", "batch_norm", "data", "deploy", "distill", "export",
                  "host_memory", "interception", "kernels", "layers", "loop", "metrics",
-                 "models", "optim", "policy", "summary", "train", "transfer", "trees")
+                 "models", "optim", "policy", "ptq", "summary", "train", "transfer", "trees")
 # Functions and classes of those modules that ``sj.`` offers directly: {name: module}.
 _LAZY_NAMES = {"quantize_model": "interception", "LayerPolicy": "policy",
                "PolicyError": "policy", "summarize": "summary", "fit": "loop"}
