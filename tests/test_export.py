@@ -804,3 +804,18 @@ def test_bitplanes_and_words_files_give_identical_logits(trained, fashion_mnist)
     np.testing.assert_array_equal(converted.arrays[k], a)
   with pytest.raises(deploy.PackedModelError, match="code_layout must be one of"):
     ex.export(variables, model, code_layout="nibbles")
+
+
+def test_bit_planes_become_the_kernels_words_once_where_the_kernels_run(packed):
+  assert packed.code_layout == "bitplanes"
+  assert deploy.apply.in_kernel_layout(packed, "xla") is packed  # XLA decodes bit planes
+  words = deploy.apply.in_kernel_layout(packed, "pallas_interpret")
+  assert words.code_layout == "words"
+  assert deploy.apply.in_kernel_layout(packed, "pallas_interpret") is words  # kept, once
+  for layer in packed.layers:
+    if layer.quantized:
+      np.testing.assert_array_equal(
+          deploy.decode_kernel(words.arrays[f"{layer.name}/kernel"], layer.code_format,
+                               layer.shape, "words"),
+          deploy.decode_kernel(packed.arrays[f"{layer.name}/kernel"], layer.code_format,
+                               layer.shape, "bitplanes"))

@@ -48,48 +48,14 @@
 #define SHIFTJAX_X86 1
 #endif
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using shiftjax_cpu::ParallelFor;
 
 namespace {
 
-// Runs task(0) ... task(count - 1) on the calling thread and the XLA intra-op pool; the
-// same scheduler as cpu_conv.cc's (each source is its own translation unit).
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> task) {
-  struct State {
-    std::function<void(int64_t)> task;
-    int64_t count;
-    std::atomic<int64_t> next{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int active = 0;
-    bool closed = false;
-    void Run() {
-      for (int64_t t; (t = next.fetch_add(1)) < count;) task(t);
-    }
-  };
-  auto state = std::make_shared<State>();
-  state->task = std::move(task);
-  state->count = count;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([state] {
-      {
-        std::lock_guard<std::mutex> lock(state->mu);
-        if (state->closed) return;
-        ++state->active;
-      }
-      state->Run();
-      std::lock_guard<std::mutex> lock(state->mu);
-      if (--state->active == 0) state->cv.notify_all();
-    });
-  }
-  state->Run();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->closed = true;
-  state->cv.wait(lock, [&] { return state->active == 0; });
-}
 
 // One call's operands. xt is x transposed and zero-padded, xt[k * m + r] = x[r, k] for
 // k < K, 0 for K <= k < words * P: the padding codes of the last word meet x == 0.

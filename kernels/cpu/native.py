@@ -36,6 +36,7 @@ import jaxlib
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
+_HEADER_DIR = pathlib.Path(__file__).parent  # parallel_for.h, shared by the sources
 _MATMUL_SOURCE = pathlib.Path(__file__).with_name("cpu_pow2_matmul.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI targets the library defines: {name registered with XLA: exported symbol}
@@ -90,8 +91,10 @@ def build(compiler: str, source: pathlib.Path | None = None) -> pathlib.Path:
   """Compiles one source (default the convolutions') or finds it in the cache -> path of its
   shared library."""
   source = _SOURCE if source is None else source
+  headers = [h.read_text() for h in sorted(_HEADER_DIR.glob("*.h"))]  # included by all
   key = hashlib.sha256("\0".join([
-      source.read_text(), compiler, *_FLAGS, jaxlib.__version__, _cpu_id()]).encode())
+      source.read_text(), *headers, compiler, *_FLAGS, jaxlib.__version__,
+      _cpu_id()]).encode())
   out = cache_dir() / f"shiftjax_{source.stem}_{key.hexdigest()[:16]}.so"
   if out.exists():
     return out
@@ -101,7 +104,8 @@ def build(compiler: str, source: pathlib.Path | None = None) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp],
+    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_HEADER_DIR}",
+                    str(source), "-o", tmp],
                    check=True, capture_output=True, text=True)
     os.replace(tmp, out)
   finally:

@@ -33,6 +33,7 @@ from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference.matmul import resolve_backend
 from shiftjax import pooling
 from shiftjax.deploy.architecture import SPEECH_POOLS, Layer, PackedModelError
+from shiftjax.deploy import folding
 from shiftjax.deploy.format import PackedModel, write_atomic
 
 
@@ -179,7 +180,21 @@ def packed_apply(packed: PackedModel, images, *, backend: str | None = None,
   """
   images = jnp.asarray(images, jnp.float32)
   _check_images(packed, images.shape)
-  return jitted_forward(packed, backend, platform)(packed.device_arrays, images)
+  runnable = in_kernel_layout(packed, backend, platform)
+  return jitted_forward(runnable, backend, platform)(runnable.device_arrays, images)
+
+
+def in_kernel_layout(packed: PackedModel, backend: str | None = None,
+                     platform: str | None = None) -> PackedModel:
+  """``packed`` as the kernels read it: where they run (Pallas on GPU/TPU), a bit-plane
+  file's codes become the word layout once, kept on the model, instead of being repacked
+  inside every call; where XLA decodes (CPU), bit planes are decoded as they are."""
+  if packed.code_layout == "words" or resolve_backend(backend, platform)[0] == "xla":
+    return packed
+  cache = packed.__dict__.setdefault("_in_words", {})
+  if "words" not in cache:
+    cache["words"] = folding.with_code_layout(packed, "words")
+  return cache["words"]
 
 
 # ---------------------------------------------------------------- jax.export artifacts
