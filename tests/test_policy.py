@@ -117,14 +117,14 @@ def test_mixed_width_model_has_each_layers_latents_and_packs_each_at_its_width(t
   sizes = {l.name: int(np.prod(l.shape)) for l in packed.layers if l.quantized}
   exact = sum(kernels[n].shape[1] * s for n, s in sizes.items()) / sum(sizes.values())
   assert packed.size_report()["bits_per_quantized_weight"] == exact
-  np.testing.assert_allclose(np.asarray(ex.packed_apply(packed, images)),
+  np.testing.assert_allclose(np.asarray(sj.deploy.packed_apply(packed, images)),
                              np.asarray(model.apply(variables, images)), rtol=0,
                              atol=1e-4)
-  reloaded = ex.load(packed.save(tmp_path / "mixed.shiftjax"))
+  reloaded = sj.deploy.load(packed.save(tmp_path / "mixed.shiftjax"))
   assert reloaded.layers == packed.layers
   assert ex.flax_module(reloaded) == model
-  np.testing.assert_array_equal(np.asarray(ex.packed_apply(reloaded, images)),
-                                np.asarray(ex.packed_apply(packed, images)))
+  np.testing.assert_array_equal(np.asarray(sj.deploy.packed_apply(reloaded, images)),
+                                np.asarray(sj.deploy.packed_apply(packed, images)))
 
 
 def test_config_rules_become_the_models_policy():
