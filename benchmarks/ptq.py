@@ -33,6 +33,8 @@ from shiftjax.models import vit as vit_lib
 
 FLOAT_LAYERS = ("patch_embed", "head")  # as benchmarks/vit_fashion_mnist.py keeps them
 FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "benchmarks/vit_fashion_mnist.py's --workdir: its "
+                    "float runs (<workdir>/float/seed*) and QAT runs.")
 flags.DEFINE_list("bits", ["3", "4"], "DenseShift widths.")
 flags.DEFINE_integer("calibration", 512, "Training images the calibration sees.")
 CALIBRATIONS = {
@@ -65,6 +67,8 @@ def qat_accuracy(method: str) -> list[float]:
 
 def main(argv):
   del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir names benchmarks/vit_fashion_mnist.py's workdir")
   train = data_lib.fashion_mnist.normalized_arrays("train")
   test = data_lib.fashion_mnist.normalized_arrays("test")
   calibration = [(train["image"][i:i + 128],) for i in range(0, FLAGS.calibration, 128)]
