@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 import shiftjax as sj
+from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import loop
 from shiftjax.data import text
@@ -114,16 +115,16 @@ def main(argv):
   print(f"\nTransformerLM on the KJV Bible (bytes), {FLAGS.steps} steps of "
         f"{FLAGS.batch_size} x {FLAGS.seq_len} bytes, {FLAGS.seeds} seed(s), validation "
         f"{len(validation):,} bytes\n")
-  print("| method | bits/byte (mean +- std) | perplexity/byte | vs float | seconds a run |")
-  print("|---|---|---|---|---|")
+  rows = []
   for method, runs in results.items():
-    bpbs = [b for b, _ in runs]
-    ppl = statistics.mean(2 ** b for b in bpbs)
-    std = statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0
+    bpb, std = tables.mean_std([b for b, _ in runs])
+    ppl = statistics.mean(2 ** b for b, _ in runs)
     delta = ("" if reference is None or method == "float"
              else f"{100 * (ppl / reference - 1):+.1f} %")
-    print(f"| {method} | {statistics.mean(bpbs):.4f} +- {std:.4f} | {ppl:.3f} | {delta} | "
-          f"{statistics.mean(s for _, s in runs):.0f} |")
+    rows.append((method, f"{bpb:.4f} +- {std:.4f}", f"{ppl:.3f}", delta,
+                 f"{statistics.mean(s for _, s in runs):.0f}"))
+  print(tables.markdown(("method", "bits/byte (mean +- std)", "perplexity/byte", "vs float",
+                         "seconds a run"), rows))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import shiftjax as sj
 from shiftjax import data as data_lib
 from shiftjax import loop
 from shiftjax import ptq
+from shiftjax.benchmarking import tables
 from shiftjax.models import vit as vit_lib
 
 
@@ -92,19 +93,19 @@ def main(argv):
   reference = statistics.mean(t for t, _ in rows["float"])
   print(f"\nPTQ of the float ViT (vit_tiny, {len(rows['float'])} run(s)), calibration "
         f"{FLAGS.calibration} training images\n")
-  print("| model | test top-1 | vs float (points) | conversion seconds |")
-  print("|---|---|---|---|")
+  table = []
   for name, values in rows.items():
-    accs = [t for t, _ in values]
-    print(f"| {name} | {100 * statistics.mean(accs):.2f} | "
-          f"{100 * (statistics.mean(accs) - reference):+.2f} | "
-          f"{statistics.mean(s for _, s in values):.1f} |")
+    top1, _ = tables.mean_std([t for t, _ in values])
+    table.append((name, f"{100 * top1:.2f}", f"{100 * (top1 - reference):+.2f}",
+                  f"{statistics.mean(s for _, s in values):.1f}"))
   for bits in map(int, FLAGS.bits):
     qat = qat_accuracy(f"DenseShift {bits}-bit")
     if qat:
-      print(f"| QAT DenseShift {bits}-bit ({len(qat)} run(s), vit_fashion_mnist.py) | "
-            f"{100 * statistics.mean(qat):.2f} | "
-            f"{100 * (statistics.mean(qat) - reference):+.2f} | (training) |")
+      top1, _ = tables.mean_std(qat)
+      table.append((f"QAT DenseShift {bits}-bit ({len(qat)} run(s), vit_fashion_mnist.py)",
+                    f"{100 * top1:.2f}", f"{100 * (top1 - reference):+.2f}", "(training)"))
+  print(tables.markdown(("model", "test top-1", "vs float (points)", "conversion seconds"),
+                        table))
 
 
 if __name__ == "__main__":

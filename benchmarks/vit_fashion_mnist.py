@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import shiftjax as sj
+from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import data as data_lib
 from shiftjax import loop
@@ -111,15 +112,14 @@ def main(argv):
   reference = statistics.mean(t for t, _ in results["float"]) if "float" in results else None
   print(f"\nViT (vit_tiny) on Fashion-MNIST, {FLAGS.steps} steps of batch "
         f"{FLAGS.batch_size}, {FLAGS.seeds} seed(s)\n")
-  print("| method | test top-1 (mean +- std) | vs float (points) | seconds a run |")
-  print("|---|---|---|---|")
+  rows = []
   for method, runs in results.items():
-    accs = [t for t, _ in runs]
-    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    delta = ("" if reference is None or method == "float"
-             else f"{100 * (statistics.mean(accs) - reference):+.2f}")
-    print(f"| {method} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} | {delta} | "
-          f"{statistics.mean(s for _, s in runs):.0f} |")
+    top1, std = tables.mean_std([t for t, _ in runs])
+    delta = "" if reference is None or method == "float" else f"{100 * (top1 - reference):+.2f}"
+    rows.append((method, f"{100 * top1:.2f} +- {100 * std:.2f}", delta,
+                 f"{statistics.mean(s for _, s in runs):.0f}"))
+  print(tables.markdown(("method", "test top-1 (mean +- std)", "vs float (points)",
+                         "seconds a run"), rows))
 
 
 if __name__ == "__main__":
