@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 from flax import nnx
 import jax
@@ -144,3 +146,52 @@ def test_distillation_and_latent_scale_reach_the_step():
 def test_bad_arguments_are_refused(kwargs, message):
   with pytest.raises((ValueError, TypeError), match=message):
     _fit(NnxMLP(nnx.Rngs(0)), **kwargs)
+
+
+# Runs in a subprocess with --xla_force_host_platform_device_count set: fit of the NNX
+# transformer (argv[1]: 'shift' or 'float'), its batch sharded over every device; prints
+# the sum of each final parameter.
+MULTIDEVICE = r"""
+import itertools, json, sys
+import jax, numpy as np, optax
+from flax import nnx
+import shiftjax as sj
+from shiftjax import loop
+from tiny_models import NnxTinyTransformer
+def tokens(start):
+  for step in itertools.count(start):
+    w = np.random.default_rng(step).integers(0, 11, size=(8, 5), dtype=np.int32)
+    yield {"inputs": w[:, :-1], "targets": w[:, 1:]}
+spec = sj.DenseShift(3) if sys.argv[1] == "shift" else None
+model = sj.quantize_model(NnxTinyTransformer(nnx.Rngs(0)),
+                          sj.LayerPolicy(spec, full_precision=("head",)))
+# SGD: its update is linear in the gradient, so another summation order across devices
+# moves the parameters by rounding only (adam's m / sqrt(v) amplifies it near zero).
+result = loop.fit(model, tokens, task=loop.next_token(), optimizer=optax.sgd(0.1),
+                  num_steps=5, log_every=5, progress_bar=False)
+leaf = jax.tree.leaves(result.state.params)[0]
+print("RESULT " + json.dumps({"devices": jax.device_count(),
+                              "batch_on": len(leaf.sharding.device_set),
+                              "sums": [float(np.sum(x)) for x in jax.tree.leaves(result.state.params)]}))
+"""
+
+
+def _run_on(devices: int, kind: str) -> dict:
+  tests = os.path.dirname(os.path.abspath(__file__))  # tiny_models
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.run([sys.executable, "-c", MULTIDEVICE, kind],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+def test_fit_shards_the_batch_over_every_device_and_matches_one_device():
+  four, one = _run_on(4, "float"), _run_on(1, "float")
+  assert (four["devices"], one["devices"]) == (4, 1)
+  assert four["batch_on"] == 4  # the state is placed on every device
+  np.testing.assert_allclose(four["sums"], one["sums"], rtol=2e-4, atol=2e-4)
+  # Shift latents near a threshold may flip on one side of a rounding difference in the
+  # summed gradient (another summation order): the run holds, the latents are finite.
+  shift = _run_on(4, "shift")
+  assert shift["batch_on"] == 4 and np.isfinite(shift["sums"]).all()
