@@ -47,6 +47,7 @@ from shiftjax import distill as distill_lib
 from shiftjax import metrics as metrics_lib
 from shiftjax import optim
 from shiftjax import quantizers as qz
+from shiftjax import trees
 
 CHECKPOINT_DIR = "checkpoints"
 Batch = Mapping[str, Any]
@@ -344,6 +345,33 @@ def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
   restored = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   return {"params": restored["params"], **(restored.get("state") or {})}
+
+
+def _without_value_key(name: str) -> str:
+  """A checkpointed NNX state path without the ``value`` key orbax stores under each
+  variable (its last ``value`` component: a module may be named ``value`` too)."""
+  parts = name.split("/")
+  if "value" in parts:
+    del parts[len(parts) - 1 - parts[::-1].index("value")]
+  return "/".join(parts)
+
+
+def load_into(model: nnx.Module, workdir: str, step: int | None = None) -> nnx.Module:
+  """A clone of the NNX ``model`` with the parameters of ``fit``'s checkpoint in
+  ``workdir`` (the latest step by default); ValueError naming a path the two disagree on."""
+  stored = {_without_value_key(k): v
+            for k, v in trees.flatten(load_variables(workdir, step)["params"]).items()}
+  model = nnx.clone(model)
+  state = nnx.state(model, nnx.Param)
+
+  def restore(path, leaf):
+    name = "/".join(trees.path_names(path))
+    if name not in stored or np.shape(stored[name]) != np.shape(leaf):
+      raise ValueError(f"parameter {name!r} {np.shape(leaf)} is not in the checkpoint of "
+                       f"{workdir} as such (it has {np.shape(stored.get(name))})")
+    return jnp.asarray(stored[name], jnp.asarray(leaf).dtype)
+  nnx.update(model, jax.tree_util.tree_map_with_path(restore, state))
+  return model
 
 
 def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps: int,

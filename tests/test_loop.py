@@ -195,3 +195,16 @@ def test_fit_shards_the_batch_over_every_device_and_matches_one_device():
   # summed gradient (another summation order): the run holds, the latents are finite.
   shift = _run_on(4, "shift")
   assert shift["batch_on"] == 4 and np.isfinite(shift["sums"]).all()
+
+
+def test_load_into_gives_an_nnx_model_its_checkpointed_parameters(tmp_path):
+  kwargs = dict(task=loop.next_token(), num_steps=3, data=lambda s: _tokens(s))
+  trained = _fit(sj.quantize_model(NnxTinyTransformer(nnx.Rngs(0)), POLICY), str(tmp_path),
+                 **kwargs).model
+  fresh = sj.quantize_model(NnxTinyTransformer(nnx.Rngs(5)), POLICY)
+  loaded = loop.load_into(fresh, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+                  jax.tree.leaves(nnx.state(trained, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="is not in the checkpoint"):
+    loop.load_into(NnxTinyTransformer(nnx.Rngs(0), d=16), str(tmp_path))
