@@ -38,12 +38,7 @@ flags.DEFINE_string("workdir", None, "benchmarks/vit_fashion_mnist.py's --workdi
                     "float runs (<workdir>/float/seed*) and QAT runs.")
 flags.DEFINE_list("bits", ["3", "4"], "DenseShift widths.")
 flags.DEFINE_integer("calibration", 512, "Training images the calibration sees.")
-CALIBRATIONS = {
-    "nearest": dict(rounding="nearest"),
-    "nearest + bias correction": dict(rounding="nearest", bias_correction=True),
-    "error feedback": dict(rounding="error_feedback"),
-    "error feedback + bias correction": dict(rounding="error_feedback", bias_correction=True),
-}
+CALIBRATIONS = ptq.CALIBRATIONS
 
 
 def accuracy(model, variables, test) -> float:

@@ -40,6 +40,13 @@ from shiftjax.policy import LayerPolicy
 
 E0_RANGE = range(-16, 4)
 ROUNDINGS = ("nearest", "error_feedback")
+# The calibrations the benchmarks compare: {name: quantize_trained keyword arguments}.
+CALIBRATIONS = {
+    "nearest": dict(rounding="nearest"),
+    "nearest + bias correction": dict(rounding="nearest", bias_correction=True),
+    "error feedback": dict(rounding="error_feedback"),
+    "error feedback + bias correction": dict(rounding="error_feedback", bias_correction=True),
+}
 _HESSIAN_DAMPING = 0.01  # of the mean diagonal, as GPTQ
 
 
