@@ -268,8 +268,15 @@ def _reading_kernel(module: nn.Module, spec, layer: LayerRecord):
     latents = float_param(module, "kernel", _latent_init(spec), *init_args)
     return spec.weight(latents)
 
-  # An instance attribute shadows the method for this call only: the layer's own code
-  # (shapes, dtype promotion, the dot or conv) runs as written.
+  with param_override(module, param):
+    yield
+
+
+@contextlib.contextmanager
+def param_override(module: nn.Module, param: Callable):
+  """While the layer runs, its ``self.param`` is ``param``: an instance attribute shadows
+  the method for this call only, so the layer's own code (shapes, dtype promotion, the
+  dot or conv) runs as written on whatever kernel ``param`` gives."""
   object.__setattr__(module, "param", param)
   try:
     yield

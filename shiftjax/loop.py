@@ -267,7 +267,7 @@ def train_step(state: TrainState, batch: Batch, key, *, model: FunctionalModel, 
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & all_finite(params)
+  finite = jnp.isfinite(loss)  # the parameters are checked when logged or saved
   state = state.replace(step=state.step + 1, params=params, state=new_state,
                         opt_state=opt_state)
   return state, {"loss": loss, **metrics, "finite": finite.astype(jnp.float32)}
@@ -449,6 +449,7 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
       train_step, model=functional_model, task=task, tx=tx, s3_alpha=s3_alpha,
       teacher=teacher, distillation=distillation), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=functional_model, task=task))
+  params_finite = jax.jit(all_finite)
   eval_batches = (eval_data if callable(eval_data) else (lambda: eval_data)) if eval_data \
       is not None else None
   writer = metrics_lib.MetricWriter(workdir, resume_step=start) if workdir else None
@@ -466,7 +467,7 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
       should_save = manager is not None and (step % checkpoint_every == 0 or step == end)
       if should_log or should_save:
         means = jax.device_get(jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *window))
-        if means.pop("finite") < 1:
+        if means.pop("finite") < 1 or not bool(params_finite(state.params)):
           last = manager.latest_step() if manager is not None else None
           raise NonFiniteLossError(
               f"training diverged between steps {step - len(window) + 1} and {step} "

@@ -220,11 +220,8 @@ def _decoded_kernel(module: nn.Module, words, spec):
       return decode_words(words, spec, tuple(init_args[0]))
     return float_param(module, name, init_fn, *init_args, **init_kwargs)
 
-  object.__setattr__(module, "param", param)
-  try:
+  with interception.param_override(module, param):
     yield
-  finally:
-    object.__delattr__(module, "param")
 
 
 # ----------------------------------------------------------------------------- public
