@@ -3,8 +3,13 @@
 //   y[m, n] = (sum_k x[m, k] * W[k, n]) * scale[n] + bias[n]
 //
 // W[k, n] is a `bits`-bit code `sign << (bits - 1) | index` meaning
-// (-1)^sign * 2^(e0 + index); packed[w, n] (uint32) holds the codes of rows
-// k = w*P .. w*P + P - 1 (P = 32 / bits), code j in bits [j*bits, (j+1)*bits).
+// (-1)^sign * 2^(e0 + index); a uint32 word holds the codes of rows k = w*P .. w*P + P - 1
+// (P = 32 / bits) of one column, code j in bits [j*bits, (j+1)*bits). Two layouts of the
+// words, told apart by packed's rank:
+//   words  packed[w, n], [W, N] (the file's and the XLA and Pallas paths' layout);
+//   tiled  packed[t, w, c], [T, W, TW]: column n = t*TW + c, each tile of TW columns one
+//          contiguous block (kernels/cpu/layout.py converts once, at load). Then scale,
+//          bias and y cover T*TW columns (N padded to whole tiles by the caller).
 //
 // The weights are decoded in registers, never written to memory as floats at small M:
 //   AVX-512: a 16-entry (5 bits: 32-entry) table of the code values held in one (two)
@@ -26,7 +31,7 @@
 //     into bfloat16 pairs and multiplied by vdpbf16ps (two products per lane).
 //   M > 16: a panel of kc x 64 weights is decoded once into an L2-resident float buffer,
 //     then a 6 x 64 register-blocked float microkernel runs over all M rows.
-// Threads: the XLA intra-op pool, over blocks of output columns.
+// Threads: the XLA intra-op pool, over blocks of output columns (tiled: whole tiles).
 //
 // Summation order: every path sums each output's K products in order k = 0, 1, ...,
 // K - 1 into one float32 accumulator (a product by a power of two is exact, so a fused
@@ -64,11 +69,25 @@ struct Problem {
   // The bfloat16 pair path's x instead of xt: xp[(w * P/2 + i) * m + r] holds x[r, k] for
   // k = w*P + i (low half) and k = w*P + P/2 + i (high half) as bfloat16.
   const uint32_t* xp;
-  const uint32_t* packed;  // [words, n]
+  const uint32_t* packed;  // [words, n], or tiled [n / tile, words, tile]
   float* y;                // [m, n]
   int64_t m, n, words;
+  int64_t tile;    // columns per tile; 0: the words layout
+  int64_t stride;  // uint32 between two rows of words of a column: n, or tile
   int bits, e0;
 };
+
+// Word row 0 of column n0; row w is w * p.stride further. A run of columns read from one
+// pointer must not cross a tile (in the tiled layout tasks are whole tiles, and every
+// block a task reads, 16 to 128 columns, divides the tile).
+inline const uint32_t* WordsAt(const Problem& p, int64_t n0) {
+  if (p.tile == 0) return p.packed + n0;
+  return p.packed + (n0 / p.tile) * p.words * p.tile + n0 % p.tile;
+}
+
+// The tiled layout's tile is a multiple of this many columns: every block a task reads
+// (16-128 register-tile columns, 64 panel columns, 16 AVX2 columns) divides it.
+constexpr int64_t kTileMultiple = 128;
 
 // kAvx512Bf16: kAvx512, plus bfloat16 dot products (vdpbf16ps) for bfloat16 x.
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
@@ -110,7 +129,7 @@ void ScalarBlock(const Problem& p, int64_t n0, int64_t n1) {
     float* y = p.y + r * p.n;
     for (int64_t c = n0; c < n1; ++c) y[c] = 0.0f;
     for (int64_t w = 0; w < p.words; ++w) {
-      const uint32_t* words = p.packed + w * p.n;
+      const uint32_t* words = WordsAt(p, n0) + w * p.stride - n0;  // words[c], c in [n0, n1)
       for (int j = 0; j < P; ++j) {
         const float x = p.xt[(w * P + j) * p.m + r];
         for (int64_t c = n0; c < n1; ++c)
@@ -170,7 +189,7 @@ SHIFTJAX_AVX2 void Avx2Tile(const Problem& p, int64_t r0, int64_t n0) {
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t w = 0; w < p.words; ++w) {
-    const uint32_t* row = p.packed + w * p.n + n0;
+    const uint32_t* row = WordsAt(p, n0) + w * p.stride;
     __m256i words[2];
     for (int c = 0; c < 2; ++c)
       words[c] = _mm256_maskload_epi32(reinterpret_cast<const int*>(row + 8 * c), mask[c]);
@@ -230,7 +249,8 @@ SHIFTJAX_AVX512 inline void ColumnMasks(int64_t n, int64_t n0, __mmask16 (&mask)
 // were evicted before use (M = 1, K = N = 8192, 4 bits: 3.5 ms against 2.4 ms at 4).
 constexpr int64_t kPrefetchRows = 4;
 
-// The small-M tile: rows r0 .. r0 + R - 1, columns n0 .. n0 + 16 C - 1, all of K.
+// The small-M register tiles (M <= 16): rows r0 .. r0 + R - 1, columns n0 .. n0 + 16 C - 1,
+// all of K. The float32 path's step: code J of each word, times x, into the accumulators.
 template <int Bits, int R, int C, int J>
 SHIFTJAX_AVX512 inline void DirectStep(const __m512i (&words)[C], const float* x, int64_t m,
                                        const Table& t, __m512 (&acc)[R][C]) {
@@ -242,61 +262,6 @@ SHIFTJAX_AVX512 inline void DirectStep(const __m512i (&words)[C], const float* x
     }
     DirectStep<Bits, R, C, J + 1>(words, x, m, t, acc);
   }
-}
-
-template <int Bits, int R, int C>
-SHIFTJAX_AVX512 void DirectTile(const Problem& p, const Table& t, int64_t r0, int64_t n0,
-                                int64_t n1) {
-  constexpr int P = 32 / Bits;
-  __mmask16 mask[C];
-  ColumnMasks<C>(n1, n0, mask);
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const uint32_t* row = p.packed + n0;
-  const float* x = p.xt + r0;
-  for (int64_t w = 0; w < p.words; ++w, row += p.n, x += P * p.m) {
-    if (w + kPrefetchRows < p.words)
-      for (int c = 0; c < C; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.n + 16 * c),
-                     _MM_HINT_T0);
-    __m512i words[C];
-    for (int c = 0; c < C; ++c) words[c] = _mm512_maskz_loadu_epi32(mask[c], row + 16 * c);
-    DirectStep<Bits, R, C, 0>(words, x, p.m, t, acc);
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c)
-      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
-}
-
-// Vectors per tile for R rows: R * C accumulators of the 32 registers, at most 8.
-constexpr int DirectVectors(int rows) { return std::max(1, std::min(8, 24 / rows)); }
-constexpr int kDirectMaxRows = 16;
-
-template <int Bits, int R>
-SHIFTJAX_AVX512 void DirectColumns(const Problem& p, const Table& t, int64_t r0, int64_t n0,
-                                   int64_t n1) {
-  constexpr int C = DirectVectors(R);
-  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) DirectTile<Bits, R, C>(p, t, r0, c0, n1);
-}
-
-template <int Bits, int... R>
-SHIFTJAX_AVX512 void DirectRows(const Problem& p, const Table& t, int64_t n0, int64_t n1,
-                                std::integer_sequence<int, R...>) {
-  using Fn = void (*)(const Problem&, const Table&, int64_t, int64_t, int64_t);
-  static constexpr Fn kFns[] = {DirectColumns<Bits, R + 1>...};
-  for (int64_t r0 = 0; r0 < p.m; r0 += kDirectMaxRows)
-    kFns[std::min<int64_t>(kDirectMaxRows, p.m - r0) - 1](p, t, r0, n0, n1);
-}
-
-// The columns a small-M task covers: whole tiles of the widest tile M uses.
-int64_t DirectBlock(int64_t m) {
-  constexpr int kVectors[kDirectMaxRows] = {
-      DirectVectors(1),  DirectVectors(2),  DirectVectors(3),  DirectVectors(4),
-      DirectVectors(5),  DirectVectors(6),  DirectVectors(7),  DirectVectors(8),
-      DirectVectors(9),  DirectVectors(10), DirectVectors(11), DirectVectors(12),
-      DirectVectors(13), DirectVectors(14), DirectVectors(15), DirectVectors(16)};
-  return 16 * kVectors[std::min<int64_t>(m, kDirectMaxRows) - 1];
 }
 
 // The bfloat16 pair path (bfloat16 x): vdpbf16ps multiplies two bfloat16 pairs
@@ -342,46 +307,114 @@ SHIFTJAX_AVX512BF16 inline void PairStep(const __m512i (&words)[C], const uint32
   }
 }
 
-template <int Bits, int R, int C>
-SHIFTJAX_AVX512BF16 void PairTile(const Problem& p, __m512i table, int64_t r0, int64_t n0,
-                                  int64_t n1) {
-  constexpr int kHalf = 32 / Bits / 2;
+// The register tile loop both small-M paths share (RegisterTile): Path says how x is laid
+// out and how a vector of words is decoded and multiplied in.
+//   Path::Table           the decode table's type
+//   Path::MakeTable(e0)   the table
+//   Path::kRowsPerWord    rows of Path::X per word of codes
+//   Path::Xs(p)           x in the path's layout, [word rows][m]
+//   Path::Load(words)     the loaded words as Step wants them
+//   Path::Step<R, C>      all codes of C word vectors into R x C accumulators
+// Compiled for the bfloat16 pair path's target (avx512f, avx512bw, avx512bf16), the widest
+// of the two, so that either Path's steps inline into it: the float32 path's instances
+// emit no bfloat16 instruction (nothing in them is bfloat16), but the compiler may use
+// AVX512BW mask moves, so 'avx512' requires avx512bw too (every AVX-512 CPU but Xeon Phi).
+template <int Bits>
+struct FloatPath {
+  using Table = ::Table;
+  using X = float;
+  static constexpr int kRowsPerWord = 32 / Bits;
+  SHIFTJAX_AVX512 static Table MakeTable(int e0) { return ::MakeTable(Bits, e0); }
+  static const X* Xs(const Problem& p) { return p.xt; }
+  SHIFTJAX_AVX512 static inline __m512i Load(__m512i words) { return words; }
+  template <int R, int C>
+  SHIFTJAX_AVX512 static inline void Step(const __m512i (&words)[C], const X* x, int64_t m,
+                                          const Table& t, __m512 (&acc)[R][C]) {
+    DirectStep<Bits, R, C, 0>(words, x, m, t, acc);
+  }
+};
+
+template <int Bits>
+struct PairPath {
+  using Table = __m512i;
+  using X = uint32_t;
+  static constexpr int kRowsPerWord = 32 / Bits / 2;
+  SHIFTJAX_AVX512BF16 static Table MakeTable(int e0) { return PairTable(Bits, e0); }
+  static const X* Xs(const Problem& p) { return p.xp; }
+  SHIFTJAX_AVX512BF16 static inline __m512i Load(__m512i words) {
+    return PairWords<Bits>(words);
+  }
+  template <int R, int C>
+  SHIFTJAX_AVX512BF16 static inline void Step(const __m512i (&words)[C], const X* x,
+                                              int64_t m, const Table& t,
+                                              __m512 (&acc)[R][C]) {
+    PairStep<Bits, R, C, 0>(words, x, m, t, acc);
+  }
+};
+
+#define SHIFTJAX_AVX512_TILE SHIFTJAX_AVX512BF16
+
+template <class Path, int R, int C>
+SHIFTJAX_AVX512_TILE void RegisterTile(const Problem& p, const typename Path::Table& t,
+                                       int64_t r0, int64_t n0, int64_t n1) {
   __mmask16 mask[C];
   ColumnMasks<C>(n1, n0, mask);
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const uint32_t* row = p.packed + n0;
-  const uint32_t* x = p.xp + r0;
-  for (int64_t w = 0; w < p.words; ++w, row += p.n, x += kHalf * p.m) {
-    if (w + kPrefetchRows < p.words)
+  const uint32_t* row = WordsAt(p, n0);
+  const typename Path::X* x = Path::Xs(p) + r0;
+  for (int64_t w = 0; w < p.words; ++w, row += p.stride, x += Path::kRowsPerWord * p.m) {
+    if (p.tile == 0 && w + kPrefetchRows < p.words)  // the tiled layout streams
       for (int c = 0; c < C; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.n + 16 * c),
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.stride + 16 * c),
                      _MM_HINT_T0);
     __m512i words[C];
     for (int c = 0; c < C; ++c)
-      words[c] = PairWords<Bits>(_mm512_maskz_loadu_epi32(mask[c], row + 16 * c));
-    PairStep<Bits, R, C, 0>(words, x, p.m, table, acc);
+      words[c] = Path::Load(_mm512_maskz_loadu_epi32(mask[c], row + 16 * c));
+    Path::template Step<R, C>(words, x, p.m, t, acc);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c)
       _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
 }
 
-template <int Bits, int R>
-SHIFTJAX_AVX512BF16 void PairColumns(const Problem& p, __m512i table, int64_t r0, int64_t n0,
-                                     int64_t n1) {
+// Vectors per tile for R rows: R * C accumulators of the 32 registers, at most 8, a power
+// of two so that the tiles divide the tiled layout's 128-column multiples.
+constexpr int DirectVectors(int rows) {
+  const int fit = std::max(1, std::min(8, 24 / rows));
+  return fit >= 8 ? 8 : fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+}
+constexpr int kDirectMaxRows = 16;
+
+template <class Path, int R>
+SHIFTJAX_AVX512_TILE void TileColumns(const Problem& p, const typename Path::Table& t,
+                                      int64_t r0, int64_t n0, int64_t n1) {
   constexpr int C = DirectVectors(R);
-  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) PairTile<Bits, R, C>(p, table, r0, c0, n1);
+  for (int64_t c0 = n0; c0 < n1; c0 += 16 * C) RegisterTile<Path, R, C>(p, t, r0, c0, n1);
 }
 
-template <int Bits, int... R>
-SHIFTJAX_AVX512BF16 void PairBlock(const Problem& p, int64_t n0, int64_t n1,
+// Columns [n0, n1) of all M (<= 16 per pass) rows on register tiles.
+template <class Path, int... R>
+SHIFTJAX_AVX512_TILE void TileRows(const Problem& p, int64_t n0, int64_t n1,
                                    std::integer_sequence<int, R...>) {
-  using Fn = void (*)(const Problem&, __m512i, int64_t, int64_t, int64_t);
-  static constexpr Fn kFns[] = {PairColumns<Bits, R + 1>...};
-  kFns[p.m - 1](p, PairTable(Bits, p.e0), 0, n0, n1);  // m <= kDirectMaxRows
+  using Fn = void (*)(const Problem&, const typename Path::Table&, int64_t, int64_t, int64_t);
+  static constexpr Fn kFns[] = {TileColumns<Path, R + 1>...};
+  const typename Path::Table t = Path::MakeTable(p.e0);
+  for (int64_t r0 = 0; r0 < p.m; r0 += kDirectMaxRows)
+    kFns[std::min<int64_t>(kDirectMaxRows, p.m - r0) - 1](p, t, r0, n0, n1);
 }
+
+// The columns a small-M task covers: whole tiles of the widest tile M uses.
+int64_t DirectBlock(int64_t m) {
+  constexpr int kVectors[kDirectMaxRows] = {
+      DirectVectors(1),  DirectVectors(2),  DirectVectors(3),  DirectVectors(4),
+      DirectVectors(5),  DirectVectors(6),  DirectVectors(7),  DirectVectors(8),
+      DirectVectors(9),  DirectVectors(10), DirectVectors(11), DirectVectors(12),
+      DirectVectors(13), DirectVectors(14), DirectVectors(15), DirectVectors(16)};
+  return 16 * kVectors[std::min<int64_t>(m, kDirectMaxRows) - 1];
+}
+
 
 // The large-M path: decoded panels and a float microkernel.
 constexpr int kPanelVectors = 4;  // 64 columns
@@ -408,7 +441,7 @@ SHIFTJAX_AVX512 void DecodePanel(const Problem& p, const Table& t, int64_t w0, i
   for (int64_t w = w0; w < w1; ++w) {
     __m512i words[kPanelVectors];
     for (int c = 0; c < kPanelVectors; ++c)
-      words[c] = _mm512_maskz_loadu_epi32(mask[c], p.packed + w * p.n + n0 + 16 * c);
+      words[c] = _mm512_maskz_loadu_epi32(mask[c], WordsAt(p, n0) + w * p.stride + 16 * c);
     DecodeWord<Bits, 0>(words, t, panel + (w - w0) * P * kPanelBlock);
   }
 }
@@ -528,7 +561,7 @@ SHIFTJAX_AVX512BF16 void PairPanelBlock(const Problem& p, int64_t n0, int64_t n1
         __m512i words[kPanelVectors];
         for (int c = 0; c < kPanelVectors; ++c)
           words[c] = PairWords<Bits>(
-              _mm512_maskz_loadu_epi32(mask[c], p.packed + w * p.n + c0 + 16 * c));
+              _mm512_maskz_loadu_epi32(mask[c], WordsAt(p, c0) + w * p.stride + 16 * c));
         DecodePairWord<Bits, 0>(words, table, panel.get() + (w - w0) * kHalf * kPanelBlock);
       }
       for (int64_t r0 = 0; r0 < p.m; r0 += kPanelRows)
@@ -540,10 +573,10 @@ SHIFTJAX_AVX512BF16 void PairPanelBlock(const Problem& p, int64_t n0, int64_t n1
 
 template <int Bits>
 SHIFTJAX_AVX512 void Avx512Block(const Problem& p, int64_t n0, int64_t n1) {
-  const Table t = MakeTable(Bits, p.e0);
   if (p.m <= kDirectMaxRows) {
-    DirectRows<Bits>(p, t, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
+    TileRows<FloatPath<Bits>>(p, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
   } else {
+    const Table t = MakeTable(Bits, p.e0);
     for (int64_t c0 = n0; c0 < n1; c0 += kPanelBlock) PanelBlock<Bits>(p, t, c0);
   }
 }
@@ -556,7 +589,8 @@ bool Supported(Isa isa) {
 #if SHIFTJAX_X86
   if (isa == kAvx512Bf16)
     return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
-  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == kAvx512)  // avx512bw: the register tiles' target (RegisterTile)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return isa == kScalar;
@@ -584,7 +618,8 @@ void RunBlock(Isa isa, const Problem& p, int64_t n0, int64_t n1) {
 #if SHIFTJAX_X86
   if (isa == kAvx512Bf16 && p.xp) {
     if (p.m > kDirectMaxRows) return PairPanelBlock<Bits>(p, n0, n1);
-    return PairBlock<Bits>(p, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
+    return TileRows<PairPath<Bits>>(p, n0, n1,
+                                    std::make_integer_sequence<int, kDirectMaxRows>());
   }
   if (isa == kAvx512 || isa == kAvx512Bf16) return Avx512Block<Bits>(p, n0, n1);
   if (isa == kAvx2) {
@@ -645,6 +680,8 @@ void PairTranspose(const ffi::AnyBuffer& x, int64_t m, int64_t k, int64_t words,
   }
 }
 
+// x [M, K] float32 or bfloat16; packed [W, N] (words) or [T, W, TW] (tiled); scale and
+// bias [N] or [T, TW]; y [M, N] or [M, T, TW] (row-major, so y[m, t * TW + c]).
 ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, int64_t bits,
                       int64_t e0, int64_t isa_attr, ffi::ResultBuffer<ffi::F32> y) {
@@ -653,13 +690,23 @@ ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: bits must be in 2..5");
   if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: x must be float32 or bfloat16");
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("shiftjax pow2_matmul: operands must be 2-D");
-  const int64_t m = xd[0], k = xd[1], words = wd[0], n = wd[1], p = 32 / bits;
-  if (words != (k + p - 1) / p || yd[0] != m || yd[1] != n ||
+  const bool tiled = wd.size() == 3;
+  if (xd.size() != 2 || (wd.size() != 2 && !tiled) || yd.size() != wd.size())
+    return ffi::Error::InvalidArgument(
+        "shiftjax pow2_matmul: x and y must be 2-D and packed 2-D (words) or 3-D (tiled; "
+        "y then [M, T, TW])");
+  const int64_t m = xd[0], k = xd[1], p = 32 / bits;
+  const int64_t words = tiled ? wd[1] : wd[0];
+  const int64_t tile = tiled ? wd[2] : 0;
+  const int64_t n = tiled ? wd[0] * tile : wd[1];
+  if (words != (k + p - 1) / p || yd[0] != m ||
+      (tiled ? yd[1] != wd[0] || yd[2] != tile : yd[1] != n) ||
       static_cast<int64_t>(scale.element_count()) != n ||
       static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: inconsistent shapes");
+  if (tiled && tile % kTileMultiple != 0)
+    return ffi::Error::InvalidArgument(
+        "shiftjax pow2_matmul: the tiled layout's tile must be a multiple of 128 columns");
   const Isa isa = Resolve(static_cast<Isa>(isa_attr));
   if (!Supported(isa))
     return ffi::Error::InvalidArgument("shiftjax pow2_matmul: this CPU lacks that path");
@@ -673,10 +720,12 @@ ffi::Error Pow2Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
     Transpose(x, m, k, words * p, xt.data());
   }
   const Problem prob{xt.data(), pairs ? xp.data() : nullptr, packed.typed_data(),
-                     y->typed_data(), m, n, words, static_cast<int>(bits),
-                     static_cast<int>(e0)};
+                     y->typed_data(), m, n, words, tile, tiled ? tile : n,
+                     static_cast<int>(bits), static_cast<int>(e0)};
   if (words == 0) std::fill(prob.y, prob.y + m * n, 0.0f);
-  const int64_t block = BlockColumns(isa, m);
+  // Tasks: whole tiles (each a contiguous block of words) or, in the words layout, the
+  // widest block of columns the path reads at once.
+  const int64_t block = tiled ? tile : BlockColumns(isa, m);
   const float *s = scale.typed_data(), *b = bias.typed_data();
   ParallelFor(pool, (n + block - 1) / block, [&](int64_t t) {
     const int64_t n0 = t * block, n1 = std::min(n, n0 + block);
@@ -692,9 +741,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShiftjaxPow2Matmul, Pow2Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()          // x [M, K] f32 or bf16
-                                  .Arg<ffi::Buffer<ffi::U32>>()   // packed [words, N]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [N]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // packed, words or tiled
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale [N] / [T, TW]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [N] / [T, TW]
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("e0")
                                   .Attr<int64_t>("isa")

@@ -35,6 +35,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxlib
 import numpy as np
 
+from shiftjax.kernels.cpu.layout import pad_columns
+from shiftjax.kernels.cpu.layout import TiledWords
+
 _SOURCE = pathlib.Path(__file__).with_name("cpu_conv.cc")
 _HEADER_DIR = pathlib.Path(__file__).parent  # parallel_for.h, shared by the sources
 _MATMUL_SOURCE = pathlib.Path(__file__).with_name("cpu_pow2_matmul.cc")
@@ -400,8 +403,9 @@ _MATMUL_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 def supports_pow2_matmul(x2, packed, bits) -> bool:
   """Whether :func:`pow2_matmul` takes these: x2 float32 or bfloat16 ``[M, K]``, packed
-  uint32 ``[ceil(K / P), N]`` (``P = 32 // bits``), bits in 2..5, native kernels available.
-  Any number of devices: rows of x2 and columns of packed may be sharded."""
+  uint32 ``[ceil(K / P), N]`` (``P = 32 // bits``) or ``TiledWords`` of those words, bits
+  in 2..5, native kernels available. Any number of devices: rows of x2 and columns of
+  packed (tiles) may be sharded."""
   return (bits in _MATMUL_BITS and jnp.dtype(x2.dtype) in _MATMUL_X_DTYPES
           and jnp.dtype(packed.dtype) == jnp.uint32 and x2.ndim == packed.ndim == 2
           and packed.shape[0] == -(-x2.shape[1] // (32 // bits)) and available())
@@ -413,8 +417,9 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   """``x2 @ decode(packed) * scale + bias`` by the native kernel -> float32 ``[M, N]``.
 
   The format is ``shiftjax.kernels.pow2_matmul``'s (zero-free codes, ``P = 32 // bits``
-  per word along K): x2 float32 or bfloat16 ``[M, K]``, packed uint32 ``[ceil(K/P), N]``,
-  scale and bias float32 ``[N]`` or None. ``k``, if given, must be ``K``. ``isa`` forces
+  per word along K): x2 float32 or bfloat16 ``[M, K]``, packed uint32 ``[ceil(K/P), N]``
+  or the same words in the tiled layout (``TiledWords``, ``shiftjax.kernels.cpu.layout``:
+  each thread then streams contiguous memory), scale and bias float32 ``[N]`` or None. ``k``, if given, must be ``K``. ``isa`` forces
   a vector path (``'avx512_bf16'``, ``'avx512'``, ``'avx2'``, ``'scalar'``; default the
   widest this CPU has), for tests. Every path sums each output's products in order of k
   into one float32 accumulator, so all give the same bits; except ``'avx512_bf16'`` with
@@ -423,7 +428,9 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   Check :func:`supports_pow2_matmul` first.
 
   With rows of x2 and/or columns of packed (and scale, bias) sharded, each device
-  multiplies its own block; the output is sharded like both.
+  multiplies its own block; the output is sharded like both. Tiled words shard by whole
+  tiles (their axis 0); N not a multiple of the tile leaves the last tile's padding
+  columns to drop from the output, a slice XLA may reshard.
   """
   if k is not None and k != x2.shape[-1]:
     raise ValueError(f"native pow2_matmul: k={k} but x2 has {x2.shape[-1]} columns")
@@ -440,15 +447,25 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   scale = jnp.ones((n,), jnp.float32) if scale is None else jnp.asarray(scale, jnp.float32)
   bias = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
   static = (int(bits), int(e0), _ISA_CODES[isa])
-  operands = (x2, packed, scale, bias)
-  op = _matmul_call if any(map(_manual, operands)) else _matmul_sharded
-  return jax.custom_batching.sequential_vmap(lambda *a: op(*a, static))(*operands)
+  if isinstance(packed, TiledWords):  # [T, W, tile]; scale, bias, y by tiles too
+    operands = (x2, packed.tiles, pad_columns(scale, packed, 1.0),
+                pad_columns(bias, packed, 0.0))
+    sharded = _tiled_sharded
+  else:
+    operands, sharded = (x2, packed, scale, bias), _matmul_sharded
+  op = _matmul_call if any(map(_manual, operands)) else sharded
+  y = jax.custom_batching.sequential_vmap(lambda *a: op(*a, static))(*operands)
+  if isinstance(packed, TiledWords):
+    y = y.reshape(y.shape[:-2] + (-1,))[..., :n]
+  return y
 
 
 def _matmul_call(x2, packed, scale, bias, static):
-  """The FFI matmul of (a block of) x2's rows by (a block of) packed's columns."""
+  """The FFI matmul of (a block of) x2's rows by (a block of) packed's columns: words
+  ``[W, N]`` -> ``[M, N]``, or tiles ``[T, W, tile]`` -> ``[M, T, tile]``."""
   bits, e0, isa = static
-  out = _result((x2.shape[0], packed.shape[1]), x2, packed, scale, bias)
+  cols = (packed.shape[1],) if packed.ndim == 2 else (packed.shape[0], packed.shape[2])
+  out = _result((x2.shape[0], *cols), x2, packed, scale, bias)
   return jax.ffi.ffi_call("shiftjax_pow2_matmul", out, vmap_method="sequential")(
       x2, packed, scale, bias, bits=bits, e0=e0, isa=isa)
 
@@ -471,18 +488,24 @@ def _column_axes(mesh, shardings, n, taken) -> tuple[str, ...]:
 
 def _matmul_shardings(mesh, arg_shapes):
   """(mesh, x2's, packed's, scale's and bias's, output's shardings): rows over the axes
-  that shard x2's rows, columns over those that shard packed's columns."""
+  that shard x2's rows, columns over those that shard packed's columns (tiled: tiles,
+  packed's axis 0, scale's and bias's [T, tile] axis 0)."""
   x, packed, scale, bias = arg_shapes
+  tiled = len(packed.shape) == 3
   if mesh.empty:  # unnamed (GSPMD) shardings: replicate on their devices
     mesh = jax.sharding.Mesh(
         np.array(sorted(x.sharding.device_set, key=lambda d: d.id)), ("d",))
     rows = cols = ()
   else:
     rows = _batch_axes(mesh, [x.sharding], x.shape[0])
-    cols = _column_axes(mesh, [(packed.sharding, 1), (scale.sharding, 0),
-                               (bias.sharding, 0)], packed.shape[1], rows)
+    axis = 0 if tiled else 1
+    cols = _column_axes(mesh, [(packed.sharding, axis), (scale.sharding, 0),
+                               (bias.sharding, 0)], packed.shape[axis], rows)
   on = lambda *spec: NamedSharding(mesh, P(*spec))
   rows, cols = rows or None, cols or None
+  if tiled:
+    return (mesh, (on(rows, None), on(cols, None, None), on(cols, None), on(cols, None)),
+            on(rows, cols, None))
   return mesh, (on(rows, None), on(None, cols), on(cols), on(cols)), on(rows, cols)
 
 
@@ -506,3 +529,11 @@ _matmul_sharded = custom_partitioning(_matmul_call, static_argnums=(4,))
 _matmul_sharded.def_partition(
     _matmul_partition, infer_sharding_from_operands=_matmul_infer,
     sharding_rule=_MATMUL_RULE, need_replication_factors=("k", "w"))
+
+# The tiled layout: t (tiles) may be sharded like m; c (columns in a tile) stays whole.
+_TILED_RULE = "m k, t w c, t c, t c -> m t c"
+
+_tiled_sharded = custom_partitioning(_matmul_call, static_argnums=(4,))
+_tiled_sharded.def_partition(
+    _matmul_partition, infer_sharding_from_operands=_matmul_infer,
+    sharding_rule=_TILED_RULE, need_replication_factors=("k", "w", "c"))

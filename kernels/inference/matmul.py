@@ -10,7 +10,10 @@ Weight format (see ``shiftjax.codes``): ``W[K, N]`` holds N-bit codes
 of the ``2**bits`` codes is a value (DenseShift), ``bits`` in 2..5. ``W`` is packed along
 the contraction axis: ``P = 32 // bits`` consecutive k's per uint32 word, code ``j`` of a
 word in bits ``[j * bits, (j + 1) * bits)``, so ``packed`` is ``uint32[ceil(K / P), N]``
-with the last word zero-padded.
+with the last word zero-padded. ``packed`` may also be the same words in the native CPU
+kernel's tiled layout (``TiledWords``, from ``tile_words``; ``shiftjax.kernels.cpu.layout``),
+converted once where a model is loaded: the native kernel reads it as it is, every other
+backend converts it back to words inside the call.
 
 Backends:
   * ``'xla'``: unpack + decode (bit assembly) + ``lax.dot``. The CPU fallback, and the
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import codes as codes_lib
+from shiftjax.kernels.cpu import layout
 from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference.matmul_pallas import pallas_matmul
 from shiftjax.kernels.inference.matmul_xla import xla_matmul
@@ -184,7 +188,9 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
 
   Args:
     x: float32 or bfloat16 ``[..., K]``.
-    packed: uint32 ``[ceil(K / P), N]``, ``P = 32 // bits`` codes per word along K.
+    packed: uint32 ``[ceil(K / P), N]``, ``P = 32 // bits`` codes per word along K; or
+      those words as ``TiledWords`` (``tile_words(packed)``, the native CPU kernel's
+      layout, each tile of columns contiguous; converted back for the other backends).
     bits: code width, 2..5 (all ``2**bits`` codes are values).
     e0: integer exponent of the smallest magnitude; code index i means ``+-2**(e0+i)``.
     scale: optional float32 ``[N]`` per-output-channel scale (e.g. folded BN).
@@ -214,6 +220,8 @@ def pow2_matmul(x, packed, *, bits: int, e0: int, scale=None, bias=None,
   m = x2.shape[0]
   if backend == "native" or (backend == "xla" and requested is None):
     backend = _cpu_backend(x2, packed, bits, explicit=backend == "native")
+  if backend != "native" and isinstance(packed, layout.TiledWords):
+    packed = layout.untile(packed)
   if backend == "native":
     y = _native_matmul(x2, packed, scale, bias, bits=bits, e0=e0, k=k)
   elif backend == "xla":
