@@ -4,7 +4,9 @@
 same model whose quantized layers hold their integer codes instead of latents: uint32
 words, ``floor(32 / bits)`` codes each along the kernel's contraction rows (the layout
 ``shiftjax.kernels`` reads; ``[ceil(R / P), C]`` for a kernel of ``R = prod(shape[:-1])``
-rows and ``C = shape[-1]`` columns). Everything else (norms, embeddings, float layers)
+rows and ``C = shape[-1]`` columns; where a layer runs on the native CPU kernel, the same
+words in its tiled layout, ``shiftjax.kernels.TiledWords``, converted once by
+``pack_model`` and ``load_model``). Everything else (norms, embeddings, float layers)
 is the trained model's own.
 
 Running it: a ``Dense``/``Linear`` layer whose format the kernels take (zero-free,
@@ -53,8 +55,9 @@ def kernel_words(codes, bits: int) -> jax.Array:
 
 
 def decode_words(words, spec: qz.Quantizer, shape, dtype=jnp.float32) -> jax.Array:
-  """``kernel_words``' inverse, decoded: the float kernel of ``shape``."""
-  codes = codes_lib.unpack(words, spec.bits, math.prod(shape[:-1]), axis=0)
+  """``kernel_words``' inverse, decoded: the float kernel of ``shape`` (words or
+  ``TiledWords``)."""
+  codes = codes_lib.unpack(_plain_words(words), spec.bits, math.prod(shape[:-1]), axis=0)
   return codes_lib.decode(codes, spec.code_format, dtype).reshape(shape)
 
 
@@ -62,6 +65,24 @@ def runs_on_kernels(kind: str, spec: qz.Quantizer) -> bool:
   """Whether a packed layer multiplies on ``shiftjax.kernels.pow2_matmul``."""
   fmt = spec.code_format
   return kind == "Dense" and not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
+
+
+def layer_words(words, kind: str, spec: qz.Quantizer):
+  """A packed layer's words as it holds them: tiled (``kernels.tile_words``, once, here)
+  where the layer multiplies on ``pow2_matmul`` and the native CPU kernel is available,
+  which then streams each tile of columns; else the words as they are (the other
+  backends' layout; a tiled layer run elsewhere, e.g. under ``native.disabled()``, is
+  converted back in each call)."""
+  from shiftjax.kernels.cpu import native  # pylint: disable=g-import-not-at-top
+  if runs_on_kernels(kind, spec) and native.available():
+    return kernels.tile_words(words)
+  return words
+
+
+def _plain_words(words) -> jax.Array:
+  """The words layout of ``words`` or of ``TiledWords``."""
+  from shiftjax.kernels.cpu import layout  # pylint: disable=g-import-not-at-top
+  return layout.untile(words) if isinstance(words, layout.TiledWords) else words
 
 
 def packed_dense(x, words, spec: qz.Quantizer, bias=None, dtype=None):
@@ -100,8 +121,10 @@ def _pack_nnx(model: nnx.Module) -> nnx.Module:
       continue
     spec = kernel.weight_spec
     words = kernel_words(spec.codes(kernel.get_value()), spec.bits)
-    layer.kernel = PackedKernel(words, weight_spec=spec, weight_shape=kernel.weight_shape)
-    if isinstance(layer, nnx.Linear) and runs_on_kernels("Dense", spec):
+    dense = isinstance(layer, nnx.Linear)
+    layer.kernel = PackedKernel(layer_words(words, "Dense" if dense else "", spec),
+                                weight_spec=spec, weight_shape=kernel.weight_shape)
+    if dense and runs_on_kernels("Dense", spec):
       layer.__class__ = _packed_linear(type(layer))
     packed += 1
   if not packed:
@@ -145,7 +168,8 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs):
       continue
     owner, codes_owner = _subtree(params, path), _subtree(codes, path, create=True)
     spec = layer.weight_spec
-    codes_owner["kernel"] = kernel_words(spec.codes(owner.pop("kernel")), spec.bits)
+    codes_owner["kernel"] = layer_words(
+        kernel_words(spec.codes(owner.pop("kernel")), spec.bits), layer.kind, spec)
     table.append((path, LayerEntry(layer.kind, spec, layer.kernel_shape, layer.input_spec)))
   if not table:
     raise ValueError("the model has no quantized layer to pack")
@@ -312,14 +336,17 @@ def save_artifact(path: str | os.PathLike, packed, *inputs, overwrite: bool = Fa
 
 
 def _bitplanes(words, entry: LayerEntry) -> np.ndarray:
-  codes = codes_lib.unpack(words, entry.weight_spec.bits, math.prod(entry.kernel_shape[:-1]),
+  codes = codes_lib.unpack(_plain_words(words), entry.weight_spec.bits, math.prod(entry.kernel_shape[:-1]),
                            axis=0).reshape(entry.kernel_shape)
   return np.asarray(codes_lib.pack_bitplanes(codes, entry.weight_spec.bits))
 
 
 def _words(tree: PackedTree, path: str) -> jax.Array:
-  """A layer's bit planes in the kernels' word layout: converted once, at load."""
-  return kernel_words(tree.kernel_codes(path), tree.layers[path].weight_spec.bits)
+  """A layer's bit planes in the kernels' word layout (``layer_words``: tiled where it
+  runs on the native CPU kernel): converted once, at load."""
+  entry = tree.layers[path]
+  words = kernel_words(tree.kernel_codes(path), entry.weight_spec.bits)
+  return layer_words(words, entry.kind, entry.weight_spec)
 
 
 def _class_name(cls: type) -> str:
@@ -429,7 +456,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
     node = out
     for part in parents:
       node = node.setdefault(part, {})
-    node[leaf] = jnp.asarray(value)
+    node[leaf] = jax.tree.map(jnp.asarray, value)  # an array, or TiledWords
   return out
 
 

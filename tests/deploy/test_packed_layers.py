@@ -8,6 +8,8 @@ import pytest
 
 import shiftjax as sj
 from shiftjax.deploy import packed_layers
+from shiftjax.kernels.cpu import layout
+from shiftjax.kernels.cpu import native
 from shiftjax.policy import LayerPolicy
 from tiny_models import (IMAGES, TOKENS, X, LinenMLP, LinenTinyViT, NnxMLP,
                                NnxTinyTransformer)
@@ -82,3 +84,26 @@ def test_bad_calls_are_refused():
     sj.deploy.pack_model(sj.quantize_model(LinenMLP(), LayerPolicy(DS3)))
   with pytest.raises(ValueError, match="takes the quantized model"):
     sj.deploy.pack_model(LinenMLP(), {"params": {}}, X)
+
+
+@pytest.mark.skipif(not native.available(), reason="the tiled layout is the native kernel's")
+def test_dense_words_are_tiled_once_for_the_native_kernel(tmp_path):
+  # pack_model and load_model convert a kernel-run Dense layer's words to the native
+  # CPU kernel's tiled layout once; the file keeps bit planes, decoding is unchanged.
+  model = sj.quantize_model(NnxMLP(nnx.Rngs(0)), LayerPolicy(DS3))
+  packed = sj.deploy.pack_model(model)
+  value = packed.fc1.kernel.get_value()
+  assert isinstance(value, sj.kernels.TiledWords) and value.n == 16
+  words = packed_layers.kernel_words(DS3.codes(model.fc1.kernel.get_value()), 3)
+  np.testing.assert_array_equal(layout.untile(value), words)
+  np.testing.assert_array_equal(packed.fc1.kernel[...], model.fc1.kernel[...])
+  path = packed_layers.save_model(tmp_path / "mlp.shiftjax", packed)
+  loaded = packed_layers.load_model(path, NnxMLP(nnx.Rngs(1)))
+  assert isinstance(loaded.head.kernel.get_value(), sj.kernels.TiledWords)
+  np.testing.assert_array_equal(loaded(X), packed(X))
+  run = jax.jit(lambda m, x: m(x))  # TiledWords in an NNX state, through jit
+  np.testing.assert_array_equal(run(loaded, X), run(packed, X))
+  with native.disabled():  # no native kernel: the words as they are
+    plain = sj.deploy.pack_model(model)
+    assert not isinstance(plain.fc1.kernel.get_value(), sj.kernels.TiledWords)
+    np.testing.assert_allclose(loaded(X), plain(X), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,9 @@
 """The native CPU matmul by packed power-of-two weights (``cpu_pow2_matmul.cc`` through
 ``shiftjax.kernels.cpu.native``) against a float32 sum in order of k (bit for bit) and the
 XLA path (``backend='xla'``, to float32 summation-order rounding); its dispatch from
-``shiftjax.kernels.pow2_matmul``, its sharding rule on 4 forced CPU devices, its errors.
+``shiftjax.kernels.pow2_matmul``, its sharding rule on 4 forced CPU devices, its errors;
+the same for the tiled layout (``kernels.tile_words``), which must equal the words layout
+bit for bit, and the layout's round trip.
 
 The kernel sums each output's K products in order of k into one float32 accumulator (a
 product by a power of two is exact), then multiplies by scale and adds bias, each rounded:
@@ -22,6 +24,7 @@ import pytest
 
 from shiftjax import codes as codes_lib
 from shiftjax import kernels
+from shiftjax.kernels.cpu import layout
 from shiftjax.kernels.cpu import native
 from shiftjax.kernels.inference import matmul as mm
 
@@ -244,5 +247,142 @@ def test_sharded_over_rows_and_columns_on_4_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   run = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- the tiled layout
+# ``kernels.tile_words``: each tile of 128 columns one contiguous block, N padded to whole
+# tiles. The kernel reads it with the same arithmetic as the words layout (the same
+# register tiles and panels, the same order of k), so the two agree bit for bit on every
+# path; against the sequential sum and the XLA path the tolerances are the words
+# layout's (above): exact for float32 x, the rounding bound for bfloat16 x (pair path)
+# and for XLA (another summation order).
+
+# (M, K, N): K odd and not a multiple of P; N below one tile, just over one, and over
+# several, none a multiple of 128; M over the register tiles (1, 3, 16), the panels with
+# a remainder (17) and a full panel grid (128).
+TILED_SHAPES = [(1, 37, 20), (3, 101, 129), (16, 75, 300), (17, 99, 130), (128, 45, 257)]
+
+
+@pytest.mark.parametrize("n, words, tile", [(1, 1, 128), (127, 3, 128), (128, 2, 128),
+                                            (129, 5, 128), (300, 1, 256), (513, 4, 512)])
+def test_tiled_layout_round_trip(n, words, tile):
+  rng = np.random.default_rng(n)
+  packed = jnp.asarray(rng.integers(0, 2**32, (words, n), dtype=np.uint64).astype(np.uint32))
+  tiled = kernels.tile_words(packed, tile)
+  t = -(-n // tile)
+  assert tiled.tiles.shape == (t, words, tile) and tiled.n == n
+  assert tiled.shape == packed.shape and tiled.dtype == jnp.uint32
+  # tiles[t, w, c] = packed[w, t * tile + c]; zeros past N
+  flat = np.asarray(tiled.tiles).transpose(1, 0, 2).reshape(words, t * tile)
+  np.testing.assert_array_equal(flat[:, :n], packed)
+  assert not flat[:, n:].any()
+  np.testing.assert_array_equal(np.asarray(layout.untile(tiled)), np.asarray(packed))
+  # a pytree with N static: through jit and back
+  np.testing.assert_array_equal(jax.jit(layout.untile)(tiled), packed)
+
+
+def test_tiled_layout_refuses_bad_input():
+  with pytest.raises(ValueError, match="multiple of 128"):
+    kernels.tile_words(jnp.ones((2, 8), jnp.uint32), 64)
+  with pytest.raises(ValueError, match="uint32 words"):
+    kernels.tile_words(jnp.ones((2, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tiled_equals_words_and_xla(shape, bits, dtype):
+  i = TILED_SHAPES.index(shape) + bits
+  e0, epilogue = (-6, 3)[i % 2], i % 3 != 0
+  codes, packed, x, scale, bias = _case(*shape, bits, e0, dtype, epilogue, seed=i)
+  tiled = kernels.tile_words(packed)
+  f = jax.jit(lambda x, w, s, b: kernels.pow2_matmul(x, w, bits=bits, e0=e0, scale=s, bias=b))
+  assert _runs_native(lambda x, w: f(x, w, scale, bias), x, tiled)
+  y = f(x, tiled, scale, bias)
+  assert y.dtype == jnp.float32 and y.shape == (shape[0], shape[2])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(f(x, packed, scale, bias)))
+  if dtype == jnp.float32:
+    np.testing.assert_array_equal(np.asarray(y), _sequential(x, codes, scale, bias, bits, e0))
+  _assert_close_to_xla(y, x, packed, scale, bias, bits, e0)
+  # the XLA path takes the tiled words too (untiled in the call): its own result
+  ref = kernels.pow2_matmul(x, packed, bits=bits, e0=e0, scale=scale, bias=bias,
+                            backend="xla")
+  np.testing.assert_array_equal(
+      kernels.pow2_matmul(x, tiled, bits=bits, e0=e0, scale=scale, bias=bias,
+                          backend="xla"), ref)
+
+
+@pytest.mark.parametrize("bits", kernels.SUPPORTED_BITS)
+def test_tiled_every_vector_path_equals_words(bits):
+  isas = [i for i in ("avx512_bf16", "avx512", "avx2", "scalar") if _cpu_has(i)]
+  for m, dtype in ((5, jnp.float32), (23, jnp.bfloat16), (1, jnp.bfloat16)):
+    _, packed, x, scale, bias = _case(m, 75, 200, bits, -4, dtype, True, seed=m)
+    for tile in (128, 256):
+      tiled = kernels.tile_words(packed, tile)
+      for isa in isas:
+        want = native.pow2_matmul(x, packed, scale, bias, bits=bits, e0=-4, isa=isa)
+        y = native.pow2_matmul(x, tiled, scale, bias, bits=bits, e0=-4, isa=isa)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want),
+                                      err_msg=f"{isa}, M = {m}, tile {tile}")
+
+
+def test_tiled_dispatch_when_native_is_off():
+  codes, packed, x, _, _ = _case(2, 30, 140, 2, -1, jnp.float32, False)
+  tiled = kernels.tile_words(packed)
+  with native.disabled():
+    assert not _runs_native(lambda x, w: kernels.pow2_matmul(x, w, bits=2, e0=-1), x, tiled)
+    y = kernels.pow2_matmul(x, tiled, bits=2, e0=-1)
+  _assert_close_to_xla(y, x, packed, None, None, 2, -1)
+  assert not _runs_native(
+      lambda x, w: kernels.pow2_matmul(x, w, bits=2, e0=-1, backend="xla"), x, tiled)
+
+
+# The tiled call's sharding rule on 4 forced CPU devices: tiles (and x's rows) sharded,
+# each device multiplies its own block, bit for bit the one-device result.
+SHARDED_TILED = textwrap.dedent(r"""
+  import re
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from shiftjax import codes as codes_lib, kernels
+  from shiftjax.kernels.cpu import native
+
+  assert jax.device_count() == 4 and native.available()
+  rng = np.random.default_rng(0)
+  m, k, bits = 8, 71, 3
+  f = jax.jit(lambda x, w, s, b: kernels.pow2_matmul(x, w, bits=bits, e0=-3, scale=s, bias=b))
+  for n in (512, 500):  # 4 whole tiles; 4 tiles, the last padded
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    packed = codes_lib.pack(rng.integers(0, 8, (k, n)), bits, axis=0)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    one = jax.devices()[0]
+    want = np.asarray(f(*(jax.device_put(a, one) for a in (x, packed, scale, bias))))
+    tiled = kernels.tile_words(packed)
+    # mesh shape, x's spec, the tiles' axes, the local output [M, T, tile]
+    cases = [((2, 2), ("r", None), "c", "4,2,128"), ((4, 1), ("r", None), None, "2,4,128"),
+             ((1, 4), (None, None), "c", "8,1,128")]
+    for shape, x_spec, cols, local in cases:
+      mesh = Mesh(np.array(jax.devices()).reshape(shape), ("r", "c"))
+      on = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+      args = on(x, *x_spec), on(tiled, cols, None, None), on(scale, cols), on(bias, cols)
+      hlo = f.lower(*args).compile().as_text()
+      assert re.search(r'custom_call_target="shiftjax_pow2_matmul"', hlo), shape
+      assert re.search(rf"f32\[{local}\]\{{[\d,]+\}} custom-call\(", hlo), (shape, local)
+      if n == 512:  # no collective; N = 500 drops padding columns, which XLA may reshard
+        assert not re.search(r"all-gather|all-to-all|all-reduce", hlo), shape
+      y = f(*args)
+      if n == 512:
+        assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(x_spec[0], cols)), 2), shape
+      np.testing.assert_array_equal(np.asarray(y), want)
+  print("OK")
+""")
+
+
+def test_tiled_sharded_over_rows_and_tiles_on_4_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", SHARDED_TILED], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
