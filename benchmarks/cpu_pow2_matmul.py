@@ -12,6 +12,10 @@ For each weight shape K x N and each M (rows of x, float32), the contenders are:
               (kernels/cpu/cpu_pow2_matmul.cc), weights packed in `bits` bits
   native bf16 the same with x in bfloat16 (on CPUs with AVX512-BF16: bfloat16 dot
               products, half the instructions; ``--nobf16_x`` leaves it out)
+  tiled       the native kernel on the same words in its tiled layout
+              (``kernels.tile_words``, converted once before timing, as ``load_model``
+              does): each tile of 128 columns contiguous; float32 and bfloat16 x
+              (``--notiled`` leaves them out)
   XLA path    the same call with ``backend='xla'``: unpack + decode + dot in XLA
 
 Each round calls every contender once, in a rotating order, so load from other
@@ -51,6 +55,7 @@ _REPS = flags.DEFINE_integer("reps", 15, "rounds (each calls every contender onc
 _XLA_PATH = flags.DEFINE_bool("xla_path", True, "also time today's XLA decode path")
 _QUICK = flags.DEFINE_bool("quick", False, "K = N = 4096, M = 1 and 16 only")
 _BF16_X = flags.DEFINE_bool("bf16_x", True, "also time the native kernel on bfloat16 x")
+_TILED = flags.DEFINE_bool("tiled", True, "also time the native kernel on the tiled layout")
 
 LM_SHAPES = "256x768,256x1024,1024x256"
 E0 = -6
@@ -77,7 +82,8 @@ def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
   return mib * 2**20 / statistics.median(once() for _ in range(reps)) / 1e9
 
 
-def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: bool):
+def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: bool,
+                tiled: bool):
   """{name: (jitted fn, args)} and {name: packed bytes} for one shape and M."""
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
@@ -89,20 +95,30 @@ def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: 
     codes = rng.integers(0, 1 << bits, (k, n), dtype=np.uint8)
     packed = jax.device_put(codes_lib.pack(codes, bits, axis=0))
     packed_bytes[bits] = packed.nbytes
-    for name, backend, dtype in (("native", None, jnp.float32),
-                                 ("native bf16", None, jnp.bfloat16),
-                                 ("XLA path", "xla", jnp.float32)):
-      if (backend == "xla" and not xla_path) or (dtype == jnp.bfloat16 and not bf16_x):
+    tiles = jax.block_until_ready(kernels.tile_words(packed))
+    for name, backend, dtype, weights in (("native", None, jnp.float32, packed),
+                                          ("native bf16", None, jnp.bfloat16, packed),
+                                          ("tiled", None, jnp.float32, tiles),
+                                          ("tiled bf16", None, jnp.bfloat16, tiles),
+                                          ("XLA path", "xla", jnp.float32, packed)):
+      if ((backend == "xla" and not xla_path) or (dtype == jnp.bfloat16 and not bf16_x)
+          or (name.startswith("tiled") and not tiled)):
         continue
       f = jax.jit(lambda x, p, bits=bits, backend=backend: kernels.pow2_matmul(
           x, p, bits=bits, e0=E0, backend=backend))
-      fns[f"{name} {bits}"] = (f, (x.astype(dtype), packed))
+      fns[f"{name} {bits}"] = (f, (x.astype(dtype), weights))
   return fns, packed_bytes
 
 
 def _check(fns, bits_list):
-  """The native kernel agrees with the XLA path (to float32 summation order)."""
+  """The native kernel agrees with the XLA path (to float32 summation order), and on the
+  tiled layout with itself on the words, bit for bit."""
   for bits in bits_list:
+    for name in ("", " bf16"):
+      if f"tiled{name} {bits}" in fns:
+        (f, args), (g, targs) = fns[f"native{name} {bits}"], fns[f"tiled{name} {bits}"]
+        if not np.array_equal(np.asarray(f(*args)), np.asarray(g(*targs))):
+          raise SystemExit(f"native{name} differs between the words and tiled layouts")
     if f"XLA path {bits}" not in fns:
       continue
     (f, args), (g, _) = fns[f"native {bits}"], fns[f"XLA path {bits}"]
@@ -141,31 +157,37 @@ def main(argv):
   for k, n in shapes:
     for m in ms:
       fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value,
-                                      _BF16_X.value)
+                                      _BF16_X.value, _TILED.value)
       _check(fns, bits_list)
       t = _time(fns, reps)
       for bits in bits_list:
         native_s = t[f"native {bits}"]
         xla_s, bf16_s = t.get(f"XLA path {bits}"), t.get(f"native bf16 {bits}")
+        tiled_s, tiled_bf16_s = t.get(f"tiled {bits}"), t.get(f"tiled bf16 {bits}")
         rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, bf16_s, xla_s,
-                     packed_bytes[bits] / native_s / 1e9))
-        print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, f32 dot "
-              f"{t['f32 dot'] * 1e3:.3f} ms", flush=True)
+                     packed_bytes[bits], tiled_s, tiled_bf16_s))
+        print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, tiled "
+              f"{(tiled_s or 0) * 1e3:.3f} ms, f32 dot {t['f32 dot'] * 1e3:.3f} ms",
+              flush=True)
       del fns
   bandwidth.append(read_bandwidth())
   bw = statistics.mean(bandwidth)
   print(f"\nread bandwidth: {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after "
         f"the grid; % below of their mean, {bw:.1f} GB/s\n")
-  print("| K x N | M | bits | native ms | f32 dot ms | bf16 dot ms | XLA path ms "
-        "| f32 dot / native | native GB/s (% of read) | native, bf16 x: ms (f32 dot / it) |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  gbs = lambda nbytes, t: f"{nbytes / t / 1e9:.1f} ({100 * nbytes / t / 1e9 / bw:.0f} %)"
   ms_text = lambda t: f"{t * 1e3:.2f}" if t is not None else "-"
-  for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, gbs in rows:
-    bf16_x = f"{nat_bf16 * 1e3:.3f} ({f32 / nat_bf16:.2f}x)" if nat_bf16 else "-"
-    print(f"| {k} x {n} | {m} | {bits} | {nat * 1e3:.3f} | {f32 * 1e3:.2f} | "
-          f"{bf16 * 1e3:.2f} | {ms_text(xla)} | {f32 / nat:.2f}x | {gbs:.1f} "
-          f"({100 * gbs / bw:.0f} %) | {bf16_x} |")
-
+  vs = lambda f32, t: f"{t * 1e3:.3f} ({f32 / t:.2f}x)" if t else "-"
+  print("Words layout (as in the file), and the tiled layout; 'a (b)': a ms, b = f32 dot / a;"
+        " GB/s of packed weights (% of the read bandwidth).\n")
+  print("| K x N | M | bits | f32 dot ms | bf16 dot ms | XLA path ms | native ms (x) "
+        "| native GB/s (%) | native, bf16 x | tiled ms (x) | tiled GB/s (%) "
+        "| tiled, bf16 x | tiled bf16 x GB/s (%) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, nbytes, til, til_bf16 in rows:
+    print(f"| {k} x {n} | {m} | {bits} | {f32 * 1e3:.2f} | {bf16 * 1e3:.2f} | "
+          f"{ms_text(xla)} | {vs(f32, nat)} | {gbs(nbytes, nat)} | {vs(f32, nat_bf16)} | "
+          f"{vs(f32, til)} | {gbs(nbytes, til) if til else '-'} | {vs(f32, til_bf16)} | "
+          f"{gbs(nbytes, til_bf16) if til_bf16 else '-'} |")
 
 if __name__ == "__main__":
   app.run(main)
