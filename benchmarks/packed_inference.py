@@ -6,7 +6,7 @@ One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3), three ways, e
 jitted call with its weights as arguments (nothing decoded ahead of time is cached):
 
   float     the flax model in eval mode with float32 kernels equal to the decoded codes
-            (``CifarResNet(quantizer=None)``: conv on the native CPU kernel, unfolded
+            (``resnet20()``, a float model: conv on the native CPU kernel, unfolded
             BatchNorm, relu, each a pass of its own)
   folded    the packed forward pass with float32 kernels and BatchNorm folded
             (``export`` of that float model): ``kernels.fused_conv``, the native conv

@@ -36,9 +36,9 @@ from shiftjax import models
 
 MODELS = {  # name: (make(quantizer, layer_quantizers), input shape, number of stages)
     "ResNet-20 (CIFAR-10)": (lambda q, rules: models.resnet20(
-        num_classes=10, quantizer=q, layer_quantizers=rules), (32, 32, 3), 3),
+        num_classes=10, policy=sj.LayerPolicy(q, ("stem", "head"), rules)), (32, 32, 3), 3),
     "ResNet-18 (ImageNet)": (lambda q, rules: models.resnet18(
-        num_classes=1000, quantizer=q, layer_quantizers=rules), (64, 64, 3), 4),
+        num_classes=1000, policy=sj.LayerPolicy(q, ("stem", "head"), rules)), (64, 64, 3), 4),
 }
 
 

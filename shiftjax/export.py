@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shiftjax import layers
 from shiftjax.deploy import architecture
 from shiftjax.deploy import folding
 from shiftjax.deploy import PackedModel, PackedModelError
+from shiftjax.models import quantization
 from shiftjax.models import resnet_speech
 from shiftjax.models.resnet_cifar import CifarResNet
 from shiftjax.models.resnet_imagenet import ImageNetResNet
@@ -55,7 +55,7 @@ def architecture_config(model: nn.Module, in_channels: int) -> tuple[str, dict]:
   """(name, config) of a shiftjax ResNet module for inputs of ``in_channels``."""
   _check_module(model)
   common = {"num_classes": int(model.num_classes), "in_channels": int(in_channels),
-            **architecture.policy_to_config(layers.policy_of(model))}
+            **architecture.policy_to_config(quantization.policy_of(model))}
   if isinstance(model, CifarResNet):
     name, config = "CifarResNet", dict(common, depth=int(model.depth),
                                        width_multiplier=float(model.width_multiplier))
@@ -79,8 +79,8 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
   Args:
     variables: ``{'params': ..., 'batch_stats': ...}`` of ``model`` (jax or numpy).
     model: the ``CifarResNet``, ``ImageNetResNet`` or ``SpeechResNet`` module the
-      variables belong to; its fields give the architecture and the layer policy (the
-      quantizer, full-precision layers, per-layer specs and activation quantizers).
+      variables belong to; its fields give the architecture, and the policy it was
+      quantized with (``quantize_model``) the layers' weight and input specs.
     float_dtype: storage of the full-precision kernels: float32 or bfloat16.
     metadata: JSON-serializable facts to keep in the file.
     code_layout: ``'bitplanes'`` (exactly N bits per quantized weight) or ``'words'``
@@ -89,7 +89,8 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
     a checked ``PackedModel``.
   """
   name, config = architecture_of(model, variables["params"])
-  return folding.pack(variables, name, config, model.quantizer, float_dtype=float_dtype,
+  return folding.pack(variables, name, config, quantization.policy_of(model).quantizer,
+                      float_dtype=float_dtype,
                       metadata=metadata, code_layout=code_layout)
 
 
@@ -97,14 +98,15 @@ def flax_module(packed: PackedModel) -> nn.Module:
   """The flax module ``packed`` was exported from (for comparisons and fine-tuning)."""
   c = packed.config
   policy = architecture.policy_from_config(c, packed.quantizer)
-  common = dict(num_classes=c["num_classes"], quantizer=policy.quantizer,
-                full_precision=policy.full_precision,
-                layer_quantizers=policy.layer_quantizers, activation=policy.activation,
-                layer_activations=policy.layer_activations)
   if packed.architecture == "CifarResNet":
-    return CifarResNet(depth=c["depth"], width_multiplier=c["width_multiplier"], **common)
-  if packed.architecture == "SpeechResNet":
-    return SpeechResNet(stage_sizes=tuple(c["stage_sizes"]), widths=tuple(c["widths"]),
-                        stem_strides=tuple(c["stem_strides"]),
-                        first_stride=c["first_stride"], pooling=c["pooling"], **common)
-  return ImageNetResNet(stage_sizes=tuple(c["stage_sizes"]), block=c["block"], **common)
+    model = CifarResNet(depth=c["depth"], width_multiplier=c["width_multiplier"],
+                        num_classes=c["num_classes"])
+  elif packed.architecture == "SpeechResNet":
+    model = SpeechResNet(stage_sizes=tuple(c["stage_sizes"]), widths=tuple(c["widths"]),
+                         stem_strides=tuple(c["stem_strides"]),
+                         first_stride=c["first_stride"], pooling=c["pooling"],
+                         num_classes=c["num_classes"])
+  else:
+    model = ImageNetResNet(stage_sizes=tuple(c["stage_sizes"]), block=c["block"],
+                           num_classes=c["num_classes"])
+  return quantization.shift_model(model, policy=policy)

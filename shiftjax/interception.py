@@ -156,7 +156,8 @@ def _quantize_linen(model: nn.Module, policy, methods) -> nn.Module:
 @functools.cache
 def _quantized_linen_class(base: type, policy, methods: tuple[str, ...]) -> type:
   """A subclass of ``base`` whose ``methods`` run under the shift interceptor."""
-  fields = {"_shiftjax_float_class": base, "shift_policy": policy, DYNAMIC: True}
+  fields = {"_shiftjax_float_class": base, "shift_policy": policy, DYNAMIC: True,
+            "__module__": base.__module__, "__qualname__": base.__qualname__}
   for name in methods:
     method = getattr(base, name, None)
     if method is None:
@@ -227,7 +228,7 @@ def _out_features(layer, kernel_shape: tuple[int, ...]) -> int:
 def _is_shift_layer(module) -> bool:
   """``shiftjax.layers.ShiftConv``/``ShiftDense``: layers quantized by their own policy."""
   return type(module).__name__ in ("ShiftConv", "ShiftDense") and hasattr(
-      module, "resolved_quantizer")
+      module, "kernel_weight")
 
 
 def _record_shift_layer(module, path, record, next_fun, args, kwargs):
@@ -236,10 +237,8 @@ def _record_shift_layer(module, path, record, next_fun, args, kwargs):
   kind = "Conv" if type(module).__name__ == "ShiftConv" else "Dense"
   shape = ((*module.kernel_size, x.shape[-1], module.features) if kind == "Conv"
            else (x.shape[-1], module.features))
-  input_spec = (module.policy.activation_for(module.scope.path) if module.policy is not None
-                else None)
   out = next_fun(*args, **kwargs)
-  record.layers[path] = LayerRecord(kind, module.resolved_quantizer(), input_spec, shape,
+  record.layers[path] = LayerRecord(kind, module.quantizer, module.activation, shape,
                                     tuple(jnp.shape(out)), module.use_bias, shape[-1])
   return out
 
@@ -399,6 +398,12 @@ def _recording_output(layer_class: type) -> type:
   return type(layer_class.__name__, (layer_class,),
               {"__call__": __call__, "__module__": layer_class.__module__,
                DYNAMIC: True})
+
+
+def policy_of(model) -> policy_lib.LayerPolicy | None:
+  """The policy ``quantize_model`` quantized a linen model with (None: not quantized;
+  an NNX model carries its specs in its ``ShiftKernel`` params instead)."""
+  return getattr(type(model), "shift_policy", None) if isinstance(model, nn.Module) else None
 
 
 def is_quantized(model) -> bool:

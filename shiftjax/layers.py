@@ -1,15 +1,15 @@
 """Flax layers whose weights are power-of-two: ``ShiftConv`` and ``ShiftDense``.
 
-A layer keeps its quantizer's latents as its ``'kernel'`` parameter (a dict of arrays)
-and computes with ``quantizer.weight(latents)``; with ``quantizer=None`` the kernel is an
-ordinary float array, so float and shift models share one definition.
+These are the explicit layers, for a model written with shift layers by hand (as larq's
+``QuantConv2D``): a layer keeps its quantizer's latents as its ``'kernel'`` parameter (a
+dict of arrays) and computes with ``quantizer.weight(latents)``; with ``quantizer=None``
+the kernel is an ordinary float array. A layer whose input is quantized
+(``activation``, a ``shiftjax.activations`` spec) keeps that spec's learned parameters
+(PACT's clipping range) as its ``'activation'`` parameter, a dict.
 
-Which layers are quantized is a ``LayerPolicy``: a quantizer plus glob patterns of
-module paths (``'stem'``, ``'head'``, ``'stage3_*/*'``) that stay full precision or get
-their own spec (mixed widths), and the activation spec of the layers' inputs. A layer
-with a policy resolves its specs from its own path when it is first called. A layer
-whose input is quantized (``shiftjax.activations``) keeps the quantizer's learned
-parameters (PACT's clipping range) as its ``'activation'`` parameter, a dict.
+A float model's own ``nn.Conv``/``nn.Dense`` layers become the same thing by rules over
+their paths with ``shiftjax.quantize_model`` (``shiftjax.interception``), which is how
+the zoo's ResNets are quantized; the variables are the same at the same paths.
 """
 
 from __future__ import annotations
@@ -25,17 +25,6 @@ from shiftjax import quantizers as qz
 # The policy lives apart so that deployment can use it without flax; re-exported here.
 from shiftjax.policy import DEFAULT_FULL_PRECISION, LayerPolicy, is_latent_kernel  # pylint: disable=unused-import
 
-# The model fields that make up a LayerPolicy (every shiftjax ResNet has them).
-POLICY_FIELDS = ("quantizer", "full_precision", "layer_quantizers", "activation",
-                 "layer_activations")
-
-
-def policy_of(model) -> LayerPolicy:
-  """The ``LayerPolicy`` of a module with the ``POLICY_FIELDS``."""
-  return LayerPolicy(model.quantizer, tuple(model.full_precision),
-                     tuple(tuple(r) for r in model.layer_quantizers), model.activation,
-                     tuple(tuple(r) for r in model.layer_activations))
-
 Dtype = Any
 
 
@@ -46,16 +35,11 @@ def he_fan_out_init() -> nn.initializers.Initializer:
 
 class _QuantizedKernelMixin:
   """Creates the ``'kernel'`` param (float or latents) and returns the float weight;
-  quantizes the layer's input when its policy says so."""
-
-  def resolved_quantizer(self) -> qz.Quantizer | None:
-    if self.policy is not None:
-      return self.policy.quantizer_for(self.scope.path)
-    return self.quantizer
+  quantizes the layer's input when it has an ``activation`` spec."""
 
   def quantized_input(self, x: jax.Array) -> jax.Array:
     """``x`` through the layer's activation quantizer (unchanged without one)."""
-    spec = self.policy.activation_for(self.scope.path) if self.policy is not None else None
+    spec = self.activation
     if spec is None:
       return x
     params = (self.param("activation", lambda key: spec.init(self.param_dtype))
@@ -63,7 +47,7 @@ class _QuantizedKernelMixin:
     return spec.quantize(params, x)
 
   def kernel_weight(self, shape: tuple[int, ...]) -> jax.Array:
-    quantizer = self.resolved_quantizer()
+    quantizer = self.quantizer
     if quantizer is None:
       return self.param("kernel", self.kernel_init, shape, self.param_dtype)
     latents = self.param("kernel", lambda key, s: quantizer.init(key, s, self.param_dtype),
@@ -80,7 +64,7 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
     strides: (sh, sw).
     padding: 'SAME', 'VALID' or explicit ((lo, hi), (lo, hi)).
     quantizer: spec of the kernel, or None for a float kernel.
-    policy: if given, overrides ``quantizer`` by the layer's path.
+    activation: spec of the input (``shiftjax.activations``), or None for float input.
     fast_grad: CPU-fast kernel gradient (``shiftjax.kernels.training.conv``); None = on for CPU only.
   """
   features: int
@@ -89,7 +73,7 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
   padding: Any = "SAME"
   use_bias: bool = False
   quantizer: qz.Quantizer | None = None
-  policy: LayerPolicy | None = None
+  activation: Any = None
   fast_grad: bool | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -109,11 +93,12 @@ class ShiftConv(_QuantizedKernelMixin, nn.Module):
 
 
 class ShiftDense(_QuantizedKernelMixin, nn.Module):
-  """Dense layer ``x @ W + b`` with an ``(in, out)`` power-of-two or float kernel."""
+  """Dense layer ``x @ W + b`` with an ``(in, out)`` power-of-two or float kernel; its
+  ``quantizer`` and ``activation`` as ``ShiftConv``'s."""
   features: int
   use_bias: bool = True
   quantizer: qz.Quantizer | None = None
-  policy: LayerPolicy | None = None
+  activation: Any = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()

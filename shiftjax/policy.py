@@ -157,6 +157,12 @@ class LayerPolicy:
     return {n: q for n, q in specs.items() if q is not None}
 
   @property
+  def is_float(self) -> bool:
+    """Whether no layer gets a weight or an input spec: the model stays float."""
+    return (self.quantizer is None and all(s is None for _, s in self.layer_quantizers)
+            and all(s is None for _, s in self.layer_activations))
+
+  @property
   def is_mixed(self) -> bool:
     """Whether some layers' weight specs differ from ``quantizer`` by a rule."""
     return any(spec != self.quantizer for _, spec in self.layer_quantizers)

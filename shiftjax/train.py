@@ -263,7 +263,7 @@ def layer_plan(config, model: nn.Module | None = None) -> tuple[architecture.Lay
   spec = data_lib.get_spec(config.dataset)
   model = model or create_model(config, spec.num_classes)
   name, arch = export_lib.architecture_config(model, spec.image_shape[-1])
-  return architecture.build_layers(name, arch, model.quantizer)
+  return architecture.build_layers(name, arch, models.policy_of(model).quantizer)
 
 
 def layer_quantizers(plan) -> dict[str, qz.Quantizer]:
@@ -291,12 +291,9 @@ def step_compiler_options(config) -> dict[str, str]:
 
 
 def create_model(config, num_classes: int) -> nn.Module:
-  """The ``config.model`` ResNet with ``config``'s quantizer, layer policy and conv path."""
-  policy = create_policy(config)
-  kwargs = dict(num_classes=num_classes, quantizer=policy.quantizer,
-                full_precision=policy.full_precision,
-                layer_quantizers=policy.layer_quantizers, activation=policy.activation,
-                layer_activations=policy.layer_activations,
+  """The ``config.model`` ResNet, quantized by ``config``'s layer policy (a float model
+  when the policy quantizes nothing), with ``config``'s conv path."""
+  kwargs = dict(num_classes=num_classes, policy=create_policy(config),
                 fast_grad=FAST_GRAD[config.fast_grad])
   if config.model in ("resnet18", "resnet34", "resnet50"):
     return models.get(config.model, **kwargs)
@@ -621,7 +618,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = total_train_steps(config, steps_per_epoch)
   model = create_model(config, spec.num_classes)
   quantizers = layer_quantizers(layer_plan(config, model))  # {layer: its weight spec}
-  quantizer = model.quantizer
+  quantizer = models.policy_of(model).quantizer
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
 
   mesh = create_mesh()

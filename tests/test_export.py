@@ -309,20 +309,20 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
 @pytest.mark.parametrize("name, make, image_shape", [
     ("cifar_float", lambda: models.resnet8(width_multiplier=0.5), (28, 28, 1)),
     ("cifar_deepshift_q6_all_layers", lambda: models.resnet8(
-        width_multiplier=0.25, quantizer=sj.DeepShiftQ(bits=6), full_precision=()),
+        width_multiplier=0.25, policy=sj.LayerPolicy(sj.DeepShiftQ(bits=6))),
      (16, 16, 3)),
-    ("imagenet_basic_2bit_quantized_head", lambda: models.ImageNetResNet(
-        stage_sizes=(1, 1), block="basic", num_classes=7,
-        quantizer=sj.DenseShift(bits=2, init_method="he"), full_precision=("stem",)),
+    ("imagenet_basic_2bit_quantized_head", lambda: models.shift_model(models.ImageNetResNet(
+        stage_sizes=(1, 1), block="basic", num_classes=7),
+        policy=sj.LayerPolicy(sj.DenseShift(bits=2, init_method="he"), ("stem",))),
      (33, 33, 3)),
-    ("imagenet_bottleneck_4bit", lambda: models.ImageNetResNet(
-        stage_sizes=(1, 1), block="bottleneck", num_classes=5,
-        quantizer=sj.DenseShift(bits=4, init_method="he")), (32, 32, 3)),
+    ("imagenet_bottleneck_4bit", lambda: models.shift_model(models.ImageNetResNet(
+        stage_sizes=(1, 1), block="bottleneck", num_classes=5),
+        sj.DenseShift(bits=4, init_method="he")), (32, 32, 3)),
     # Speech ResNets over [time, mels, 1]: each pooling, uneven stem strides, a stride-1
     # first stage, and S3's zero code (decoded in XLA, not the pow2 kernel).
     ("speech_denseshift3_max", lambda: models.speech_resnet(
         num_classes=7, width_multiplier=0.5, quantizer=sj.DenseShift(bits=3)), (41, 24, 1)),
-    ("speech_s3_meanmax_uneven_stem", lambda: models.SpeechResNet(
+    ("speech_s3_meanmax_uneven_stem", lambda: models.speech_resnet(
         num_classes=5, stage_sizes=(1, 2), widths=(8, 16), stem_strides=(2, 1),
         pooling="meanmax", quantizer=sj.S3(bits=3)), (37, 20, 1)),
     ("speech_float_mean_first_stride_1", lambda: models.SpeechResNet(
@@ -345,9 +345,9 @@ def test_packed_matches_model_for_each_architecture(name, make, image_shape):
 
 
 def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
-  model = models.SpeechResNet(num_classes=6, stage_sizes=(1, 1), widths=(16, 32),
-                              width_multiplier=0.5, stem_strides=(2, 1), first_stride=1,
-                              pooling="meanmax", quantizer=sj.DenseShift(bits=3))
+  model = models.speech_resnet(num_classes=6, stage_sizes=(1, 1), widths=(16, 32),
+                               width_multiplier=0.5, stem_strides=(2, 1), first_stride=1,
+                               pooling="meanmax", quantizer=sj.DenseShift(bits=3))
   variables = random_variables(model, (29, 16, 1))
   path = tmp_path / "speech.shiftjax"
   ex.export(variables, model).save(path)
@@ -432,8 +432,8 @@ def test_round_trip_keeps_arrays_and_metadata_exactly(packed, model_file):
   assert loaded.float_dtype == "float32" and loaded.metadata == packed.metadata
   module = ex.flax_module(loaded)
   assert isinstance(module, models.CifarResNet)
-  assert (module.depth, module.width_multiplier, module.quantizer) == (8, 0.5,
-                                                                       sj.DenseShift(3))
+  assert (module.depth, module.width_multiplier) == (8, 0.5)
+  assert models.policy_of(module) == sj.LayerPolicy(sj.DenseShift(3), ("stem", "head"))
   assert list(loaded.arrays) == list(packed.arrays)
   for name, a in packed.arrays.items():
     b = loaded.arrays[name]

@@ -227,12 +227,12 @@ def _packed_models():
   rng = np.random.default_rng(0)
   cases = [
       # Mixed widths and PACT activations: both run on plain jax too.
-      (models.resnet8(num_classes=10, quantizer=sj.DenseShift(bits=3),
-                      width_multiplier=1.0,
-                      layer_quantizers=(("stage3_*/*", sj.DenseShift(bits=4)),),
-                      activation=sj.activations.PACT(4)), (2, 16, 16, 3)),
-      (models.ImageNetResNet(stage_sizes=(1, 1), block="basic", num_classes=7,
-                             quantizer=sj.S3(bits=3)), (2, 32, 32, 3)),
+      (models.resnet8(num_classes=10, width_multiplier=1.0, policy=sj.LayerPolicy(
+          sj.DenseShift(bits=3), ("stem", "head"),
+          layer_quantizers=(("stage3_*/*", sj.DenseShift(bits=4)),),
+          activation=sj.activations.PACT(4))), (2, 16, 16, 3)),
+      (models.shift_model(models.ImageNetResNet(stage_sizes=(1, 1), block="basic",
+                                                num_classes=7), sj.S3(bits=3)), (2, 32, 32, 3)),
       (models.speech_resnet(num_classes=5, quantizer=sj.DenseShift(bits=2),
                             stage_sizes=(1, 1), widths=(16, 32)), (2, 24, 16, 1)),
   ]

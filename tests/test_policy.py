@@ -95,9 +95,9 @@ def _cifar_config(**policy):
 
 
 def test_mixed_width_model_has_each_layers_latents_and_packs_each_at_its_width(tmp_path):
-  model = models.resnet8(width_multiplier=0.5, quantizer=DS3, layer_quantizers=(
-      ("stage1_*/*", DS4), ("stage3_*/*", sj.S3(bits=2))), activation=act_lib.PACT(4),
-      layer_activations=(("stem", act_lib.PACT(8, signed=True)),))
+  model = models.resnet8(width_multiplier=0.5, policy=sj.LayerPolicy(
+      DS3, ("stem", "head"), layer_quantizers=(("stage1_*/*", DS4), ("stage3_*/*", sj.S3(bits=2))),
+      activation=act_lib.PACT(4), layer_activations=(("stem", act_lib.PACT(8, signed=True)),)))
   images = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   params = variables["params"]

@@ -331,12 +331,12 @@ def test_finetune_recipe_without_init_from_says_what_to_pass():
 
 def test_mixed_widths_convert_each_layer_by_its_own_spec(float_resnet8):
   _, _, float_vars = float_resnet8
-  model = models.resnet8(width_multiplier=0.5, quantizer=sj.DenseShift(3),
-                         layer_quantizers=(("stage1_*/*", sj.DenseShift(4)),
-                                           ("stage3_*/*", sj.S3(2))),
-                         activation=sj.PACT(4))
+  model = models.resnet8(width_multiplier=0.5, policy=sj.LayerPolicy(
+      sj.DenseShift(3), ("stem", "head"),
+      layer_quantizers=(("stage1_*/*", sj.DenseShift(4)), ("stage3_*/*", sj.S3(2))),
+      activation=sj.PACT(4)))
   shift_vars = jax.jit(model.init)(KEY(0), X)
-  specs = sj.layers.policy_of(model).weight_specs(
+  specs = models.policy_of(model).weight_specs(
       train.quantized_kernels(shift_vars["params"]))
   assert {str(q) for q in specs.values()} == {str(sj.DenseShift(4)), str(sj.DenseShift(3)),
                                               str(sj.S3(2))}

@@ -114,11 +114,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = (1, 1
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         *, fast_grad: bool | None = None):
   """Drop-in for ``lax.conv_general_dilated`` (e.g. ``nn.Conv(conv_general_dilated=...)``).
 
   Plain 2-D NHWC/HWIO convs without dilation, groups, precision or output type go through
-  ``conv2d`` (fast gradient on CPU); any other call goes to lax unchanged.
+  ``conv2d`` (fast gradient on CPU, or as ``fast_grad`` says); any other call goes to lax
+  unchanged.
   """
   call = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -132,7 +134,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if (dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN) and ones(lhs_dilation)
       and ones(rhs_dilation) and feature_group_count == 1 and batch_group_count == 1
       and precision is None and preferred_element_type is None):
-    return conv2d(lhs, rhs, window_strides, padding)
+    return conv2d(lhs, rhs, window_strides, padding, fast_grad=fast_grad)
   return call()
 
 

@@ -1,7 +1,8 @@
 """Residual blocks shared by the CIFAR, ImageNet and speech ResNets.
 
 Blocks take their conv and norm as fields (``conv: ModuleDef``), as in flax's ImageNet
-example: that one seam is how shift convs enter every model.
+example. The conv is flax's ``nn.Conv`` with the fast CPU gradient plugged in through its
+``conv_general_dilated`` seam; quantization comes from outside, by ``quantize_model``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from shiftjax import layers
 ModuleDef = Any
 
 
-def conv_and_norm(policy: layers.LayerPolicy, train: bool, *, fast_grad=None,
+def conv_and_norm(train: bool, *, fast_grad=None,
                   dtype=jnp.float32) -> tuple[ModuleDef, ModuleDef]:
-  """Conv and BatchNorm constructors for a model (BN as in the reference PyTorch code).
+  """Conv and BatchNorm constructors for a model (init and BN as in the reference
+  PyTorch code: He fan-out convs without bias, momentum 0.9, epsilon 1e-5).
 
   ``fast_grad`` (None: on when the default backend is the CPU) gives the convs their
   CPU-fast gradients and swaps flax's BatchNorm for ``shiftjax.batch_norm.BatchNorm``:
@@ -30,7 +32,10 @@ def conv_and_norm(policy: layers.LayerPolicy, train: bool, *, fast_grad=None,
   """
   if fast_grad is None:
     fast_grad = conv_lib.default_fast_grad()
-  conv = functools.partial(layers.ShiftConv, policy=policy, fast_grad=fast_grad, dtype=dtype)
+  conv = functools.partial(
+      nn.Conv, use_bias=False, kernel_init=layers.he_fan_out_init(), dtype=dtype,
+      conv_general_dilated=functools.partial(conv_lib.conv_general_dilated,
+                                             fast_grad=fast_grad))
   norm = functools.partial(batch_norm.BatchNorm if fast_grad else nn.BatchNorm,
                            use_running_average=not train, momentum=0.9, epsilon=1e-5,
                            dtype=dtype)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shiftjax import layers
 from shiftjax import quantizers as qz
 from shiftjax.models import blocks
+from shiftjax.models import quantization
+from shiftjax.policy import LayerPolicy
 
 
 class ImageNetResNet(nn.Module):
@@ -21,35 +22,31 @@ class ImageNetResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: str = "basic"
   num_classes: int = 1000
-  quantizer: qz.Quantizer | None = None
-  full_precision: tuple[str, ...] = layers.DEFAULT_FULL_PRECISION
-  layer_quantizers: tuple = ()
-  activation: Any = None
-  layer_activations: tuple = ()
   fast_grad: bool | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     block = {"basic": blocks.BasicBlock, "bottleneck": blocks.BottleneckBlock}[self.block]
-    policy = layers.policy_of(self)
-    conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
-                                      dtype=self.dtype)
+    conv, norm = blocks.conv_and_norm(train, fast_grad=self.fast_grad, dtype=self.dtype)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = blocks.residual_stages(x, block, self.stage_sizes, (64, 128, 256, 512), conv, norm)
     x = jnp.mean(x, axis=(1, 2))
-    x = layers.ShiftDense(self.num_classes, policy=policy, dtype=self.dtype, name="head")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 
 
 def _factory(name: str, stage_sizes: Sequence[int], block: str):
-  def make(num_classes: int = 1000, quantizer=None, **kwargs) -> ImageNetResNet:
-    return ImageNetResNet(stage_sizes=tuple(stage_sizes), block=block,
-                          num_classes=num_classes, quantizer=quantizer, **kwargs)
+  def make(num_classes: int = 1000, quantizer: qz.Quantizer | None = None, *,
+           policy: LayerPolicy | None = None, **kwargs) -> ImageNetResNet:
+    model = ImageNetResNet(stage_sizes=tuple(stage_sizes), block=block,
+                           num_classes=num_classes, **kwargs)
+    return quantization.shift_model(model, quantizer, policy)
   make.__name__ = name
-  make.__doc__ = f"ImageNet {name} (see ``ImageNetResNet``)."
+  make.__doc__ = (f"ImageNet {name} (see ``ImageNetResNet``), quantized by ``quantizer`` "
+                  "or ``policy`` (``models.quantization.shift_model``).")
   return make
 
 

@@ -17,16 +17,17 @@ strided first stage halved the step time at the same accuracy.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shiftjax import layers
 from shiftjax import pooling
 from shiftjax import quantizers as qz
 from shiftjax.models import blocks
+from shiftjax.models import quantization
+from shiftjax.policy import LayerPolicy
 
 
 def stage_widths(widths: Sequence[int], width_multiplier: float) -> list[int]:
@@ -44,12 +45,6 @@ class SpeechResNet(nn.Module):
     width_multiplier: scales every width.
     stem_strides: (time, frequency) stride of the stem conv.
     first_stride: stride of the first stage (the later stages halve the size).
-    quantizer: spec for the quantized convs (None: a float model).
-    full_precision: glob patterns of layers that stay float (see ``LayerPolicy``).
-    layer_quantizers: ``(pattern, spec)`` rules: per-layer weight specs (mixed widths).
-    activation: input spec of the quantized layers (``shiftjax.activations``; None:
-      float activations).
-    layer_activations: ``(pattern, activation spec or None)`` rules (stem, head, ...).
     fast_grad: CPU-fast conv gradients (None: on for CPU).
     pooling: how the last feature map ``[B, T', F', C]`` becomes ``[B, C]``: ``'mean'``
       over time and frequency, ``'max'`` over time of the mean over frequency (a word
@@ -62,11 +57,6 @@ class SpeechResNet(nn.Module):
   width_multiplier: float = 1.0
   stem_strides: Sequence[int] = (2, 2)
   first_stride: int = 2
-  quantizer: qz.Quantizer | None = None
-  full_precision: tuple[str, ...] = layers.DEFAULT_FULL_PRECISION
-  layer_quantizers: tuple = ()
-  activation: Any = None
-  layer_activations: tuple = ()
   fast_grad: bool | None = None
   pooling: str = "max"
   dtype: jnp.dtype = jnp.float32
@@ -85,27 +75,26 @@ class SpeechResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"expected features [batch, time, mels, 1], got shape {x.shape}")
-    policy = layers.policy_of(self)
-    conv, norm = blocks.conv_and_norm(policy, train, fast_grad=self.fast_grad,
-                                      dtype=self.dtype)
+    conv, norm = blocks.conv_and_norm(train, fast_grad=self.fast_grad, dtype=self.dtype)
     widths = stage_widths(self.widths, self.width_multiplier)
     x = conv(widths[0], (3, 3), tuple(self.stem_strides), name="stem")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     x = blocks.residual_stages(x, blocks.BasicBlock, self.stage_sizes, widths, conv, norm,
                                first_stride=self.first_stride)
     x = pooling.speech_pool(x, self.pooling)
-    x = layers.ShiftDense(self.num_classes, policy=policy, dtype=self.dtype, name="head")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 
 
-def speech_resnet(num_classes: int = 31, quantizer: qz.Quantizer | None = None,
-                  **kwargs) -> SpeechResNet:
-  """Speech ResNet with one basic block per stage (see ``SpeechResNet``)."""
-  return SpeechResNet(num_classes=num_classes, quantizer=quantizer, **kwargs)
+def speech_resnet(num_classes: int = 31, quantizer: qz.Quantizer | None = None, *,
+                  policy: LayerPolicy | None = None, **kwargs) -> SpeechResNet:
+  """Speech ResNet with one basic block per stage (see ``SpeechResNet``), quantized by
+  ``quantizer`` or ``policy`` (``models.quantization.shift_model``)."""
+  return quantization.shift_model(SpeechResNet(num_classes=num_classes, **kwargs),
+                                  quantizer, policy)
 
 
-def speech_resnet14(num_classes: int = 31, quantizer: qz.Quantizer | None = None,
-                    **kwargs) -> SpeechResNet:
+def speech_resnet14(num_classes: int = 31, quantizer: qz.Quantizer | None = None, *,
+                    policy: LayerPolicy | None = None, **kwargs) -> SpeechResNet:
   """Speech ResNet with two basic blocks per stage (14 layers, as CIFAR ResNet-14)."""
-  return SpeechResNet(num_classes=num_classes, quantizer=quantizer, stage_sizes=(2, 2, 2),
-                      **kwargs)
+  return speech_resnet(num_classes, quantizer, policy=policy, stage_sizes=(2, 2, 2), **kwargs)

@@ -126,13 +126,15 @@ def test_runlocal_shrinks_every_recipe():
 # ------------------------------------------------------------- runlocal, end to end
 
 
-def _cifar_resnet_one_block(num_classes=10, quantizer=None, **kwargs):
-  return models.CifarResNet(depth=8, num_classes=num_classes, quantizer=quantizer, **kwargs)
+def _cifar_resnet_one_block(num_classes=10, quantizer=None, *, policy=None, **kwargs):
+  return models.resnet8(num_classes, quantizer, policy=policy, **kwargs)
 
 
-def _imagenet_resnet_one_block(block, num_classes=1000, quantizer=None, **kwargs):
-  return models.ImageNetResNet(stage_sizes=(1, 1, 1, 1), block=block,
-                               num_classes=num_classes, quantizer=quantizer, **kwargs)
+def _imagenet_resnet_one_block(block, num_classes=1000, quantizer=None, *, policy=None,
+                               **kwargs):
+  return models.shift_model(models.ImageNetResNet(
+      stage_sizes=(1, 1, 1, 1), block=block, num_classes=num_classes, **kwargs),
+      quantizer, policy)
 
 
 SMALL_MODELS = {

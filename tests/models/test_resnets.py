@@ -44,10 +44,10 @@ def test_cifar_depths_and_default_policy(depth):
 
 
 def test_policy_patterns_keep_matching_layers_float():
-  model = models.resnet20(quantizer=sj.S3(3), full_precision=("stem", "head", "stage3_*"))
+  model = models.resnet20(policy=sj.LayerPolicy(sj.S3(3), ("stem", "head", "stage3_*")))
   quantized = train.quantized_kernels(param_shapes(model, (32, 32, 3)))
   assert len(quantized) == 13 and not any(k.startswith("stage3") for k in quantized)
-  everything = models.resnet20(quantizer=sj.S3(3), full_precision=())
+  everything = models.resnet20(policy=sj.LayerPolicy(sj.S3(3)))
   assert len(train.quantized_kernels(param_shapes(everything, (32, 32, 3)))) == 22
   with pytest.raises(ValueError, match="tuple of patterns"):
     layers.LayerPolicy(sj.S3(3), full_precision="stem")
