@@ -22,7 +22,10 @@ Each round calls every contender once, in a rotating order, so load from other
 processes hits all alike; times are medians over ``--reps`` rounds and ratios are of
 medians measured together. GB/s is of the packed weights (the bytes the kernel must
 read); the machine's read bandwidth is measured in the same run (two threads summing a
-512 MiB float32 buffer with numpy, before and after the grid). The last level cache (32 MiB on
+512 MiB float32 buffer with numpy, before and after the grid), and as one more contender
+in every round ("read": the same sum over 256 MiB), so that it sees the same load from
+other processes as the kernels: the % columns are of that interleaved median, per shape
+and M. The last level cache (32 MiB on
 the 2-core EPYC this was written on) can hold a whole 2- or 3-bit 8192 x 8192 weight:
 the dots called between two native calls evict most of it, but not necessarily all.
 """
@@ -65,18 +68,30 @@ def _parse(text: str, sep: str = ",") -> list[int]:
   return [int(v) for v in text.split(sep) if v]
 
 
-def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
-  """GB/s of two threads each summing half of a float32 buffer far larger than the caches
-  (numpy releases the GIL in the sum)."""
+def _summer(mib: int):
+  """A call reading ``mib`` MiB: two threads each summing half of a float32 buffer far
+  larger than the caches (numpy releases the GIL in the sum)."""
   halves = np.array_split(np.ones(mib * 2**20 // 4, np.float32), 2)
 
-  def once() -> float:
+  def read() -> None:
     threads = [threading.Thread(target=h.sum) for h in halves]
-    start = time.perf_counter()
     for t in threads:
       t.start()
     for t in threads:
       t.join()
+  return read
+
+
+READ_MIB = 256  # the interleaved read contender's buffer
+
+
+def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
+  """GB/s of ``_summer(mib)``, median of ``reps`` calls."""
+  read = _summer(mib)
+
+  def once() -> float:
+    start = time.perf_counter()
+    read()
     return time.perf_counter() - start
   once()
   return mib * 2**20 / statistics.median(once() for _ in range(reps)) / 1e9
@@ -129,10 +144,11 @@ def _check(fns, bits_list):
                        f"{np.abs(a - b).max()} (max |y| {scale})")
 
 
-def _time(fns, reps: int) -> dict[str, float]:
-  """Median seconds per call, the contenders called in a rotating order each round."""
-  timings = timing.interleaved({name: (lambda f=f, a=args: f(*a))
-                                for name, (f, args) in fns.items()}, reps, rotate=True)
+def _time(fns, reps: int, read) -> dict[str, float]:
+  """Median seconds per call, the contenders (and ``read``, as "read") called in a
+  rotating order each round."""
+  calls = {name: (lambda f=f, a=args: f(*a)) for name, (f, args) in fns.items()}
+  timings = timing.interleaved({**calls, "read": read}, reps, rotate=True)
   return {name: t.median for name, t in timings.items()}
 
 
@@ -154,18 +170,21 @@ def main(argv):
         f"{reps} rounds; read bandwidth before the grid: {bandwidth[0]:.1f} GB/s",
         flush=True)
   rows = []
+  read = _summer(READ_MIB)
   for k, n in shapes:
     for m in ms:
       fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value,
                                       _BF16_X.value, _TILED.value)
       _check(fns, bits_list)
-      t = _time(fns, reps)
+      t = _time(fns, reps, read)
+      read_gbs = READ_MIB * 2**20 / t["read"] / 1e9
+      print(f"  {k}x{n} M={m}: read bandwidth interleaved {read_gbs:.1f} GB/s", flush=True)
       for bits in bits_list:
         native_s = t[f"native {bits}"]
         xla_s, bf16_s = t.get(f"XLA path {bits}"), t.get(f"native bf16 {bits}")
         tiled_s, tiled_bf16_s = t.get(f"tiled {bits}"), t.get(f"tiled bf16 {bits}")
         rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, bf16_s, xla_s,
-                     packed_bytes[bits], tiled_s, tiled_bf16_s))
+                     packed_bytes[bits], tiled_s, tiled_bf16_s, read_gbs))
         print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, tiled "
               f"{(tiled_s or 0) * 1e3:.3f} ms, f32 dot {t['f32 dot'] * 1e3:.3f} ms",
               flush=True)
@@ -173,18 +192,19 @@ def main(argv):
   bandwidth.append(read_bandwidth())
   bw = statistics.mean(bandwidth)
   print(f"\nread bandwidth: {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after "
-        f"the grid; % below of their mean, {bw:.1f} GB/s\n")
+        f"the grid (mean {bw:.1f} GB/s); the % below are of the interleaved 'read' "
+        f"contender's, per shape and M (column 'read GB/s')\n")
   gbs = lambda nbytes, t: f"{nbytes / t / 1e9:.1f} ({100 * nbytes / t / 1e9 / bw:.0f} %)"
   ms_text = lambda t: f"{t * 1e3:.2f}" if t is not None else "-"
   vs = lambda f32, t: f"{t * 1e3:.3f} ({f32 / t:.2f}x)" if t else "-"
   print("Words layout (as in the file), and the tiled layout; 'a (b)': a ms, b = f32 dot / a;"
         " GB/s of packed weights (% of the read bandwidth).\n")
-  print("| K x N | M | bits | f32 dot ms | bf16 dot ms | XLA path ms | native ms (x) "
-        "| native GB/s (%) | native, bf16 x | tiled ms (x) | tiled GB/s (%) "
-        "| tiled, bf16 x | tiled bf16 x GB/s (%) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, nbytes, til, til_bf16 in rows:
-    print(f"| {k} x {n} | {m} | {bits} | {f32 * 1e3:.2f} | {bf16 * 1e3:.2f} | "
+  print("| K x N | M | bits | read GB/s | f32 dot ms | bf16 dot ms | XLA path ms "
+        "| native ms (x) | native GB/s (%) | native, bf16 x | tiled ms (x) "
+        "| tiled GB/s (%) | tiled, bf16 x | tiled bf16 x GB/s (%) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, nbytes, til, til_bf16, bw in rows:
+    print(f"| {k} x {n} | {m} | {bits} | {bw:.1f} | {f32 * 1e3:.2f} | {bf16 * 1e3:.2f} | "
           f"{ms_text(xla)} | {vs(f32, nat)} | {gbs(nbytes, nat)} | {vs(f32, nat_bf16)} | "
           f"{vs(f32, til)} | {gbs(nbytes, til) if til else '-'} | {vs(f32, til_bf16)} | "
           f"{gbs(nbytes, til_bf16) if til_bf16 else '-'} |")
