@@ -23,9 +23,10 @@ processes hits all alike; times are medians over ``--reps`` rounds and ratios ar
 medians measured together. GB/s is of the packed weights (the bytes the kernel must
 read); the machine's read bandwidth is measured in the same run (two threads summing a
 512 MiB float32 buffer with numpy, before and after the grid), and as one more contender
-in every round ("read": the same sum over 256 MiB), so that it sees the same load from
-other processes as the kernels: the % columns are of that interleaved median, per shape
-and M. The last level cache (32 MiB on
+in every round ("read": the same sum over 256 MiB, timed after a 20 ms sleep, as XLA's
+idle pool threads spin for a while after each call and slowed the numpy threads 3x), so
+that it sees the same load from other processes as the kernels: the % columns are of
+that interleaved median, per shape and M. The last level cache (32 MiB on
 the 2-core EPYC this was written on) can hold a whole 2- or 3-bit 8192 x 8192 weight:
 the dots called between two native calls evict most of it, but not necessarily all.
 """
@@ -148,8 +149,16 @@ def _time(fns, reps: int, read) -> dict[str, float]:
   """Median seconds per call, the contenders (and ``read``, as "read") called in a
   rotating order each round."""
   calls = {name: (lambda f=f, a=args: f(*a)) for name, (f, args) in fns.items()}
-  timings = timing.interleaved({**calls, "read": read}, reps, rotate=True)
-  return {name: t.median for name, t in timings.items()}
+  seconds = []
+
+  def timed_read():  # after XLA's idle pool threads stop spinning (they slowed it 3x)
+    time.sleep(0.02)
+    start = time.perf_counter()
+    read()
+    seconds.append(time.perf_counter() - start)
+  timings = timing.interleaved({**calls, "read": timed_read}, reps, rotate=True)
+  return {**{name: t.median for name, t in timings.items()},
+          "read": statistics.median(seconds[-reps:])}
 
 
 def main(argv):
