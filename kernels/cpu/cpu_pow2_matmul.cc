@@ -307,6 +307,38 @@ SHIFTJAX_AVX512BF16 inline void PairStep(const __m512i (&words)[C], const uint32
   }
 }
 
+// The large-M path (M > 16): a panel of kPanelK rows of k by 64 columns decoded once into
+// an L2-resident buffer, then a register-blocked microkernel over all M rows.
+constexpr int kPanelVectors = 4;  // 64 columns
+constexpr int64_t kPanelBlock = 16 * kPanelVectors;
+constexpr int kPanelRows = 6;          // 6 x 4 accumulators
+constexpr int64_t kPanelK = 256;       // rows of k per panel (rounded up to whole words)
+
+// panel[(w - w0) * P + j][0 .. 63] = decoded code j of packed[w, n0 .. n0 + 63].
+template <int Bits, int J>
+SHIFTJAX_AVX512 inline void DecodeWord(const __m512i (&words)[kPanelVectors], const Table& t,
+                                       float* out) {
+  if constexpr (J < 32 / Bits) {
+    for (int c = 0; c < kPanelVectors; ++c)
+      _mm512_store_ps(out + J * kPanelBlock + 16 * c, Decode<Bits, J>(words[c], t));
+    DecodeWord<Bits, J + 1>(words, t, out);
+  }
+}
+
+// The bfloat16 pair path's panel: bfloat16 pairs (uint32, rows q = (w - w0) * P/2 + i).
+template <int Bits, int I>
+SHIFTJAX_AVX512BF16 inline void DecodePairWord(const __m512i (&words)[kPanelVectors],
+                                               __m512i table, uint32_t* out) {
+  if constexpr (I < 32 / Bits / 2) {
+    for (int c = 0; c < kPanelVectors; ++c) {
+      const __m512i index = I == 0 ? words[c] : _mm512_srli_epi32(words[c], I * Bits);
+      _mm512_store_si512(out + I * kPanelBlock + 16 * c,
+                         _mm512_permutexvar_epi16(index, table));
+    }
+    DecodePairWord<Bits, I + 1>(words, table, out);
+  }
+}
+
 // The register tile loop both small-M paths share (RegisterTile): Path says how x is laid
 // out and how a vector of words is decoded and multiplied in.
 //   Path::Table           the decode table's type
@@ -315,12 +347,18 @@ SHIFTJAX_AVX512BF16 inline void PairStep(const __m512i (&words)[C], const uint32
 //   Path::Xs(p)           x in the path's layout, [word rows][m]
 //   Path::Load(words)     the loaded words as Step wants them
 //   Path::Step<R, C>      all codes of C word vectors into R x C accumulators
+// and for the panels (PanelTile, PanelBlock):
+//   Path::Panel           a decoded panel's element; Path::DecodeRows writes a word
+//                         vector's kRowsPerWord rows
+//   Path::LoadPanel, Path::Broadcast, Path::Madd   the microkernel's load of 16 panel
+//                         elements, broadcast of one x, and multiply-add
 // Compiled for the bfloat16 pair path's target (avx512f, avx512bw, avx512bf16), the widest
 // of the two, so that either Path's steps inline into it: the float32 path's instances
 // emit no bfloat16 instruction (nothing in them is bfloat16), but the compiler may use
 // AVX512BW mask moves, so 'avx512' requires avx512bw too (every AVX-512 CPU but Xeon Phi).
 template <int Bits>
 struct FloatPath {
+  static constexpr int kCodesPerWord = 32 / Bits;
   using Table = ::Table;
   using X = float;
   static constexpr int kRowsPerWord = 32 / Bits;
@@ -331,11 +369,23 @@ struct FloatPath {
   SHIFTJAX_AVX512 static inline void Step(const __m512i (&words)[C], const X* x, int64_t m,
                                           const Table& t, __m512 (&acc)[R][C]) {
     DirectStep<Bits, R, C, 0>(words, x, m, t, acc);
+  }  // The panels: decoded float32 weights, one row per code.
+  using Panel = float;
+  using PanelVec = __m512;
+  SHIFTJAX_AVX512 static inline void DecodeRows(const __m512i (&words)[kPanelVectors],
+                                                const Table& t, Panel* out) {
+    DecodeWord<Bits, 0>(words, t, out);
+  }
+  SHIFTJAX_AVX512 static inline PanelVec LoadPanel(const Panel* v) { return _mm512_load_ps(v); }
+  SHIFTJAX_AVX512 static inline PanelVec Broadcast(X x) { return _mm512_set1_ps(x); }
+  SHIFTJAX_AVX512 static inline __m512 Madd(__m512 acc, PanelVec w, PanelVec x) {
+    return _mm512_fmadd_ps(x, w, acc);
   }
 };
 
 template <int Bits>
 struct PairPath {
+  static constexpr int kCodesPerWord = 32 / Bits;
   using Table = __m512i;
   using X = uint32_t;
   static constexpr int kRowsPerWord = 32 / Bits / 2;
@@ -349,6 +399,21 @@ struct PairPath {
                                               int64_t m, const Table& t,
                                               __m512 (&acc)[R][C]) {
     PairStep<Bits, R, C, 0>(words, x, m, t, acc);
+  }  // The panels: bfloat16 pairs, one row per pair.
+  using Panel = uint32_t;
+  using PanelVec = __m512bh;
+  SHIFTJAX_AVX512BF16 static inline void DecodeRows(const __m512i (&words)[kPanelVectors],
+                                                    const Table& t, Panel* out) {
+    DecodePairWord<Bits, 0>(words, t, out);
+  }
+  SHIFTJAX_AVX512BF16 static inline PanelVec LoadPanel(const Panel* v) {
+    return (__m512bh)_mm512_load_si512(v);
+  }
+  SHIFTJAX_AVX512BF16 static inline PanelVec Broadcast(X x) {
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(x));
+  }
+  SHIFTJAX_AVX512BF16 static inline __m512 Madd(__m512 acc, PanelVec w, PanelVec x) {
+    return _mm512_dpbf16_ps(acc, w, x);
   }
 };
 
@@ -416,119 +481,24 @@ int64_t DirectBlock(int64_t m) {
 }
 
 
-// The large-M path: decoded panels and a float microkernel.
-constexpr int kPanelVectors = 4;  // 64 columns
-constexpr int64_t kPanelBlock = 16 * kPanelVectors;
-constexpr int kPanelRows = 6;          // 6 x 4 accumulators
-constexpr int64_t kPanelK = 256;       // rows of k per panel (rounded up to whole words)
-
-// panel[(w - w0) * P + j][0 .. 63] = decoded code j of packed[w, n0 .. n0 + 63].
-template <int Bits, int J>
-SHIFTJAX_AVX512 inline void DecodeWord(const __m512i (&words)[kPanelVectors], const Table& t,
-                                       float* out) {
-  if constexpr (J < 32 / Bits) {
-    for (int c = 0; c < kPanelVectors; ++c)
-      _mm512_store_ps(out + J * kPanelBlock + 16 * c, Decode<Bits, J>(words[c], t));
-    DecodeWord<Bits, J + 1>(words, t, out);
-  }
-}
-
-template <int Bits>
-SHIFTJAX_AVX512 void DecodePanel(const Problem& p, const Table& t, int64_t w0, int64_t w1,
-                                 const __mmask16 (&mask)[kPanelVectors], int64_t n0,
-                                 float* panel) {
-  constexpr int P = 32 / Bits;
-  for (int64_t w = w0; w < w1; ++w) {
-    __m512i words[kPanelVectors];
-    for (int c = 0; c < kPanelVectors; ++c)
-      words[c] = _mm512_maskz_loadu_epi32(mask[c], WordsAt(p, n0) + w * p.stride + 16 * c);
-    DecodeWord<Bits, 0>(words, t, panel + (w - w0) * P * kPanelBlock);
-  }
-}
-
-// y[r0 .. r0 + R, n0 .. n0 + 64] (+)= xt[k0 .. k0 + kc, rows] @ panel.
-template <int R>
-SHIFTJAX_AVX512 void PanelTile(const Problem& p, const float* panel, int64_t k0, int64_t kc,
-                               int64_t r0, int64_t n0, bool first,
-                               const __mmask16 (&mask)[kPanelVectors]) {
+// y[r0 .. r0 + R, n0 .. n0 + 64] (+)= x[rows q0 .. q0 + rows] @ panel, x in Path's
+// layout (float32 xt: one row per k; pairs xp: one per pair of k's).
+template <class Path, int R>
+SHIFTJAX_AVX512_TILE void PanelTile(const Problem& p, const typename Path::Panel* panel,
+                                    int64_t q0, int64_t rows, int64_t r0, int64_t n0,
+                                    bool first, const __mmask16 (&mask)[kPanelVectors]) {
   __m512 acc[R][kPanelVectors];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kPanelVectors; ++c)
       acc[r][c] = first ? _mm512_setzero_ps()
                         : _mm512_maskz_loadu_ps(mask[c], p.y + (r0 + r) * p.n + n0 + 16 * c);
-  const float* x = p.xt + k0 * p.m + r0;
-  for (int64_t k = 0; k < kc; ++k, x += p.m, panel += kPanelBlock) {
-    __m512 wv[kPanelVectors];
-    for (int c = 0; c < kPanelVectors; ++c) wv[c] = _mm512_load_ps(panel + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r]);
-      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kPanelVectors; ++c)
-      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
-}
-
-template <int Bits>
-SHIFTJAX_AVX512 void PanelBlock(const Problem& p, const Table& t, int64_t n0) {
-  constexpr int P = 32 / Bits;
-  constexpr int64_t kWords = (kPanelK + P - 1) / P;
-  using Fn = void (*)(const Problem&, const float*, int64_t, int64_t, int64_t, int64_t, bool,
-                      const __mmask16 (&)[kPanelVectors]);
-  static constexpr Fn kTiles[] = {PanelTile<1>, PanelTile<2>, PanelTile<3>,
-                                  PanelTile<4>, PanelTile<5>, PanelTile<6>};
-  // One panel per thread, reused by its tasks (kWords * P * 64 floats, about 64 KiB).
-  thread_local std::unique_ptr<float[], decltype(&free)> panel(nullptr, &free);
-  thread_local size_t panel_floats = 0;
-  const size_t floats = kWords * P * kPanelBlock;
-  if (panel_floats < floats) {
-    panel.reset(static_cast<float*>(aligned_alloc(64, floats * sizeof(float))));
-    panel_floats = floats;
-  }
-  __mmask16 mask[kPanelVectors];
-  ColumnMasks<kPanelVectors>(p.n, n0, mask);
-  for (int64_t w0 = 0; w0 < p.words; w0 += kWords) {
-    const int64_t w1 = std::min(p.words, w0 + kWords);
-    DecodePanel<Bits>(p, t, w0, w1, mask, n0, panel.get());
-    for (int64_t r0 = 0; r0 < p.m; r0 += kPanelRows)
-      kTiles[std::min<int64_t>(kPanelRows, p.m - r0) - 1](
-          p, panel.get(), w0 * P, (w1 - w0) * P, r0, n0, w0 == 0, mask);
-  }
-}
-
-// The bfloat16 pair path at M > 16: panels of bfloat16 pairs (uint32, rows q = (w - w0)
-// * P/2 + i) and a vdpbf16ps microkernel.
-template <int Bits, int I>
-SHIFTJAX_AVX512BF16 inline void DecodePairWord(const __m512i (&words)[kPanelVectors],
-                                               __m512i table, uint32_t* out) {
-  if constexpr (I < 32 / Bits / 2) {
-    for (int c = 0; c < kPanelVectors; ++c) {
-      const __m512i index = I == 0 ? words[c] : _mm512_srli_epi32(words[c], I * Bits);
-      _mm512_store_si512(out + I * kPanelBlock + 16 * c,
-                         _mm512_permutexvar_epi16(index, table));
-    }
-    DecodePairWord<Bits, I + 1>(words, table, out);
-  }
-}
-
-template <int R>
-SHIFTJAX_AVX512BF16 void PairPanelTile(const Problem& p, const uint32_t* panel, int64_t q0,
-                                       int64_t rows, int64_t r0, int64_t n0, bool first,
-                                       const __mmask16 (&mask)[kPanelVectors]) {
-  __m512 acc[R][kPanelVectors];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kPanelVectors; ++c)
-      acc[r][c] = first ? _mm512_setzero_ps()
-                        : _mm512_maskz_loadu_ps(mask[c], p.y + (r0 + r) * p.n + n0 + 16 * c);
-  const uint32_t* x = p.xp + q0 * p.m + r0;
+  const typename Path::X* x = Path::Xs(p) + q0 * p.m + r0;
   for (int64_t q = 0; q < rows; ++q, x += p.m, panel += kPanelBlock) {
-    __m512bh wv[kPanelVectors];
-    for (int c = 0; c < kPanelVectors; ++c)
-      wv[c] = (__m512bh)_mm512_load_si512(panel + 16 * c);
+    typename Path::PanelVec wv[kPanelVectors];
+    for (int c = 0; c < kPanelVectors; ++c) wv[c] = Path::LoadPanel(panel + 16 * c);
     for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r]));
-      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+      const typename Path::PanelVec xv = Path::Broadcast(x[r]);
+      for (int c = 0; c < kPanelVectors; ++c) acc[r][c] = Path::Madd(acc[r][c], wv[c], xv);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -536,22 +506,26 @@ SHIFTJAX_AVX512BF16 void PairPanelTile(const Problem& p, const uint32_t* panel, 
       _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + n0 + 16 * c, mask[c], acc[r][c]);
 }
 
-template <int Bits>
-SHIFTJAX_AVX512BF16 void PairPanelBlock(const Problem& p, int64_t n0, int64_t n1) {
-  constexpr int kHalf = 32 / Bits / 2;
-  constexpr int64_t kWords = (kPanelK + 2 * kHalf - 1) / (2 * kHalf);
-  using Fn = void (*)(const Problem&, const uint32_t*, int64_t, int64_t, int64_t, int64_t,
-                      bool, const __mmask16 (&)[kPanelVectors]);
-  static constexpr Fn kTiles[] = {PairPanelTile<1>, PairPanelTile<2>, PairPanelTile<3>,
-                                  PairPanelTile<4>, PairPanelTile<5>, PairPanelTile<6>};
-  thread_local std::unique_ptr<uint32_t[], decltype(&free)> panel(nullptr, &free);
-  thread_local size_t panel_words = 0;
-  const size_t size = kWords * kHalf * kPanelBlock;
-  if (panel_words < size) {
-    panel.reset(static_cast<uint32_t*>(aligned_alloc(64, size * sizeof(uint32_t))));
-    panel_words = size;
+// Columns [n0, n1) of all M rows, 64 columns at a time: decode a panel of kPanelK rows of
+// k (whole words), run the 6-row microkernel over all M rows, next panel.
+template <class Path>
+SHIFTJAX_AVX512_TILE void PanelBlock(const Problem& p, int64_t n0, int64_t n1) {
+  using Panel = typename Path::Panel;
+  constexpr int kRows = Path::kRowsPerWord;
+  constexpr int64_t kWords = (kPanelK + Path::kCodesPerWord - 1) / Path::kCodesPerWord;
+  using Fn = void (*)(const Problem&, const Panel*, int64_t, int64_t, int64_t, int64_t, bool,
+                      const __mmask16 (&)[kPanelVectors]);
+  static constexpr Fn kTiles[] = {PanelTile<Path, 1>, PanelTile<Path, 2>, PanelTile<Path, 3>,
+                                  PanelTile<Path, 4>, PanelTile<Path, 5>, PanelTile<Path, 6>};
+  // One panel per thread, reused by its tasks (about 64 KiB).
+  thread_local std::unique_ptr<Panel[], decltype(&free)> panel(nullptr, &free);
+  thread_local size_t panel_size = 0;
+  const size_t size = kWords * kRows * kPanelBlock;
+  if (panel_size < size) {
+    panel.reset(static_cast<Panel*>(aligned_alloc(64, size * sizeof(Panel))));
+    panel_size = size;
   }
-  const __m512i table = PairTable(Bits, p.e0);
+  const typename Path::Table t = Path::MakeTable(p.e0);
   for (int64_t c0 = n0; c0 < n1; c0 += kPanelBlock) {
     __mmask16 mask[kPanelVectors];
     ColumnMasks<kPanelVectors>(p.n, c0, mask);
@@ -560,13 +534,13 @@ SHIFTJAX_AVX512BF16 void PairPanelBlock(const Problem& p, int64_t n0, int64_t n1
       for (int64_t w = w0; w < w1; ++w) {
         __m512i words[kPanelVectors];
         for (int c = 0; c < kPanelVectors; ++c)
-          words[c] = PairWords<Bits>(
+          words[c] = Path::Load(
               _mm512_maskz_loadu_epi32(mask[c], WordsAt(p, c0) + w * p.stride + 16 * c));
-        DecodePairWord<Bits, 0>(words, table, panel.get() + (w - w0) * kHalf * kPanelBlock);
+        Path::DecodeRows(words, t, panel.get() + (w - w0) * kRows * kPanelBlock);
       }
       for (int64_t r0 = 0; r0 < p.m; r0 += kPanelRows)
         kTiles[std::min<int64_t>(kPanelRows, p.m - r0) - 1](
-            p, panel.get(), w0 * kHalf, (w1 - w0) * kHalf, r0, c0, w0 == 0, mask);
+            p, panel.get(), w0 * kRows, (w1 - w0) * kRows, r0, c0, w0 == 0, mask);
     }
   }
 }
@@ -576,8 +550,7 @@ SHIFTJAX_AVX512 void Avx512Block(const Problem& p, int64_t n0, int64_t n1) {
   if (p.m <= kDirectMaxRows) {
     TileRows<FloatPath<Bits>>(p, n0, n1, std::make_integer_sequence<int, kDirectMaxRows>());
   } else {
-    const Table t = MakeTable(Bits, p.e0);
-    for (int64_t c0 = n0; c0 < n1; c0 += kPanelBlock) PanelBlock<Bits>(p, t, c0);
+    PanelBlock<FloatPath<Bits>>(p, n0, n1);
   }
 }
 
@@ -617,7 +590,7 @@ template <int Bits>
 void RunBlock(Isa isa, const Problem& p, int64_t n0, int64_t n1) {
 #if SHIFTJAX_X86
   if (isa == kAvx512Bf16 && p.xp) {
-    if (p.m > kDirectMaxRows) return PairPanelBlock<Bits>(p, n0, n1);
+    if (p.m > kDirectMaxRows) return PanelBlock<PairPath<Bits>>(p, n0, n1);
     return TileRows<PairPath<Bits>>(p, n0, n1,
                                     std::make_integer_sequence<int, kDirectMaxRows>());
   }
