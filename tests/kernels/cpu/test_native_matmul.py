@@ -243,12 +243,16 @@ SHARDED = textwrap.dedent(r"""
 """)
 
 
-def test_sharded_over_rows_and_columns_on_4_devices():
+def _run_on_4_devices(script: str) -> None:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=env,
+  run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
+def test_sharded_over_rows_and_columns_on_4_devices():
+  _run_on_4_devices(SHARDED)
 
 
 # ------------------------------------------------------------------- the tiled layout
@@ -381,8 +385,4 @@ SHARDED_TILED = textwrap.dedent(r"""
 
 
 def test_tiled_sharded_over_rows_and_tiles_on_4_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, "-c", SHARDED_TILED], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+  _run_on_4_devices(SHARDED_TILED)
