@@ -419,12 +419,13 @@ def pow2_matmul(x2: jax.Array, packed: jax.Array, scale: jax.Array | None = None
   The format is ``shiftjax.kernels.pow2_matmul``'s (zero-free codes, ``P = 32 // bits``
   per word along K): x2 float32 or bfloat16 ``[M, K]``, packed uint32 ``[ceil(K/P), N]``
   or the same words in the tiled layout (``TiledWords``, ``shiftjax.kernels.cpu.layout``:
-  each thread then streams contiguous memory), scale and bias float32 ``[N]`` or None. ``k``, if given, must be ``K``. ``isa`` forces
-  a vector path (``'avx512_bf16'``, ``'avx512'``, ``'avx2'``, ``'scalar'``; default the
-  widest this CPU has), for tests. Every path sums each output's products in order of k
-  into one float32 accumulator, so all give the same bits; except ``'avx512_bf16'`` with
-  bfloat16 x, which adds the products two at a time (vdpbf16ps, twice the multiply-adds
-  per instruction) and so agrees to float32 rounding of the sums.
+  each thread then streams contiguous memory), scale and bias float32 ``[N]`` or None.
+  ``k``, if given, must be ``K``. ``isa`` forces a vector path (``'avx512_bf16'``,
+  ``'avx512'``, ``'avx2'``, ``'scalar'``; default the widest this CPU has), for tests.
+  Every path (and both layouts) sums each output's products in order of k into one
+  float32 accumulator, so all give the same bits; except ``'avx512_bf16'`` with bfloat16
+  x, which adds the products two at a time (vdpbf16ps, twice the multiply-adds per
+  instruction) and so agrees to float32 rounding of the sums.
   Check :func:`supports_pow2_matmul` first.
 
   With rows of x2 and/or columns of packed (and scale, bias) sharded, each device

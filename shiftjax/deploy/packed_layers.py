@@ -336,8 +336,9 @@ def save_artifact(path: str | os.PathLike, packed, *inputs, overwrite: bool = Fa
 
 
 def _bitplanes(words, entry: LayerEntry) -> np.ndarray:
-  codes = codes_lib.unpack(_plain_words(words), entry.weight_spec.bits, math.prod(entry.kernel_shape[:-1]),
-                           axis=0).reshape(entry.kernel_shape)
+  codes = codes_lib.unpack(_plain_words(words), entry.weight_spec.bits,
+                           math.prod(entry.kernel_shape[:-1]), axis=0)
+  codes = codes.reshape(entry.kernel_shape)
   return np.asarray(codes_lib.pack_bitplanes(codes, entry.weight_spec.bits))
 
 
