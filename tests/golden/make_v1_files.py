@@ -1,5 +1,5 @@
-"""Writes the version 1 packed files that tests/test_export.py loads (run once, with the
-shiftjax of commit d07ac99, the last that wrote version 1):
+"""Writes the version 1 packed files that tests/deploy/test_format.py loads (run once,
+with the shiftjax of commit d07ac99, the last that wrote version 1):
 
     git worktree add /tmp/shiftjax_v1 d07ac99
     ln -s ../kernels /tmp/shiftjax_v1/shiftjax/kernels   # its own kernels, not the installed

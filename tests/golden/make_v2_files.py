@@ -1,5 +1,5 @@
-"""Writes the version 2 packed files that tests/test_export.py loads (run once, with the
-shiftjax of commit 4b7ef77, the last that wrote version 2):
+"""Writes the version 2 packed files that tests/deploy/test_format.py loads (run once,
+with the shiftjax of commit 4b7ef77, the last that wrote version 2):
 
     git worktree add /tmp/shiftjax_v2 4b7ef77
     ln -s ../kernels /tmp/shiftjax_v2/shiftjax/kernels
