@@ -25,9 +25,9 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-import optax
 
 from shiftjax import data as data_lib
+from shiftjax import loop
 from shiftjax import train
 from shiftjax import transfer
 from shiftjax.benchmarking import method_comparison
@@ -57,9 +57,6 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   base = FLAGS.config
   batches = reestimation_batches(base, FLAGS.batches, FLAGS.batch_size)
-  eval_ds = train.make_eval_dataset(base)
-  mesh = train.create_mesh()
-  p_eval_step = train.jit_eval_step(base)
   width = max(map(len, method_comparison.ALL_METHODS))
   print(f"{'method':<{width}} {'seed':>4} {'as trained':>10} {'BN re-estimated':>15} "
         f"{'change':>7}")
@@ -71,13 +68,12 @@ def main(argv):
     except ValueError as e:  # e.g. a checkpoint of an older optimizer layout
       print(f"{name:<{width}} {seed:4d} not restored: {str(e).splitlines()[0]}")
       continue
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    tx=optax.identity(),
-                                    batch_stats=variables["batch_stats"])
-    before = train.evaluate(state, eval_ds, mesh, p_eval_step)["test_accuracy"]
+    state = loop.TrainState(0, variables["params"], {"batch_stats": variables["batch_stats"]},
+                            None)
+    before = train.evaluate_test_split(config, model, state)["test_accuracy"]
     reestimated = transfer.recalibrate_batch_stats(model.apply, variables, batches)
-    state = state.replace(batch_stats=jax.device_put(reestimated["batch_stats"]))
-    after = train.evaluate(state, eval_ds, mesh, p_eval_step)["test_accuracy"]
+    state = state.replace(state={"batch_stats": jax.device_put(reestimated["batch_stats"])})
+    after = train.evaluate_test_split(config, model, state)["test_accuracy"]
     print(f"{name:<{width}} {seed:4d} {before:10.4f} {after:15.4f} "
           f"{100 * (after - before):+7.2f}", flush=True)
     changes[name].append(after - before)

@@ -7,7 +7,7 @@ and a plain PyTorch ResNet-20 (issue 7).
 (absl flags: ``--notorch`` or ``--torch=false`` and ``--noreuse_freed_memory`` are what
 argparse's ``--no-torch`` and ``--no-reuse-freed-memory`` were.)
 
-Our step is ``shiftjax.train.train_step`` (``shiftjax.benchmarking.resnet20_step``: what
+Our step is ``shiftjax.loop.train_step`` (``shiftjax.benchmarking.resnet20_step``: what
 training runs: uint8 images normalized on device, SGD momentum 0.9 + coupled weight decay
 1e-4, BatchNorm statistics updated), jitted with the state donated as
 ``train_and_evaluate`` does, on CIFAR shapes (32x32x3, 10 classes). Variants: float and

@@ -24,10 +24,8 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import orbax.checkpoint as ocp
 
-from shiftjax import data as data_lib
 from shiftjax import train
 from shiftjax import trees
 
@@ -161,11 +159,7 @@ def check_run(config, workdir: str) -> None:
   step, stored = _checkpoint_shapes(workdir)
   if step is None:
     return
-  spec = data_lib.get_spec(config.dataset)
-  model = train.create_model(config, spec.num_classes)
-  lr_fn = train.create_learning_rate_fn(config, 1, 1)
-  abstract = jax.eval_shape(lambda: train.checkpointed(train.create_train_state(
-      jax.random.key(0), config, model, spec.image_shape, lr_fn)))
+  abstract = train.abstract_checkpoint(config)
   expected = _tree_shapes({k: abstract[k] for k in ("params", "batch_stats")})
   if stored == expected:
     return

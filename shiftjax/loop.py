@@ -14,12 +14,14 @@ The loop the launcher's ResNets get, for a user's own model and batches:
   of numpy or jax arrays.
 * what is learned: ``task`` turns a batch into the model's inputs and its outputs into
   a loss and metrics (``classification`` and ``next_token`` are given).
-* what is kept: an orbax checkpoint of ``{step, params, state, opt_state}`` every
-  ``checkpoint_every`` steps in ``workdir`` and a run that finds one resumes from it
-  bit for bit; metrics as JSON lines and TensorBoard events; a progress bar; batches
+* what is kept: an orbax checkpoint every ``checkpoint_every`` steps in ``workdir``
+  (``checkpointed``: the step, the optimizer state and the model's variables, a linen
+  model's by collection) and a run that finds one resumes from it bit for bit; metrics as JSON lines and TensorBoard events; a progress bar; batches
   sharded over every device (data parallelism); a stop without saving when the loss or
   a parameter stops being finite; optional distillation from a teacher function; the
-  latents' learning-rate scale.
+  latents' learning-rate scale; a hook that adds the caller's scalars to each log.
+
+The absl launcher (``shiftjax.train``) runs its ResNets through ``fit`` too.
 """
 
 from __future__ import annotations
@@ -77,11 +79,20 @@ def _masked_mean(values, batch):
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask * jnp.ones_like(values)), 1)
 
 
-def classification(image_key: str = "image", label_key: str = "label") -> Task:
-  """Softmax cross-entropy of logits ``[B, C]`` against int labels; metric accuracy."""
+def classification(image_key: str = "image", label_key: str = "label", *,
+                   label_smoothing: float = 0.0) -> Task:
+  """Softmax cross-entropy of logits ``[B, C]`` against int labels; metric accuracy.
+
+  ``label_smoothing`` (eps) learns ``(1 - eps) * one_hot + eps / C`` instead of the
+  one-hot labels (Szegedy et al. 2016); 0 is the plain loss.
+  """
   def loss(logits, batch):
     labels = batch[label_key]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if label_smoothing:
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+      losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return _masked_mean(losses, batch), {"accuracy": _masked_mean(correct, batch)}
   return Task(lambda batch: (batch[image_key],), loss)
@@ -274,6 +285,7 @@ def train_step(state: TrainState, batch: Batch, key, *, model: FunctionalModel, 
 
 
 def eval_step(state: TrainState, batch: Batch, *, model: FunctionalModel, task: Task):
+  """The task's metrics of one batch and its number of real examples (its weight)."""
   out, _ = model.apply(state.params, state.state, task.inputs(batch), False,
                        jax.random.key(0))
   loss, metrics = task.loss(out, batch)
@@ -289,7 +301,8 @@ def all_finite(tree) -> jax.Array:
 
 
 def evaluate(state: TrainState, data: Iterable[Batch], eval_fn, mesh) -> dict[str, float]:
-  """Example-weighted means of the task's metrics over every batch of ``data``."""
+  """Example-weighted means of the task's metrics over every batch of ``data``
+  (``eval_loss``, ``eval_accuracy``, ...) and ``eval_examples``, their number."""
   totals, count = None, 0.0
   for batch in data:
     metrics, weight = eval_fn(state, shard_batch(batch, mesh))
@@ -298,7 +311,8 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_fn, mesh) -> dict[st
     count += float(weight)
   if totals is None:
     raise ValueError("the evaluation data gave no batch")
-  return {f"eval_{k}": float(v) / count for k, v in jax.device_get(totals).items()}
+  means = {f"eval_{k}": float(v) / count for k, v in jax.device_get(totals).items()}
+  return {**means, "eval_examples": count}
 
 
 # ------------------------------------------------------------------------------- loop
@@ -313,20 +327,59 @@ class FitResult:
   metrics: dict[str, float]
 
 
-def _checkpoint_manager(workdir: str, keep: int, create: bool = True
-                        ) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, keep: int, create: bool = True
+                       ) -> ocp.CheckpointManager:
+  """orbax's manager of ``<workdir>/checkpoints``, keeping the latest ``keep``."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                options=options)
+
+
+_OWN_KEYS = ("step", "opt_state")
+
+
+def checkpointed(state: TrainState) -> dict:
+  """What a checkpoint holds: ``step``, ``opt_state`` and the model's variables. A linen
+  model's are its collections by name (``params``, ``batch_stats``, ...: the launcher's
+  layout since its first version, so every old workdir resumes); an NNX model's are
+  ``params`` and its other state under ``state``."""
+  collections = state.state if isinstance(state.state, dict) else {"state": state.state}
+  clash = set(collections) & {"params", *_OWN_KEYS}
+  if clash:
+    raise ValueError(f"the model has variable collections named {sorted(clash)}, which a "
+                     "checkpoint keeps for the training state; rename them")
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          **collections}
+
+
+def from_checkpoint(stored: Mapping[str, Any], like: TrainState) -> TrainState:
+  """The ``TrainState`` of a checkpoint's dict (``checkpointed``'s inverse)."""
+  if isinstance(like.state, dict):
+    model_state = {k: stored[k] for k in like.state}
+  else:
+    model_state = stored["state"]
+  return TrainState(stored["step"], stored["params"], model_state, stored["opt_state"])
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of the latest checkpoint in ``workdir`` (None: none; nothing is created)."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  manager = checkpoint_manager(workdir, keep=1, create=False)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
 
 
 def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) -> TrainState:
   step = manager.latest_step()
   if step is None:
     return state
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    return from_checkpoint(manager.restore(step, args=ocp.args.StandardRestore(target)), state)
   except (ValueError, KeyError) as e:
     raise ValueError(f"the checkpoint at step {step} in {workdir} is not of this model and "
                      f"optimizer (another run's workdir?); use a new workdir. ({e})") from e
@@ -338,13 +391,15 @@ def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(directory):  # reading never creates a workdir
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  manager = _checkpoint_manager(workdir, keep=1, create=False)
+  manager = checkpoint_manager(workdir, keep=1, create=False)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   restored = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
-  return {"params": restored["params"], **(restored.get("state") or {})}
+  # A linen model's collections by name; an NNX model's (and fit's first layout) under 'state'.
+  return {**{k: v for k, v in restored.items() if k not in (*_OWN_KEYS, "state")},
+          **(restored.get("state") or {})}
 
 
 def _without_value_key(name: str) -> str:
@@ -383,7 +438,9 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
         s3_alpha: float = 0.0, teacher: Callable | None = None,
         distillation: distill_lib.Distillation | None = None,
         progress_bar: bool | None = None, stop_after_steps: int | None = None,
-        init_variables: Mapping[str, Any] | None = None) -> FitResult:
+        init_variables: Mapping[str, Any] | None = None,
+        on_log: Callable[[int, TrainState], Mapping[str, float]] | None = None,
+        compiler_options: Mapping[str, str] | None = None) -> FitResult:
   """Trains ``model`` on ``train_data`` for ``num_steps`` optimizer steps.
 
   Args:
@@ -406,6 +463,11 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
     init_variables: linen only: the variables a fresh run starts from instead of an
       initialization (e.g. ``shiftjax.ptq.quantize_trained``'s); a resumed run keeps its
       checkpoint's. (An NNX model starts from the values it holds.)
+    on_log: ``on_log(step, state)`` gives more scalars for each log line (the launcher's
+      learning rate and code-change fractions). It is also called once with the state
+      training starts from (fresh or restored), whose scalars are not logged: a hook that
+      reports changes since the previous log starts from it.
+    compiler_options: ``jax.jit`` compiler options of the train and eval steps.
   Returns:
     a ``FitResult``.
   Raises:
@@ -423,7 +485,9 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
   make_batches = batches_from(train_data, batch_size=batch_size, seed=seed)
   tx = optim.scale_latent_updates(optimizer, latent_lr_scale)
   mesh = create_mesh()
-  key = jax.random.key(seed)
+  # 'rbg' rather than threefry: compiling the init of a ResNet whose every conv draws
+  # several latent tensors took 45 s with threefry and 4 s with rbg here.
+  key = jax.random.key(seed, impl="rbg")
 
   batches = make_batches(0)
   first = next(batches)
@@ -435,7 +499,7 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
   else:
     params, model_state = jax.jit(functional_model.init)(key, task.inputs(first))
   state = TrainState(jnp.asarray(0, jnp.int32), params, model_state, tx.init(params))
-  manager = _checkpoint_manager(workdir, keep_checkpoints) if workdir else None
+  manager = checkpoint_manager(workdir, keep_checkpoints) if workdir else None
   if manager is not None:
     state = _restore(manager, state, workdir)
   state = replicate(state, mesh)
@@ -447,8 +511,10 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
 
   step_fn = jax.jit(functools.partial(
       train_step, model=functional_model, task=task, tx=tx, s3_alpha=s3_alpha,
-      teacher=teacher, distillation=distillation), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=functional_model, task=task))
+      teacher=teacher, distillation=distillation), donate_argnums=0,
+      compiler_options=compiler_options)
+  eval_fn = jax.jit(functools.partial(eval_step, model=functional_model, task=task),
+                    compiler_options=compiler_options)
   params_finite = jax.jit(all_finite)
   eval_batches = (eval_data if callable(eval_data) else (lambda: eval_data)) if eval_data \
       is not None else None
@@ -456,6 +522,8 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
   progress = metrics_lib.Progress(num_steps, start, progress_bar)
   end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
   step_key = jax.random.fold_in(key, 1)
+  if on_log is not None:
+    on_log(start, state)
   logged: dict[str, float] = {}
   window: list[dict] = []
   window_start = time.time()
@@ -476,6 +544,8 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
               + ". Try a lower learning rate.")
         logged = {f"train_{k}": float(v) for k, v in means.items()}
         logged["steps_per_second"] = len(window) / (time.time() - window_start)
+        if on_log is not None:
+          logged.update(on_log(step, state))
         if eval_batches is not None and eval_every and step % eval_every == 0:
           logged.update(evaluate(state, eval_batches(), eval_fn, mesh))
         if writer is not None:
@@ -483,7 +553,7 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
         progress.update(step, logged)
         window, window_start = [], time.time()
       if should_save:
-        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.save(step, args=ocp.args.StandardSave(checkpointed(state)))
     if eval_batches is not None and int(state.step) >= num_steps:
       logged.update(evaluate(state, eval_batches(), eval_fn, mesh))
       if writer is not None:

@@ -1,10 +1,12 @@
-"""Training and evaluation of shift ResNets: small pure functions and one loop.
+"""The launcher's library: a config's ResNet, data and optimizer, trained by ``sj.fit``.
 
 ``train_and_evaluate(config, workdir)`` is everything a launcher or notebook calls:
-it validates the config before compiling anything, resumes from the last orbax
-checkpoint in ``workdir`` (data order included: batches are a function of the step),
-shards each batch over all devices of all hosts, logs metrics (JSON lines, TensorBoard,
-a progress display), evaluates on the full test split and writes ``summary.json``.
+it validates the config before compiling anything, builds the model, data, optimizer
+and task the config names, and hands them to ``shiftjax.loop.fit``, the loop every model
+trains with (orbax checkpoints that resume bit for bit, batches sharded over all
+devices, JSON lines, TensorBoard, a progress display). Its log hook adds the learning
+rate and the fraction of codes that changed; then it evaluates on the full test split
+and writes ``summary.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax.training import train_state
 
 from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
@@ -46,7 +47,7 @@ from shiftjax import summary as summary_lib
 from shiftjax import transfer
 
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = loop.CHECKPOINT_DIR
 OPTIMIZERS = ("sgd", "radam", "adam")
 SCHEDULES = ("cosine", "constant")
 FAST_GRAD = {"auto": None, "on": True, "off": False}
@@ -63,13 +64,7 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or inf; the last good checkpoint is kept."""
-
-
-class TrainState(train_state.TrainState):
-  """flax ``TrainState`` plus BatchNorm statistics (``batch_stats``)."""
-  batch_stats: Any = None
+NonFiniteLossError = loop.NonFiniteLossError
 
 
 # ----------------------------------------------------------------------------- config
@@ -339,11 +334,7 @@ def create_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformat
 
 
 def init_key(seed: int) -> jax.Array:
-  """The run's root key.
-
-  'rbg' rather than the default threefry: compiling the init of a ResNet whose every
-  conv draws several latent tensors took 45 s with threefry and 4 s with rbg here.
-  """
+  """The run's root key ('rbg': see ``loop.fit``; ``fit`` initializes with the same)."""
   return jax.random.key(seed, impl="rbg")
 
 
@@ -354,79 +345,47 @@ def initialized(key, model: nn.Module, image_shape) -> tuple[Any, Any]:
   return variables["params"], variables.get("batch_stats", {})
 
 
-def create_train_state(key, config, model, image_shape, lr_fn) -> TrainState:
-  """A fresh ``TrainState``: initialized variables and ``config``'s optimizer."""
+def create_train_state(key, config, model, image_shape, lr_fn) -> loop.TrainState:
+  """A fresh ``loop.TrainState``: initialized variables and ``config``'s optimizer."""
   params, batch_stats = initialized(key, model, image_shape)
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config, lr_fn), batch_stats=batch_stats)
+  return loop.TrainState(jnp.asarray(0, jnp.int32), params, {"batch_stats": batch_stats},
+                         create_optimizer(config, lr_fn).init(params))
 
 
-# ---------------------------------------------------------------------------- steps
+def abstract_checkpoint(config) -> dict:
+  """Shapes and dtypes of what a checkpoint of ``config``'s run holds (``loop.checkpointed``
+  of its train state, by ``jax.eval_shape``: nothing is compiled)."""
+  spec = data_lib.get_spec(config.dataset)
+  model = create_model(config, spec.num_classes)
+  lr_fn = create_learning_rate_fn(config, 1, 1)
+  return jax.eval_shape(lambda: loop.checkpointed(create_train_state(
+      init_key(config.seed), config, model, spec.image_shape, lr_fn)))
 
 
-def cross_entropy_loss(logits, labels, mask=None, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy of ``logits [B, C]`` and int ``labels [B]``; a ``mask [B]``
-  averages over the examples it keeps (padded evaluation batches).
-
-  ``label_smoothing`` (eps) trains against ``(1 - eps) * one_hot + eps / C`` instead of
-  the one-hot labels (Szegedy et al. 2016); 0 is the plain loss.
-  """
-  if label_smoothing:
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    losses = optax.softmax_cross_entropy(logits, targets)
-  else:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if mask is None:
-    return jnp.mean(losses)
-  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+def s3_weight(config, quantizers: Mapping[str, qz.Quantizer]) -> float:
+  """``config.s3_regularizer`` when some layer is S3 (its sign latents' regularizer), else 0."""
+  return (config.s3_regularizer if any(isinstance(q, qz.S3) for q in quantizers.values())
+          else 0.0)
 
 
-def train_step(state: TrainState, batch, teacher_variables=None, *, dataset: str,
-               s3_alpha: float, rounding_key, label_smoothing: float = 0.0,
-               teacher_apply: Callable | None = None,
-               distillation: distill.Distillation | None = None) -> tuple[TrainState, dict]:
-  """One SGD step; returns the new state and summed metrics of the batch (its loss is the
-  training objective: smoothed labels, distillation, S3's regularizer).
-
-  With ``distillation``, ``teacher_apply(teacher_variables, images, train=False)`` gives
-  the float teacher's logits of the same (augmented) batch.
-  """
-  images = data_lib.normalize(batch["image"], dataset)
-  labels = batch["label"]
-  rngs = {"rounding": jax.random.fold_in(rounding_key, state.step)}
-  teacher_logits = (teacher_apply(teacher_variables, images, train=False)
-                    if distillation is not None else None)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs=rngs)
-    loss = cross_entropy_loss(logits, labels, label_smoothing=label_smoothing)
-    if distillation is not None:
-      loss = distillation.objective(loss, logits, teacher_logits)
-    if s3_alpha:
-      loss = loss + s3_alpha * qz.s3_regularizer(params)
-    return loss, (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-  n = labels.shape[0]
-  metrics = {"loss_sum": loss * n,
-             "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-             "count": jnp.asarray(n, jnp.float32)}
-  return state, metrics
+def step_function(config, model: nn.Module, lr_fn, *, teacher: Callable | None = None
+                  ) -> Callable:
+  """``loop.train_step`` with ``config``'s task, optimizer and S3 weight, as ``fit`` runs
+  it in ``train_and_evaluate``: ``(state, batch, key) -> (state, metrics)``. For tests
+  and benchmarks of one step; ``teacher(images)`` distills with ``config``'s weights."""
+  quantizers = layer_quantizers(layer_plan(config, model))
+  return functools.partial(
+      loop.train_step, model=loop.functional(model), task=image_task(config),
+      tx=create_optimizer(config, lr_fn), s3_alpha=s3_weight(config, quantizers),
+      teacher=teacher, distillation=distillation(config) if teacher is not None else None)
 
 
-def eval_step(state: TrainState, batch, *, dataset: str) -> dict:
-  """Sums of loss, correct predictions and examples over the real (masked) examples."""
-  images = data_lib.normalize(batch["image"], dataset)
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          images, train=False)
-  mask = batch["mask"].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  return {"loss_sum": jnp.sum(losses * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-          "count": jnp.sum(mask)}
+def image_task(config) -> loop.Task:
+  """Classification of ``config.dataset``: batches stay uint8 on the host and are
+  normalized in the step; ``config.label_smoothing`` in the loss."""
+  dataset = config.dataset
+  classify = loop.classification(label_smoothing=config.get("label_smoothing", 0.0))
+  return loop.Task(lambda batch: (data_lib.normalize(batch["image"], dataset),), classify.loss)
 
 
 # ---------------------------------------------------------------- quantized-code tracking
@@ -467,55 +426,25 @@ def code_changes(old: dict, new: dict, fmt) -> dict[str, jax.Array]:
           "exponent_change_fraction": exps / max(total, 1)}
 
 
-def all_finite(tree) -> jax.Array:
-  """Scalar bool: every leaf of ``tree`` is finite."""
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-# -------------------------------------------------------------------- devices, sharding
-
-
-# The mesh, batch sharding and replication are the generic loop's (``shiftjax.loop``).
-create_mesh, shard_batch, replicate = loop.create_mesh, loop.shard_batch, loop.replicate
-
-
 # ------------------------------------------------------------------------ checkpoints
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   """orbax manager of ``<workdir>/checkpoints`` keeping ``config.keep_checkpoints``."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
+  return loop.checkpoint_manager(workdir, config.keep_checkpoints)
 
 
-def checkpointed(state: TrainState) -> dict:
-  """What a checkpoint holds: step, params, batch statistics, optimizer state."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
-
-
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The state of the latest checkpoint (same shardings as ``state``), or ``state``."""
-  step = manager.latest_step()
-  if step is None:
-    return state
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  say(f"Resuming from the checkpoint at step {step}")
-  return state.replace(**restored)
-
-
-def restore_for_eval(workdir: str, config, state: TrainState, step: int | None = None):
+def restore_for_eval(workdir: str, config, state: loop.TrainState,
+                     step: int | None = None) -> loop.TrainState:
   """``state`` with checkpoint ``step`` (default: the latest) of ``workdir`` restored."""
   manager = checkpoint_manager(workdir, config)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, loop.checkpointed(state))
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
-  return state.replace(**restored)
+  return loop.from_checkpoint(restored, state)
 
 
 # ------------------------------------------------------------------------- weight sizes
@@ -554,28 +483,41 @@ def make_eval_dataset(config):
                                image_size=config.get("image_size"))
 
 
-def jit_eval_step(config) -> Callable:
-  """``eval_step`` for ``config.dataset``, jitted with the step's compiler options."""
-  return jax.jit(functools.partial(eval_step, dataset=config.dataset),
-                 compiler_options=step_compiler_options(config))
+def evaluate_test_split(config, model: nn.Module, state: loop.TrainState, mesh=None
+                 ) -> dict[str, float]:
+  """Loss and accuracy of ``state`` over every example of the test split (``test_loss``,
+  ``test_accuracy``, ``test_examples``): ``loop.evaluate`` with ``config``'s task."""
+  eval_fn = jax.jit(functools.partial(loop.eval_step, model=loop.functional(model),
+                                      task=image_task(config)),
+                    compiler_options=step_compiler_options(config))
+  results = loop.evaluate(state, make_eval_dataset(config).iterator(), eval_fn,
+                          mesh or loop.create_mesh())
+  return {"test_loss": results["eval_loss"], "test_accuracy": results["eval_accuracy"],
+          "test_examples": int(results["eval_examples"])}
 
 
-def evaluate(state, eval_ds, mesh, p_eval_step) -> dict[str, float]:
-  """Loss and accuracy over every example of ``eval_ds`` (``test_loss``, ...)."""
-  totals = None
-  for batch in eval_ds.iterator():
-    m = p_eval_step(state, shard_batch(batch, mesh))
-    totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-  totals = jax.device_get(totals)
-  return {"test_loss": float(totals["loss_sum"] / totals["count"]),
-          "test_accuracy": float(totals["correct"] / totals["count"]),
-          "test_examples": int(totals["count"])}
+class CodeChanges:
+  """The log hook of quantized runs: the fractions of weights whose sign or exponent
+  changed since the previous log (``loop.fit``'s ``on_log``), with the learning rate."""
 
+  def __init__(self, quantizers: Mapping[str, qz.Quantizer], lr_fn, steps_per_epoch: int):
+    self.lr_fn, self.steps_per_epoch = lr_fn, steps_per_epoch
+    self.codes = (jax.jit(functools.partial(all_codes, quantizer=dict(quantizers)))
+                  if quantizers else None)
+    self.changes = (jax.jit(functools.partial(
+        code_changes, fmt={k: q.code_format for k, q in quantizers.items()}))
+                    if quantizers else None)
+    self.previous = None
 
-def _train_scalars(window: list[dict]) -> dict[str, float]:
-  totals = jax.device_get(functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), window))
-  return {"train_loss": float(totals["loss_sum"] / totals["count"]),
-          "train_accuracy": float(totals["correct"] / totals["count"])}
+  def __call__(self, step: int, state: loop.TrainState) -> dict[str, float]:
+    scalars = {"learning_rate": float(self.lr_fn(max(step - 1, 0))),
+               "epoch": step / self.steps_per_epoch}
+    if self.codes is not None:
+      now = self.codes(state.params)
+      if self.previous is not None:
+        scalars.update({k: float(v) for k, v in self.changes(self.previous, now).items()})
+      self.previous = now
+    return scalars
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -613,45 +555,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    seed=config.seed, data_dir=data_dir,
                                    augment=training_augmentation(config),
                                    image_size=config.get("image_size"))
-  eval_ds = make_eval_dataset(config)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = total_train_steps(config, steps_per_epoch)
   model = create_model(config, spec.num_classes)
   quantizers = layer_quantizers(layer_plan(config, model))  # {layer: its weight spec}
   quantizer = models.policy_of(model).quantizer
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
-
-  mesh = create_mesh()
-  key = init_key(config.seed)
-  state = replicate(create_train_state(key, config, model, spec.image_shape, lr_fn), mesh)
-  manager = checkpoint_manager(workdir, config)
-  state = restore_latest(manager, state)
+  start_step = loop.latest_step(workdir) or 0
   # --config.init_from: a fresh run starts from a converted float checkpoint (a resumed
   # run keeps its own checkpoint).
-  state = replicate(transfer.init_from_config(state, config, quantizers or None), mesh)
-  start_step = int(state.step)
-
-  s3_alpha = (config.s3_regularizer if any(isinstance(q, qz.S3) for q in quantizers.values())
-              else 0.0)
-  p_train_step = jax.jit(functools.partial(
-      train_step, dataset=config.dataset, s3_alpha=s3_alpha,
-      label_smoothing=config.get("label_smoothing", 0.0),
-      rounding_key=jax.random.fold_in(key, 1), distillation=distilling,
-      teacher_apply=teacher_model.apply if distilling else None), donate_argnums=0,
-      compiler_options=step_compiler_options(config))
-  teacher_variables = replicate(teacher_variables, mesh) if distilling else None
-  p_eval_step = jit_eval_step(config)
-  p_codes = (jax.jit(functools.partial(all_codes, quantizer=quantizers)) if quantizers
-             else None)
-  p_changes = (jax.jit(functools.partial(
-      code_changes, fmt={k: q.code_format for k, q in quantizers.items()}))
-               if quantizers else None)
-
-  p_all_finite = jax.jit(all_finite)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
-  end_step = total_steps if stop_after_steps is None else min(
-      total_steps, start_step + stop_after_steps)
-  progress = metrics_lib.Progress(total_steps, start_step, config.get("progress_bar"))
+  init_from = transfer.init_from_config(
+      config, lambda: dict(zip(("params", "batch_stats"), jax.device_get(initialized(
+          init_key(config.seed), model, spec.image_shape)))),
+      quantizers or None, resuming=start_step > 0)
+  if start_step:
+    say(f"Resuming from the checkpoint at step {start_step}")
   if jax.process_index() == 0:
     say(str(summary_lib.summarize(model, jnp.zeros((1, *spec.image_shape), jnp.float32),
                                   train=False)))
@@ -661,51 +579,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                            f"{distilling.weight}, temperature {distilling.temperature})"
                            if distilling else ""))
 
-  prev_codes = p_codes(state.params) if quantizers else None
-  window: list[dict] = []
-  window_start = time.time()
-  batches = train_ds.iterator(start_step)
-  try:
-    for step in range(start_step + 1, end_step + 1):
-      state, m = p_train_step(state, shard_batch(next(batches), mesh), teacher_variables)
-      window.append(m)
-      should_log = step % config.log_every_steps == 0 or step == total_steps
-      should_save = step % config.checkpoint_every_steps == 0 or step == end_step
-      if should_log or should_save:
-        # A diverged state is never logged as progress nor saved over a good checkpoint.
-        scalars = _train_scalars(window)
-        if not (math.isfinite(scalars["train_loss"]) and bool(p_all_finite(state.params))):
-          raise NonFiniteLossError(
-              f"training diverged between steps {step - len(window) + 1} and {step} "
-              f"(loss {scalars['train_loss']}, parameters finite: "
-              f"{bool(p_all_finite(state.params))}); stopped without saving. The last good "
-              f"checkpoint (step {manager.latest_step()}) is kept in {workdir}. "
-              "Try a lower learning rate.")
-      if should_log:
-        scalars["learning_rate"] = float(lr_fn(step - 1))
-        scalars["epoch"] = step / steps_per_epoch
-        scalars["steps_per_second"] = len(window) / (time.time() - window_start)
-        if quantizers:
-          codes_now = p_codes(state.params)
-          scalars.update({k: float(v) for k, v in p_changes(prev_codes, codes_now).items()})
-          prev_codes = codes_now
-        writer.write(step, scalars)
-        progress.update(step, scalars)
-        window, window_start = [], time.time()
-      if should_save:
-        manager.save(step, args=ocp.args.StandardSave(checkpointed(state)))
-  finally:
-    manager.wait_until_finished()
-    progress.close()
-    if hasattr(batches, "close"):
-      batches.close()
+  mesh = loop.create_mesh()
+  teacher = None
+  if distilling:
+    teacher_variables = loop.replicate(teacher_variables, mesh)
+    teacher = lambda images: teacher_model.apply(teacher_variables, images, train=False)
+  result = loop.fit(
+      model, train_ds.iterator, optimizer=create_optimizer(config, lr_fn),
+      num_steps=total_steps, task=image_task(config), workdir=workdir, seed=config.seed,
+      log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+      keep_checkpoints=config.keep_checkpoints, s3_alpha=s3_weight(config, quantizers),
+      teacher=teacher,
+      distillation=distilling or None, progress_bar=config.get("progress_bar"),
+      stop_after_steps=stop_after_steps, init_variables=init_from,
+      on_log=CodeChanges(quantizers, lr_fn, steps_per_epoch),
+      compiler_options=step_compiler_options(config))
+  state = result.state
 
   summary: dict[str, Any] = {"steps": int(state.step), "total_steps": total_steps}
   if int(state.step) >= total_steps:
-    results = evaluate(state, eval_ds, mesh, p_eval_step)
+    results = evaluate_test_split(config, model, state, mesh)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step))
     writer.write(int(state.step), {k: v for k, v in results.items() if k != "test_examples"})
+    writer.close()
     summary.update(results)
-    summary.update(weight_bytes(state.params, state.batch_stats, quantizers))
+    summary.update(weight_bytes(state.params, state.state["batch_stats"], quantizers))
     summary.update({"model": config.model, "dataset": config.dataset,
                     "quantizer": repr(quantizer) if quantizer else "float",
                     "policy": describe_policy(config)})
@@ -713,8 +611,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       summary["distilled_from"] = os.path.abspath(config.distill_from)
     if config.export_packed:
       summary.update(export_packed(config, workdir))
-  writer.close()
-  manager.close()
   summary["wall_seconds"] = time.time() - start_time
   # This invocation's peak: start-up, data preparation, compilation, training, export.
   summary["peak_rss_bytes"] = host_memory.peak_resident_bytes()
@@ -760,13 +656,13 @@ def restore_variables(config, workdir: str | os.PathLike, *, step: int | None = 
   lr_fn = create_learning_rate_fn(config, 1, 1)
   # Shapes only (eval_shape compiles nothing): the restore target of this module's layout.
   abstract = jax.eval_shape(lambda: create_train_state(
-      jax.random.key(config.seed), config, model, spec.image_shape, lr_fn))
+      init_key(config.seed), config, model, spec.image_shape, lr_fn))
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(
                                          jax.devices()[0])), abstract)
   state = restore_for_eval(os.fspath(workdir), config, abstract, step)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = {"params": state.params, **state.state}
   return model, jax.device_get(variables), int(state.step)
 
 
@@ -830,14 +726,13 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Restores a checkpoint of ``workdir`` and evaluates it on the full test split."""
   validate_config(config)
   spec = data_lib.get_spec(config.dataset)
-  eval_ds = make_eval_dataset(config)
   model = create_model(config, spec.num_classes)
-  mesh = create_mesh()
+  mesh = loop.create_mesh()
   lr_fn = create_learning_rate_fn(config, 1, 1)
-  state = replicate(create_train_state(init_key(config.seed), config, model,
-                                       spec.image_shape, lr_fn), mesh)
+  state = loop.replicate(create_train_state(init_key(config.seed), config, model,
+                                            spec.image_shape, lr_fn), mesh)
   state = restore_for_eval(workdir, config, state, step)
-  results = evaluate(state, eval_ds, mesh, jit_eval_step(config))
+  results = evaluate_test_split(config, model, state, mesh)
   results["step"] = int(state.step)
   return results
 

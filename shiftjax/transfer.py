@@ -62,7 +62,7 @@ on its own in its first steps (training-mode BatchNorm uses batch statistics).
 
 ``load_float_params(path)`` reads a run's checkpoint (its workdir, its ``checkpoints``
 directory or one step's directory) as numpy, whatever devices wrote it;
-``init_from_config(state, config, quantizer)`` is the ``--config.init_from`` hook of
+``init_from_config(config, shift_variables, quantizer)`` is the ``--config.init_from`` hook of
 ``shiftjax.train`` (fields ``init_from``, ``init_from_required``, ``init_margin``,
 ``init_granularity``).
 """
@@ -589,38 +589,27 @@ def load_float_params(path: str | os.PathLike, field: str = "init_from") -> dict
                   else int(step_name) if step_name.isdigit() else -1}
 
 
-def init_state_from_float(state, path: str | os.PathLike, quantizer: qz.Quantizer | None,
-                          *, margin: float = DEFAULT_MARGIN,
-                          granularity: str = DEFAULT_GRANULARITY):
-  """``state`` with params and batch_stats converted from the float checkpoint at ``path``.
+def init_from_config(config, shift_variables: Callable[[], Mapping],
+                     quantizer: qz.Quantizer | Mapping[str, qz.Quantizer] | None, *,
+                     resuming: bool = False) -> dict | None:
+  """The ``--config.init_from`` hook: a fresh run's variables, converted from the float
+  checkpoint ``config.init_from`` names (``variables_from_float`` of
+  ``shift_variables()``, the shift model's initialized ``{'params', 'batch_stats'}``).
 
-  The optimizer state is kept (freshly initialized: its shapes do not change). The
-  returned arrays are host numpy; place them (``train.replicate``) before training.
-  """
-  source = load_float_params(path)
-  converted = variables_from_float(
-      {"params": state.params, "batch_stats": state.batch_stats or {}},
-      {"params": source["params"], "batch_stats": source["batch_stats"]}, quantizer,
-      margin=margin, granularity=granularity)
-  return state.replace(params=converted["params"],
-                       batch_stats=converted.get("batch_stats", state.batch_stats))
-
-
-def init_from_config(state, config, quantizer: qz.Quantizer | None):
-  """The ``--config.init_from`` hook: converts when the config asks and nothing is restored.
-
-  Returns ``state`` unchanged when ``config.init_from`` is empty or the run already has a
-  checkpoint (``state.step > 0``: resuming wins). Raises ValueError when a recipe that
-  needs a float checkpoint (``config.init_from_required``) has none.
+  None when the config names none, or when the run resumes (its own checkpoint wins).
+  ValueError when a recipe that needs a float checkpoint (``config.init_from_required``)
+  has none.
   """
   path = config.get("init_from", "") or ""
   if not path:
     if config.get("init_from_required", False):
       raise ValueError("this recipe fine-tunes a float model: pass "
                        "--config.init_from=<float run's workdir or checkpoint dir>")
-    return state
-  if int(state.step) > 0:
-    return state
-  return init_state_from_float(state, path, quantizer,
-                               margin=config.get("init_margin", DEFAULT_MARGIN),
-                               granularity=config.get("init_granularity", DEFAULT_GRANULARITY))
+    return None
+  if resuming:
+    return None
+  source = load_float_params(path)
+  return variables_from_float(
+      shift_variables(), {"params": source["params"], "batch_stats": source["batch_stats"]},
+      quantizer, margin=config.get("init_margin", DEFAULT_MARGIN),
+      granularity=config.get("init_granularity", DEFAULT_GRANULARITY))

@@ -263,10 +263,10 @@ def test_label_smoothing_loss_matches_the_smoothed_targets_by_hand():
   targets = np.full((2, 3), eps / classes)
   targets[[0, 1], [0, 1]] += 1 - eps
   expected = -(targets * log_p).sum(-1).mean()
-  np.testing.assert_allclose(
-      train.cross_entropy_loss(logits, labels, label_smoothing=eps), expected, rtol=1e-6)
+  smoothed = train.image_task(tiny_config(label_smoothing=eps)).loss
+  np.testing.assert_allclose(smoothed(logits, {"label": labels})[0], expected, rtol=1e-6)
   # Zero smoothing is the plain one-hot loss.
-  np.testing.assert_allclose(train.cross_entropy_loss(logits, labels),
+  np.testing.assert_allclose(train.image_task(tiny_config()).loss(logits, {"label": labels})[0],
                              -log_p[[0, 1], [0, 1]].mean(), rtol=1e-6)
 
 

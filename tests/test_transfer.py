@@ -313,20 +313,22 @@ def test_init_from_hook_starts_training_from_the_converted_float_model(float_fas
     np.testing.assert_array_equal(got_codes[name], want_codes[name], err_msg=name)
 
 
+def _never_called():
+  raise AssertionError("the shift model's variables were asked for")
+
+
 def test_a_run_with_a_checkpoint_is_not_reinitialized():
-  class State:
-    step = 7
-  config = {"init_from": "/nonexistent", "init_margin": 1e-3}
-  state = State()
-  assert transfer.init_from_config(state, ml_collections.ConfigDict(config), None) is state
+  config = ml_collections.ConfigDict({"init_from": "/nonexistent", "init_margin": 1e-3})
+  assert transfer.init_from_config(config, _never_called, None, resuming=True) is None
 
 
 def test_finetune_recipe_without_init_from_says_what_to_pass():
   class Cfg(dict):
     get = dict.get
   with pytest.raises(ValueError, match="--config.init_from="):
-    transfer.init_from_config(None, Cfg(init_from="", init_from_required=True), None)
-  assert transfer.init_from_config("state", Cfg(init_from=""), None) == "state"
+    transfer.init_from_config(Cfg(init_from="", init_from_required=True), _never_called,
+                              None, resuming=True)
+  assert transfer.init_from_config(Cfg(init_from=""), _never_called, None) is None
 
 
 def test_mixed_widths_convert_each_layer_by_its_own_spec(float_resnet8):

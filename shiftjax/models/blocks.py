@@ -55,12 +55,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), self.strides, name="conv1")(x)
     y = self.act(self.norm(name="bn1")(y))
     y = self.conv(self.filters, (3, 3), name="conv2")(y)
-    y = self.norm(name="bn2")(y)
-    residual = x
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="shortcut")(x)
-      residual = self.norm(name="shortcut_bn")(residual)
-    return self.act(y + residual)
+    return _add_shortcut(self, x, self.norm(name="bn2")(y))
 
 
 class BottleneckBlock(nn.Module):
@@ -78,12 +73,16 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), self.strides, name="conv2")(y)
     y = self.act(self.norm(name="bn2")(y))
     y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
-    y = self.norm(name="bn3")(y)
-    residual = x
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="shortcut")(x)
-      residual = self.norm(name="shortcut_bn")(residual)
-    return self.act(y + residual)
+    return _add_shortcut(self, x, self.norm(name="bn3")(y))
+
+
+def _add_shortcut(block: nn.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``act(y + x)`` at the end of ``block``'s compact call; ``x`` goes through a strided
+  1x1 conv and a BatchNorm (``shortcut``, ``shortcut_bn``) when its shape is not y's."""
+  if x.shape != y.shape:
+    x = block.conv(y.shape[-1], (1, 1), block.strides, name="shortcut")(x)
+    x = block.norm(name="shortcut_bn")(x)
+  return block.act(y + x)
 
 
 def residual_stages(x: jax.Array, block: ModuleDef, stage_sizes: Sequence[int],

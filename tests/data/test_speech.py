@@ -318,7 +318,7 @@ def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tm
       jax.random.key(0), config, model, spec.image_shape, lambda step: 0.0))
   test = speech.load_split("synthetic_slu", "test", data_dir=tiny_synthetic)
   features = sj.data.normalize(test.images, "synthetic_slu")
-  expected = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+  expected = model.apply({"params": state.params, **state.state},
                          features, train=False)
   logits = sj.deploy.packed_apply(packed, features)
   assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))

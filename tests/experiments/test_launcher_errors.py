@@ -91,15 +91,10 @@ def quarter_width_workdir(tmp_path_factory):
   """A workdir holding a checkpoint of the main job's model at width 1/4 (zeros: its
   shapes are what matter; nothing is trained or compiled)."""
   from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
-  from shiftjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from shiftjax import train  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
   config.width_multiplier = 0.25
-  spec = data_lib.get_spec(config.dataset)
-  model = train.create_model(config, spec.num_classes)
-  lr_fn = train.create_learning_rate_fn(config, 1, 1)
-  abstract = jax.eval_shape(lambda: train.checkpointed(train.create_train_state(
-      jax.random.key(0), config, model, spec.image_shape, lr_fn)))
+  abstract = train.abstract_checkpoint(config)
   workdir = tmp_path_factory.mktemp("quarter_width")
   manager = train.checkpoint_manager(str(workdir), config)
   manager.save(7, args=train.ocp.args.StandardSave(
