@@ -2,12 +2,11 @@
 and three short trainings on it, each run once per test session.
 
 DenseShift 3-bit (checkpointed in train.py's layout), S3 3-bit and a mixed-width model,
-all with ``train.train_step``. Models are initialized with the
+all with the launcher's step, ``train.step_function``. Models are initialized with the
 ``rbg`` PRNG, whose ``model.init`` compiles in seconds where threefry takes tens of
 seconds on this CPU.
 """
 
-import functools
 import os
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 from experiments.configs import default
 from resnet_helpers import EVAL_BATCH, rbg_key
 from shiftjax import data as data_lib
+from shiftjax import loop
 from shiftjax import train
 
 SOURCE_DIR = data_lib.fashion_mnist.DEFAULT_SOURCE_DIR
@@ -53,32 +53,30 @@ def fashion_mnist():
 
 
 def short_training(config, data, workdir=None):
-  """``train.train_step`` for ``config.num_train_steps`` steps; checkpoints into
-  ``workdir`` in train.py's layout when given. (``train_and_evaluate`` would add about
-  30 s of threefry init compilation, tfds decoding and evaluation to this module.)"""
+  """The launcher's step (``train.step_function``) for ``config.num_train_steps`` steps;
+  checkpoints into ``workdir`` in its layout when given. (``train_and_evaluate`` would
+  add tfds decoding and evaluation to this module.)"""
   model = train.create_model(config, num_classes=10)
   lr_fn = train.create_learning_rate_fn(config, 1, 1)
   state = train.create_train_state(rbg_key(config.seed), config, model, (28, 28, 1),
                                    lr_fn)
-  s3_alpha = config.s3_regularizer if config.quantizer == "S3" else 0.0
-  step = jax.jit(functools.partial(train.train_step, dataset="fashion_mnist",
-                                   s3_alpha=s3_alpha, rounding_key=rbg_key(1)))
+  step = jax.jit(train.step_function(config, model, lr_fn))
   order = np.random.default_rng(0).permutation(len(data["train_labels"]))
   b = config.batch_size
   for i in range(config.num_train_steps):
     idx = order[i * b:(i + 1) * b]
     state, _ = step(state, {"image": data["train_images"][idx],
-                            "label": data["train_labels"][idx]})
+                            "label": data["train_labels"][idx]}, rbg_key(1))
   if workdir is not None:
     manager = train.checkpoint_manager(workdir, config)
-    manager.save(int(state.step), args=ocp.args.StandardSave(train.checkpointed(state)))
+    manager.save(int(state.step), args=ocp.args.StandardSave(loop.checkpointed(state)))
     manager.wait_until_finished()
     manager.close()
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = {"params": state.params, **state.state}
   return {"config": config, "workdir": workdir, "model": model,
           "variables": jax.device_get(variables),
           "float32_weight_bytes": train.weight_bytes(
-              state.params, state.batch_stats,
+              state.params, state.state["batch_stats"],
               train.layer_quantizers(train.layer_plan(config)))[
                   "float32_weight_bytes"]}
 
