@@ -61,6 +61,29 @@ def user_class(cls: type) -> type:
   return cls
 
 
+def subclass(base: type, **attributes) -> type:
+  """A subclass of a user's class with ``attributes`` (methods, class fields), named and
+  placed as ``base`` (reprs and errors show the user's name) and marked ``DYNAMIC``."""
+  return type(base.__name__, (base,), {"__module__": base.__module__,
+                                       "__qualname__": base.__qualname__, DYNAMIC: True,
+                                       **attributes})
+
+
+def around_linen_method(method: Callable, around: Callable) -> Callable:
+  """A linen ``method`` as ``around(self, call)`` runs it (``call()`` runs the method on
+  its arguments), for a subclass: unwrapped from linen's method handler, which the new
+  class re-applies, and still ``compact`` if it was."""
+  inner = method.__wrapped__ if hasattr(method, "method_handler_wrapped") else method
+
+  @functools.wraps(inner)
+  def run(self, *args, **kwargs):
+    return around(self, lambda: inner(self, *args, **kwargs))
+
+  if hasattr(inner, "compact"):
+    run.compact = inner.compact
+  return run
+
+
 @dataclasses.dataclass
 class LayerRecord:
   """One quantizable layer as a traced call saw it (for checks and ``summary``)."""
@@ -156,36 +179,27 @@ def _quantize_linen(model: nn.Module, policy, methods) -> nn.Module:
 @functools.cache
 def _quantized_linen_class(base: type, policy, methods: tuple[str, ...]) -> type:
   """A subclass of ``base`` whose ``methods`` run under the shift interceptor."""
-  fields = {"_shiftjax_float_class": base, "shift_policy": policy, DYNAMIC: True,
-            "__module__": base.__module__, "__qualname__": base.__qualname__}
+  fields = {"_shiftjax_float_class": base, "shift_policy": policy}
   for name in methods:
     method = getattr(base, name, None)
     if method is None:
       raise ValueError(f"{base.__name__} has no method {name!r} to quantize")
-    fields[name] = _intercepted(method, policy)
-  return type(base.__name__, (base,), fields)
+    fields[name] = around_linen_method(method, functools.partial(_run_quantized, policy))
+  return subclass(base, **fields)
 
 
-def _intercepted(method: Callable, policy) -> Callable:
-  """``method`` (unwrapped from linen's handler, which the new class re-applies) run
-  under ``nn.intercept_methods``; checks the policy against the layers when initializing."""
-  inner = method.__wrapped__ if hasattr(method, "method_handler_wrapped") else method
-
-  @functools.wraps(inner)
-  def run(self, *args, **kwargs):
-    record = CallRecord()
-    with nn.intercept_methods(functools.partial(_intercept_linen, policy, record)):
-      out = inner(self, *args, **kwargs)
-    if self.is_initializing():
-      record.check(policy)
-    for observer in _OBSERVERS:
-      observer.layers.update(record.layers)
-      observer.modules.update(record.modules)
-    return out
-
-  if hasattr(inner, "compact"):
-    run.compact = inner.compact
-  return run
+def _run_quantized(policy, module: nn.Module, call: Callable):
+  """``call()`` under the shift interceptor; checks the policy against the layers when
+  initializing and tells the observers (``record_calls``) the layers it met."""
+  record = CallRecord()
+  with nn.intercept_methods(functools.partial(_intercept_linen, policy, record)):
+    out = call()
+  if module.is_initializing():
+    record.check(policy)
+  for observer in _OBSERVERS:
+    observer.layers.update(record.layers)
+    observer.modules.update(record.modules)
+  return out
 
 
 def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context):
@@ -362,9 +376,7 @@ def _with_quantized_input(layer_class: type) -> type:
     return layer_class.__call__(self, self.input_spec.quantize(params, inputs), *args,
                                 **kwargs)
 
-  return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__,
-               DYNAMIC: True})
+  return subclass(layer_class, __call__=__call__)
 
 
 def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
@@ -395,9 +407,7 @@ def _recording_output(layer_class: type) -> type:
     out = layer_class.__call__(self, *args, **kwargs)
     self.output_record.output_shape = tuple(jnp.shape(out))
     return out
-  return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__,
-               DYNAMIC: True})
+  return subclass(layer_class, __call__=__call__)
 
 
 def policy_of(model) -> policy_lib.LayerPolicy | None:

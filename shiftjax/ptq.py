@@ -36,6 +36,7 @@ import numpy as np
 from shiftjax import interception
 from shiftjax import quantizers as qz
 from shiftjax import transfer
+from shiftjax import trees
 from shiftjax.policy import LayerPolicy
 
 E0_RANGE = range(-16, 4)
@@ -182,12 +183,6 @@ def quantize_trained(model, policy: LayerPolicy, variables: Mapping[str, Any] | 
 # ----------------------------------------------------------------------- frameworks
 
 
-def _subtree(tree, path: str):
-  for part in path.split("/") if path else ():
-    tree = tree[part]
-  return tree
-
-
 def _linen_kernels(model, variables, calibration):
   example = calibration[0] if calibration else None
   if example is None:
@@ -196,8 +191,8 @@ def _linen_kernels(model, variables, calibration):
     jax.eval_shape(interception.quantize_model(model, LayerPolicy(None)).apply,
                    variables, *example)
   params = variables["params"]
-  kernels = {p: _subtree(params, p)["kernel"] for p in record.layers}
-  biases = {p: _subtree(params, p).get("bias") for p in record.layers}
+  kernels = {p: trees.get(params, p)["kernel"] for p in record.layers}
+  biases = {p: trees.get(params, p).get("bias") for p in record.layers}
   return kernels, biases
 
 
@@ -243,23 +238,15 @@ def _spying(layer_class: type) -> type:
   def __call__(self, inputs, *args, **kwargs):
     self.spy(inputs)
     return layer_class.__call__(self, inputs, *args, **kwargs)
-  return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, interception.DYNAMIC: True})
+  return interception.subclass(layer_class, __call__=__call__)
 
 
 def _linen_result(model, variables, policy, kernels, biases):
-  params = jax.tree.map(lambda a: a, variables["params"])  # a structural copy
-
-  def owner(path):
-    node = params
-    for part in path.split("/") if path else ():
-      node[part] = dict(node[part])
-      node = node[part]
-    return node
+  params = dict(variables["params"])  # copied along each edited path (trees.writable)
   for path, latents in kernels.items():
-    owner(path)["kernel"] = jax.tree.map(jnp.asarray, latents)
+    trees.writable(params, path)["kernel"] = jax.tree.map(jnp.asarray, latents)
   for path, bias in biases.items():
-    owner(path)["bias"] = jnp.asarray(bias)
+    trees.writable(params, path)["bias"] = jnp.asarray(bias)
   return interception.quantize_model(model, policy), {**variables, "params": params}
 
 

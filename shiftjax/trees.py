@@ -27,3 +27,25 @@ def flatten(tree) -> dict[str, Any]:
   """``{'fc1/kernel/sign': leaf, ...}`` of every leaf of ``tree``."""
   return {"/".join(path_names(p)): leaf
           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _parts(path: str) -> list[str]:
+  return path.split("/") if path else []
+
+
+def get(tree, path: str):
+  """The node of a nested dict at a '/'-separated module path (``''``: the tree)."""
+  for part in _parts(path):
+    tree = tree[part]
+  return tree
+
+
+def writable(tree: dict, path: str) -> dict:
+  """The dict at ``path`` of ``tree``, for editing: every dict on the way (``tree``'s own
+  entries down to it) is replaced in ``tree`` by a copy, so the caller's edits never
+  reach the dicts ``tree`` shares with anyone; missing levels are created."""
+  node = tree
+  for part in _parts(path):
+    node[part] = dict(node.get(part, {}))
+    node = node[part]
+  return node

@@ -146,9 +146,7 @@ def _packed_linear(layer_class: type) -> type:
     return packed_dense(inputs, self.kernel.get_value(), self.kernel.weight_spec, bias,
                         self.dtype)
 
-  return type(layer_class.__name__, (layer_class,),
-              {"__call__": __call__, "__module__": layer_class.__module__,
-               interception.DYNAMIC: True})
+  return interception.subclass(layer_class, __call__=__call__)
 
 
 # ---------------------------------------------------------------------------- linen
@@ -160,13 +158,13 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs):
                      "whose variables these are")
   with interception.record_calls() as record:
     jax.eval_shape(functools.partial(model.apply, **kwargs), variables, *inputs)
-  params = dict(variables["params"])  # copied along each edited path (_subtree)
+  params = dict(variables["params"])  # copied along each edited path (trees.writable)
   codes: dict[str, Any] = {}
   table = []
   for path, layer in record.layers.items():
     if layer.weight_spec is None:
       continue
-    owner, codes_owner = _subtree(params, path), _subtree(codes, path, create=True)
+    owner, codes_owner = trees.writable(params, path), trees.writable(codes, path)
     spec = layer.weight_spec
     codes_owner["kernel"] = layer_words(
         kernel_words(spec.codes(owner.pop("kernel")), spec.bits), layer.kind, spec)
@@ -185,33 +183,18 @@ def packed_linen_model(model: nn.Module, base: type, table) -> nn.Module:
   return packed
 
 
-def _subtree(tree: dict, path: str, create: bool = False) -> dict:
-  node = tree
-  for part in path.split("/") if path else ():
-    if create:
-      node = node.setdefault(part, {})
-    else:
-      node[part] = dict(node[part])
-      node = node[part]
-  return node
-
-
 @functools.cache
 def _packed_linen_class(base: type, table) -> type:
-  method = base.__call__
-  inner = method.__wrapped__ if hasattr(method, "method_handler_wrapped") else method
   layers = dict(table)
 
-  @functools.wraps(inner)
-  def run(self, *args, **kwargs):
+  def around(module, call):
+    del module
     with nn.intercept_methods(functools.partial(_intercept_packed, layers)):
-      return inner(self, *args, **kwargs)
+      return call()
 
-  if hasattr(inner, "compact"):
-    run.compact = inner.compact
-  return type(base.__name__, (base,), {"__call__": run, "packed_layers": table,
-                                       "_shiftjax_float_class": base,
-                                       interception.DYNAMIC: True})
+  return interception.subclass(
+      base, __call__=interception.around_linen_method(base.__call__, around),
+      packed_layers=table, _shiftjax_float_class=base)
 
 
 def _intercept_packed(layers, next_fun, args, kwargs, context):
@@ -394,7 +377,7 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
                        "and its packed variables")
     layers = dict(table)
     codes = variables[CODES_COLLECTION]
-    arrays = {CODES + p: _bitplanes(_subtree_get(codes, p)["kernel"], e)
+    arrays = {CODES + p: _bitplanes(trees.get(codes, p)["kernel"], e)
               for p, e in layers.items()}
     rest = {k: v for k, v in variables.items() if k != CODES_COLLECTION}
     arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
@@ -402,12 +385,6 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
     framework = "linen"
   return PackedTree(framework, _class_name(interception.user_class(base)), layers, arrays,
                     dict(metadata or {}))
-
-
-def _subtree_get(tree, path: str):
-  for part in path.split("/") if path else ():
-    tree = tree[part]
-  return tree
 
 
 def save_model(path: str | os.PathLike, packed, variables=None, *,
