@@ -8,10 +8,12 @@ power-of-two weights of its spec, in minutes and without training:
    (a layer's weights may sit at 2**-6 or at 2**0; one global offset fits neither);
 2. rounding, one of ``ROUNDINGS``:
    ``'nearest'``: every weight to the nearest value of the format;
-   ``'error_feedback'`` (GPTQ, Frantar et al. 2023, on a dense kernel ``[K, N]``): the
+   ``'error_feedback'`` (GPTQ, Frantar et al. 2023, on a dense kernel ``[K, N]``, or a
+   conv's ``[*window, C, N]`` flattened to ``[K, N]`` against its input patches): the
    rows are rounded in order and each row's rounding error, weighted by the inverse of
    the layer's input Hessian ``H = X^T X`` over the calibration batches, is spread over
-   the rows not yet rounded, so that ``X W`` rather than ``W`` stays close;
+   the rows not yet rounded, so that ``X W`` rather than ``W`` stays close (a grouped or
+   circular/causal-padded conv, and any other layer, falls back to nearest rounding);
 3. ``bias_correction``: a layer with a bias adds ``E[x] (W - W_q)`` (its output's mean
    shift over the calibration batches; Nagel et al. 2019).
 
@@ -96,14 +98,44 @@ class _LayerStats:
   hessian: np.ndarray | None = None
   count: int = 0
 
-  def add(self, x: np.ndarray, with_hessian: bool) -> None:
+  def add(self, x: np.ndarray, with_hessian: bool, patches: np.ndarray | None = None
+          ) -> None:
+    """``x``: the layer's input; ``patches``: a conv's input windows ``[..., K]`` in its
+    flattened kernel's row order (``conv_patches``), for the Hessian."""
     flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
     total = flat.sum(0)
     self.mean = total if self.mean is None else self.mean + total
-    if with_hessian and self.kind == "Dense":
-      gram = flat.T @ flat
+    rows = flat if self.kind == "Dense" else patches
+    if with_hessian and rows is not None:
+      rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+      gram = rows.T @ rows
       self.hessian = gram if self.hessian is None else self.hessian + gram
     self.count += flat.shape[0]
+
+
+def conv_patches(conv: nn.Conv, x) -> np.ndarray | None:
+  """The input windows of a linen ``conv`` applied to ``x``: ``[positions, K]`` with
+  ``patches @ kernel.reshape(K, N)`` its output (no bias); None for what this does not
+  cover (grouped convs, circular or causal padding)."""
+  rank = len(conv.kernel_size)
+  padding = nn.linear.canonicalize_padding(conv.padding, rank)
+  if conv.feature_group_count != 1 or padding in ("CIRCULAR", "CAUSAL"):
+    return None
+  def per_dim(v):
+    return (v,) * rank if v is None or isinstance(v, int) else tuple(v)
+  strides, lhs, rhs = (tuple(1 if d is None else d for d in per_dim(v))
+                       for v in (conv.strides, conv.input_dilation, conv.kernel_dilation))
+  x = jnp.asarray(x, jnp.float32)
+  x = x.reshape((-1,) + x.shape[-(rank + 1):])
+  channels = x.shape[-1]
+  # lax orders a patch's features channel-major (C, *window); the kernel's rows are
+  # (*window, C).
+  patches = jax.lax.conv_general_dilated_patches(
+      jnp.moveaxis(x, -1, 1), tuple(conv.kernel_size), strides, padding,
+      lhs_dilation=lhs, rhs_dilation=rhs, precision=jax.lax.Precision.HIGHEST)
+  patches = jnp.moveaxis(patches, 1, -1).reshape(-1, channels, *conv.kernel_size)
+  patches = jnp.moveaxis(patches, 1, -1)
+  return np.asarray(patches.reshape(patches.shape[0], -1))
 
 
 def _exact(path: str) -> str:
@@ -208,15 +240,19 @@ def _calibration_stats(model, variables, calibration, paths, with_hessian):
   """Each quantized layer's input statistics over the calibration inputs (float model)."""
   stats: dict[str, _LayerStats] = {}
 
-  def seen(path, kind, x):
+  def seen(path, kind, x, patches=None):
     if path in paths:
-      stats.setdefault(path, _LayerStats(kind)).add(np.asarray(x), with_hessian)
+      stats.setdefault(path, _LayerStats(kind)).add(np.asarray(x), with_hessian, patches)
 
   if isinstance(model, nn.Module):
     def spy(next_fun, args, kwargs, context):
       module = context.module
       if context.method_name == "__call__" and isinstance(module, interception.LINEN_LAYERS):
-        seen("/".join(module.scope.path), type(module).__name__, args[0])
+        path = "/".join(module.scope.path)
+        patches = (conv_patches(module, args[0])
+                   if with_hessian and path in paths and isinstance(module, nn.Conv)
+                   else None)
+        seen(path, type(module).__name__, args[0], patches)
       return next_fun(*args, **kwargs)
     for inputs in calibration:
       with nn.intercept_methods(spy):
