@@ -26,9 +26,11 @@ optimizer, no training stack.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -43,6 +45,7 @@ from shiftjax import kernels
 from shiftjax import quantizers as qz
 from shiftjax import trees
 from shiftjax.deploy import format as format_lib
+from shiftjax.deploy import norm_folding
 from shiftjax.deploy.packed_tree import CODES, VARIABLES, LayerEntry, PackedTree
 
 CODES_COLLECTION = "shift_codes"
@@ -152,7 +155,8 @@ def _packed_linear(layer_class: type) -> type:
 # ---------------------------------------------------------------------------- linen
 
 
-def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs):
+def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs,
+                fold_batch_norm: bool):
   if not interception.is_quantized(model):
     raise ValueError("pack_model takes the quantized model (shiftjax.quantize_model's) "
                      "whose variables these are")
@@ -171,9 +175,17 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs):
     table.append((path, LayerEntry(layer.kind, spec, layer.kernel_shape, layer.input_spec)))
   if not table:
     raise ValueError("the model has no quantized layer to pack")
+  packed_variables = {**variables, "params": params, CODES_COLLECTION: codes}
+  if fold_batch_norm:
+    folds, reasons = norm_folding.find_foldable(model, variables, [p for p, _ in table],
+                                                inputs, kwargs)
+    for reason in reasons:
+      warnings.warn(reason, stacklevel=3)
+    packed_variables = norm_folding.fold(packed_variables, folds)
+    norms = {f.layer: f.norm for f in folds}
+    table = [(p, dataclasses.replace(e, folded_norm=norms.get(p))) for p, e in table]
   base = type(model)._shiftjax_float_class  # pylint: disable=protected-access
-  return (packed_linen_model(model, base, tuple(table)),
-          {**variables, "params": params, CODES_COLLECTION: codes})
+  return packed_linen_model(model, base, tuple(table)), packed_variables
 
 
 def packed_linen_model(model: nn.Module, base: type, table) -> nn.Module:
@@ -186,10 +198,11 @@ def packed_linen_model(model: nn.Module, base: type, table) -> nn.Module:
 @functools.cache
 def _packed_linen_class(base: type, table) -> type:
   layers = dict(table)
+  folded_norms = frozenset(e.folded_norm for e in layers.values() if e.folded_norm)
 
   def around(module, call):
     del module
-    with nn.intercept_methods(functools.partial(_intercept_packed, layers)):
+    with nn.intercept_methods(functools.partial(_intercept_packed, layers, folded_norms)):
       return call()
 
   return interception.subclass(
@@ -197,13 +210,26 @@ def _packed_linen_class(base: type, table) -> type:
       packed_layers=table, _shiftjax_float_class=base)
 
 
-def _intercept_packed(layers, next_fun, args, kwargs, context):
+def _intercept_packed(layers, folded_norms, next_fun, args, kwargs, context):
   module = context.module
   if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
-  entry = layers.get("/".join(module.scope.path))
+  path = "/".join(module.scope.path)
+  if path in folded_norms:
+    return args[0]  # its layer applied it
+  entry = layers.get(path)
   if entry is None or not isinstance(module, interception.LINEN_LAYERS):
     return next_fun(*args, **kwargs)
+  out = _run_packed(module, entry, next_fun, args, kwargs)
+  if entry.folded_norm is None:
+    return out
+  scale = module.get_variable(norm_folding.FOLDED_COLLECTION, "scale")
+  bias = module.get_variable(norm_folding.FOLDED_COLLECTION, "bias")
+  return out * scale + bias
+
+
+def _run_packed(module: nn.Module, entry: LayerEntry, next_fun, args, kwargs):
+  """A packed layer's output: on the kernels, or flax's forward on decoded weights."""
   spec, input_spec = entry.weight_spec, entry.input_spec
   words = module.get_variable(CODES_COLLECTION, "kernel")
   x = args[0]
@@ -234,13 +260,17 @@ def _decoded_kernel(module: nn.Module, words, spec):
 # ----------------------------------------------------------------------------- public
 
 
-def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs, **kwargs):
+def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs,
+               fold_batch_norm: bool = True, **kwargs):
   """A trained shift model with codes in place of latents (module docstring).
 
   Args:
     model: an NNX model from ``quantize_model`` (trained), or a linen model from
       ``quantize_model`` with its trained ``variables`` and example ``inputs`` (and
       keyword arguments) of one call, which find its layers.
+    fold_batch_norm: linen: each BatchNorm that directly follows a quantized layer, in
+      inference mode, becomes that layer's epilogue (``deploy.norm_folding``); one that
+      cannot fold stays and a warning says which and why. (NNX models keep their norms.)
   Returns:
     NNX: the packed model. linen: ``(packed_model, packed_variables)``.
   """
@@ -252,7 +282,7 @@ def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs, **kwa
     if variables is None or not inputs:
       raise ValueError("a linen model needs its variables and example inputs: "
                        "pack_model(model, variables, x)")
-    return _pack_linen(model, variables, inputs, kwargs)
+    return _pack_linen(model, variables, inputs, kwargs, fold_batch_norm)
   raise TypeError(f"pack_model takes a flax.linen or flax.nnx Module, got "
                   f"{type(model).__name__}")
 

@@ -21,6 +21,8 @@ SHA-256, atomic writes) is ``deploy.container``'s; header fields of version 4::
    "model": "shiftjax.models.language_model.TransformerLM",
    "layers": {"blocks/0/mlp/fc1": {"kind": "Dense", "weight_spec": {quantizer JSON},
                                     "kernel_shape": [256, 1024], "input_spec": null}, ...},
+   (a layer with a BatchNorm folded into it also has "folded_norm": "<its path>"; the
+    epilogue is then the variables folded_norms/<layer>/{scale,bias})
    "arrays": [...], "data_bytes": S, "metadata": {...}}
 """
 
@@ -53,11 +55,15 @@ class LayerEntry:
   weight_spec: qz.Quantizer
   kernel_shape: tuple[int, ...]
   input_spec: Any = None
+  folded_norm: str | None = None  # the BatchNorm this layer applies (deploy.norm_folding)
 
   def to_json(self) -> dict:
-    return {"kind": self.kind, "weight_spec": quantizer_to_json(self.weight_spec),
-            "kernel_shape": list(self.kernel_shape),
-            "input_spec": act_lib.to_json(self.input_spec)}
+    entry = {"kind": self.kind, "weight_spec": quantizer_to_json(self.weight_spec),
+             "kernel_shape": list(self.kernel_shape),
+             "input_spec": act_lib.to_json(self.input_spec)}
+    if self.folded_norm is not None:
+      entry["folded_norm"] = self.folded_norm
+    return entry
 
   @property
   def codes_shape(self) -> tuple[int, int]:
@@ -68,9 +74,13 @@ class LayerEntry:
 
 def _entry_from_json(path: str, obj: Any) -> LayerEntry:
   keys = {"kind", "weight_spec", "kernel_shape", "input_spec"}
-  if not isinstance(obj, dict) or set(obj) != keys:
-    raise PackedModelError(f"layer {path!r} must be an object with exactly {sorted(keys)}, "
-                           f"got {obj!r}")
+  if not isinstance(obj, dict) or not keys <= set(obj) <= keys | {"folded_norm"}:
+    raise PackedModelError(f"layer {path!r} must be an object with exactly {sorted(keys)} "
+                           f"and optionally 'folded_norm', got {obj!r}")
+  folded_norm = obj.get("folded_norm")
+  if folded_norm is not None and (not isinstance(folded_norm, str) or not folded_norm):
+    raise PackedModelError(f"layer {path!r} folded_norm must be a module path, got "
+                           f"{folded_norm!r}")
   if obj["kind"] not in KINDS:
     raise PackedModelError(f"layer {path!r} has kind {obj['kind']!r}; allowed: {KINDS}")
   shape = obj["kernel_shape"]
@@ -81,7 +91,8 @@ def _entry_from_json(path: str, obj: Any) -> LayerEntry:
   if spec is None:
     raise PackedModelError(f"layer {path!r} has no weight_spec (only quantized layers "
                            "are layers of the file; float ones are variables)")
-  return LayerEntry(obj["kind"], spec, tuple(shape), activation_from_json(obj["input_spec"]))
+  return LayerEntry(obj["kind"], spec, tuple(shape), activation_from_json(obj["input_spec"]),
+                    folded_norm)
 
 
 @dataclasses.dataclass
