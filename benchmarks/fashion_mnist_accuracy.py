@@ -12,45 +12,21 @@ resumes from its own workdir if interrupted. Extra ``--config.*`` flags apply to
 """
 
 import os
-import tempfile
 
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-from shiftjax import host_memory
 from shiftjax.benchmarking import method_comparison
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "fmnist_accuracy"),
-                    "Parent directory; one subdirectory per method and seed.")
-flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
-flags.DEFINE_list("methods", None, "A subset of the methods (default: all).")
-flags.DEFINE_string("reference", "float", "The method every gap is measured against "
-                    "(trained too when --methods leaves it out).")
-config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
-                           "fashion_mnist.py"), "Base config (the main job's).")
+method_comparison.define_flags(
+    "fmnist_accuracy", os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                    "configs", "fashion_mnist.py"),
+    "Base config (the main job's).")
 
 
 def main(argv):
   del argv
-  host_memory.reuse_freed_memory()  # as experiments/train.py does
-  logging.set_verbosity(logging.WARNING)
-  try:
-    methods = method_comparison.select_methods(
-        FLAGS.methods, method_comparison.FASHION_MNIST_METHODS, method_comparison.VARIANTS,
-        reference=FLAGS.reference)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  base = FLAGS.config
-  summaries = method_comparison.train_each(base, methods,
-                                           FLAGS.workdir, range(FLAGS.seeds))
-  print(f"\nFashion-MNIST, {base.model} (width x{base.width_multiplier}), "
-        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
-        f"seeds 0..{FLAGS.seeds - 1}")
-  method_comparison.print_table(summaries, FLAGS.reference)
+  method_comparison.run_from_flags(method_comparison.FASHION_MNIST_METHODS,
+                                   title="Fashion-MNIST")
 
 
 if __name__ == "__main__":

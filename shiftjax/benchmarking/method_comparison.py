@@ -5,6 +5,7 @@ over the same base config and several seeds, and the statistics of the test accu
 import math
 import os
 import statistics
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -153,6 +154,48 @@ def select_methods(names: Sequence[str] | None, methods: Mapping[str, dict],
   if reference not in names:
     names = [reference, *names]  # every gap is measured against it
   return {n: known[n] for n in names}
+
+
+def define_flags(workdir_name: str, config_path: str, config_help: str) -> None:
+  """The absl flags of a method-comparison benchmark: ``--workdir`` (a temporary
+  directory's ``workdir_name`` by default), ``--seeds``, ``--methods``, ``--reference``
+  and ``--config`` (``config_path`` by default; ``--config.*`` apply to every run)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), workdir_name),
+                      "Parent directory; one subdirectory per method and seed.")
+  flags.DEFINE_integer("seeds", 1, "Seeds 0 .. N-1 of every method.", lower_bound=1)
+  flags.DEFINE_list("methods", None, "A subset of the methods (default: all).")
+  flags.DEFINE_string("reference", "float", "The method every gap is measured against "
+                      "(trained too when --methods leaves it out).")
+  config_flags.DEFINE_config_file("config", config_path, config_help)
+
+
+def run_from_flags(methods: Mapping[str, dict], title: str | None = None,
+                   extra: Mapping[str, Callable[[dict], float]] | None = None,
+                   prepare: Callable[[ml_collections.ConfigDict], None] | None = None
+                   ) -> None:
+  """Trains the methods ``define_flags``' flags select (of ``methods`` and ``VARIANTS``)
+  one after the other, as the launcher would (freed host memory reused), and prints the
+  table (``print_table``) under a line naming ``title`` (default: the dataset) and the
+  base config. ``prepare(base config)`` runs first (e.g. builds a dataset)."""
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from shiftjax import host_memory  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  host_memory.reuse_freed_memory()  # as experiments/train.py does
+  logging.set_verbosity(logging.WARNING)
+  try:
+    selected = select_methods(values.methods, methods, VARIANTS, reference=values.reference)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  base = values.config
+  if prepare is not None:
+    prepare(base)
+  summaries = train_each(base, selected, values.workdir, range(values.seeds))
+  print(f"\n{title or base.dataset}, {base.model} (width x{base.width_multiplier}), "
+        f"{base.num_epochs:g} epochs, batch {base.batch_size}, augment={base.augment}, "
+        f"seeds 0..{values.seeds - 1}")
+  print_table(summaries, values.reference, extra)
 
 
 def fashion_mnist_test_set() -> tuple[np.ndarray, np.ndarray]:

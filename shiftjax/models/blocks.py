@@ -42,13 +42,18 @@ def conv_and_norm(train: bool, *, fast_grad=None,
   return conv, norm
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs; a 1x1 conv shortcut (quantized too) when the shape changes."""
+class ResidualBlock(nn.Module):
+  """The fields of a residual block: its width, conv and norm constructors, the stride
+  of its first strided conv and its activation."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   strides: Sequence[int] = (1, 1)
   act: Callable = nn.relu
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convs; a 1x1 conv shortcut (quantized too) when the shape changes."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,13 +63,8 @@ class BasicBlock(nn.Module):
     return _add_shortcut(self, x, self.norm(name="bn2")(y))
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResidualBlock):
   """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet-50 v1.5)."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: Sequence[int] = (1, 1)
-  act: Callable = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +76,7 @@ class BottleneckBlock(nn.Module):
     return _add_shortcut(self, x, self.norm(name="bn3")(y))
 
 
-def _add_shortcut(block: nn.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+def _add_shortcut(block: ResidualBlock, x: jax.Array, y: jax.Array) -> jax.Array:
   """``act(y + x)`` at the end of ``block``'s compact call; ``x`` goes through a strided
   1x1 conv and a BatchNorm (``shortcut``, ``shortcut_bn``) when its shape is not y's."""
   if x.shape != y.shape:
