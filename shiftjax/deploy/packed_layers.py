@@ -113,10 +113,11 @@ class PackedKernel(nnx.Variable):
     return self.weight_shape
 
 
-def _pack_nnx(model: nnx.Module) -> nnx.Module:
+def _pack_nnx(model: nnx.Module, example_inputs, fold_batch_norm: bool) -> nnx.Module:
+  quantized = model
   model = nnx.clone(model)
-  packed = 0
-  for _, layer in nnx.iter_modules(model):
+  packed = []
+  for path, layer in nnx.iter_modules(model):
     if not isinstance(layer, interception.NNX_LAYERS):
       continue
     kernel = layer.kernel
@@ -129,10 +130,15 @@ def _pack_nnx(model: nnx.Module) -> nnx.Module:
                                 weight_spec=spec, weight_shape=kernel.weight_shape)
     if dense and runs_on_kernels("Dense", spec):
       layer.__class__ = _packed_linear(type(layer))
-    packed += 1
+    packed.append("/".join(map(str, path)))
   if not packed:
     raise ValueError("the model has no quantized layer to pack (quantize it with "
                      "shiftjax.quantize_model and train it first)")
+  if fold_batch_norm and example_inputs is not None:
+    folds, reasons = norm_folding.find_foldable_nnx(quantized, packed, example_inputs)
+    for reason in reasons:
+      warnings.warn(reason, stacklevel=3)
+    norm_folding.fold_nnx(model, folds)
   return model
 
 
@@ -261,23 +267,27 @@ def _decoded_kernel(module: nn.Module, words, spec):
 
 
 def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs,
-               fold_batch_norm: bool = True, **kwargs):
+               fold_batch_norm: bool = True, example_inputs: tuple | None = None,
+               **kwargs):
   """A trained shift model with codes in place of latents (module docstring).
 
   Args:
     model: an NNX model from ``quantize_model`` (trained), or a linen model from
       ``quantize_model`` with its trained ``variables`` and example ``inputs`` (and
       keyword arguments) of one call, which find its layers.
-    fold_batch_norm: linen: each BatchNorm that directly follows a quantized layer, in
+    fold_batch_norm: each BatchNorm that directly follows a quantized layer, in
       inference mode, becomes that layer's epilogue (``deploy.norm_folding``); one that
-      cannot fold stays and a warning says which and why. (NNX models keep their norms.)
+      cannot fold stays and a warning says which and why. Found on a traced call: of
+      ``inputs`` (linen), of ``example_inputs`` (NNX; without them norms stay).
+    example_inputs: NNX: the positional inputs of one call, for folding.
   Returns:
     NNX: the packed model. linen: ``(packed_model, packed_variables)``.
   """
   if isinstance(model, nnx.Module):
     if variables is not None or inputs:
-      raise ValueError("an NNX model holds its own variables: pack_model(model)")
-    return _pack_nnx(model)
+      raise ValueError("an NNX model holds its own variables: pack_model(model) (with "
+                       "example_inputs=(x,) to fold BatchNorms)")
+    return _pack_nnx(model, example_inputs, fold_batch_norm)
   if isinstance(model, nn.Module):
     if variables is None or not inputs:
       raise ValueError("a linen model needs its variables and example inputs: "
@@ -393,7 +403,8 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
         name = "/".join(map(str, path))
         kernel = layer.kernel
         entry = LayerEntry(interception._nnx_kind(layer), kernel.weight_spec,  # pylint: disable=protected-access
-                           tuple(kernel.weight_shape), getattr(layer, "input_spec", None))
+                           tuple(kernel.weight_shape), getattr(layer, "input_spec", None),
+                           getattr(layer, "folded_norm", None))
         layers[name] = entry
         arrays[CODES + name] = _bitplanes(kernel.get_value(), entry)
     arrays.update({VARIABLES + p: _storable(p, v)
@@ -486,6 +497,7 @@ def _load_nnx(tree: PackedTree, model: nnx.Module) -> nnx.Module:
       interception._quantize_nnx_input(layer, entry.input_spec)  # pylint: disable=protected-access
     if isinstance(layer, nnx.Linear) and runs_on_kernels("Dense", entry.weight_spec):
       layer.__class__ = _packed_linear(type(layer))
+  norm_folding.refold_nnx(model, tree.layers)
   stored = tree.variables
   state = nnx.state(model, nnx.All(nnx.Variable, nnx.Not(nnx.RngState),
                                     nnx.Not(PackedKernel)))

@@ -3,6 +3,7 @@
 import warnings
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +32,10 @@ def trained_like(variables, seed=0):
   return out
 
 
-def pack(model, variables, *inputs, **kwargs):
+def pack(model, *args, **kwargs):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    packed = sj.deploy.pack_model(model, variables, *inputs, **kwargs)
+    packed = sj.deploy.pack_model(model, *args, **kwargs)
   return packed, [str(w.message) for w in caught]
 
 
@@ -122,3 +123,45 @@ def test_a_layer_entry_keeps_its_folded_norm_and_refuses_a_bad_one():
   assert "folded_norm" not in unfolded.to_json()  # files without folds read as before
   with pytest.raises(sj.deploy.PackedModelError, match="folded_norm must be a module path"):
     packed_tree._entry_from_json("block/conv", dict(entry.to_json(), folded_norm=3))  # pylint: disable=protected-access
+
+
+class NnxSharedOutput(nnx.Module):
+  """SharedOutput in NNX: conv_bn cannot fold (conv's output is used twice), fc_bn can."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.conv_bn = nnx.BatchNorm(8, rngs=rngs)
+    self.fc = nnx.Linear(8, 16, rngs=rngs)
+    self.fc_bn = nnx.BatchNorm(16, rngs=rngs)
+    self.head = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.conv(x)
+    z = nnx.relu(self.conv_bn(y)) + y
+    z = nnx.relu(self.fc_bn(self.fc(jnp.mean(z, axis=(1, 2)))))
+    return self.head(z)
+
+
+def test_an_nnx_model_folds_what_it_can_and_its_file_keeps_the_folds(tmp_path):
+  model = sj.quantize_model(NnxSharedOutput(nnx.Rngs(0)), LayerPolicy(sj.DenseShift(3)))
+  rng = np.random.default_rng(0)
+  for norm in (model.conv_bn, model.fc_bn):
+    norm.mean[...] = rng.standard_normal(norm.mean.shape).astype(np.float32)
+    norm.var[...] = rng.uniform(0.5, 2.0, norm.var.shape).astype(np.float32)
+    norm.scale[...] = rng.uniform(0.5, 2.0, norm.scale.shape).astype(np.float32)
+  model.eval()
+  expected = model(X)
+  packed, messages = pack(model, example_inputs=(X,))
+  assert messages == ["BatchNorm 'conv_bn' after layer 'conv' stays unfolded: the layer's "
+                      "output is also used elsewhere"]
+  assert packed.fc.folded_norm == "fc_bn" and not hasattr(packed.conv, "folded_norm")
+  assert not hasattr(packed.fc_bn, "mean") and hasattr(packed.conv_bn, "mean")
+  got = packed(X)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected)))
+  assert hasattr(model.fc_bn, "mean")  # the trained model is untouched
+  # Without example inputs nothing is traced, so nothing folds.
+  assert not hasattr(sj.deploy.pack_model(model).fc, "folded_norm")
+  path = packed_layers.save_model(tmp_path / "nnx.shiftjax", packed)
+  fresh = NnxSharedOutput(nnx.Rngs(7))
+  fresh.eval()
+  np.testing.assert_array_equal(packed_layers.load_model(path, fresh)(X), got)
