@@ -8,27 +8,16 @@ traceback).
 
 import json
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
 from experiments import _errors
+from experiments import _run_flags
 from shiftjax import train
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of the training run.")
-flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-config_flags.DEFINE_config_file("config", None, "The run's configuration file.",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+_run_flags.define()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _errors.check_run(FLAGS.config, FLAGS.workdir)
-  print(json.dumps(train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step),
-                   indent=2))
+  config, workdir, step = _run_flags.checked_run(argv)
+  print(json.dumps(train.evaluate_checkpoint(config, workdir, step), indent=2))
 
 
 if __name__ == "__main__":
