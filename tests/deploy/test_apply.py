@@ -59,8 +59,7 @@ def test_bit_planes_become_the_kernels_words_once_where_the_kernels_run(packed):
 
 _STANDALONE = """
 import sys
-site_packages, artifact, images, out = sys.argv[1:]
-sys.path.append(site_packages)  # jax and numpy, without .pth files (no editable installs)
+artifact, images, out = sys.argv[1:]
 try:
   import shiftjax
 except ModuleNotFoundError:
@@ -80,11 +79,14 @@ def test_jax_export_artifact_runs_without_shiftjax(packed, fashion_mnist, tmp_pa
   artifact = deploy.save_serialized(packed, tmp_path / "model.jax_exported", (None, 28, 28, 1))
   images = fashion_mnist["test_images"][:50]
   np.save(tmp_path / "images.npy", images)
+  # jax and numpy from their site-packages as PYTHONPATH, without the site module (-S):
+  # no .pth file runs, so no editable install makes shiftjax importable.
   site_packages = os.path.dirname(os.path.dirname(jax.__file__))
   run = subprocess.run(
-      [sys.executable, "-I", "-S", "-c", _STANDALONE, site_packages, str(artifact),
+      [sys.executable, "-s", "-S", "-c", _STANDALONE, str(artifact),
        str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")],
-      cwd=tmp_path, env={"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "")},
+      cwd=tmp_path, env={"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""),
+                         "PYTHONPATH": site_packages},
       capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "ok" in run.stdout
