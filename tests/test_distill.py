@@ -117,6 +117,7 @@ def test_a_distilled_step_minimizes_the_written_out_objective(float_run):
   np.testing.assert_allclose(plain_metrics["loss"], hard, rtol=1e-5)
 
 
+@pytest.mark.slow  # a launcher end to end, three times (the step's objective is tested above)
 def test_a_distilled_run_trains_resumes_bit_for_bit_and_names_its_teacher(float_run,
                                                                           tmp_path):
   config = tiny_config(quantizer="DenseShift", distill_from=float_run)

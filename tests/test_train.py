@@ -62,8 +62,12 @@ MIXED = {"quantizer": "DenseShift", "layer_quantizers": "stage1_*/*=4,stage3_*/*
          "activation_bits": 4, "layer_activations": "stem=8:signed"}
 
 
-@pytest.mark.parametrize("overrides", [{"quantizer": "DenseShift"}, {"quantizer": "S3"},
-                                       MIXED], ids=["DenseShift", "S3", "mixed"])
+# The mixed run (DenseShift and S3 layers, PACT inputs) resumes every kind in the default
+# suite; one method per run is the slow set's.
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"quantizer": "DenseShift"}, marks=pytest.mark.slow, id="DenseShift"),
+    pytest.param({"quantizer": "S3"}, marks=pytest.mark.slow, id="S3"),
+    pytest.param(MIXED, id="mixed")])
 def test_interrupted_run_resumes_to_bit_identical_parameters(tmp_path, overrides):
   config = tiny_config(**overrides)
   with mocked():

@@ -204,9 +204,16 @@ IMAGENET_REPRESENTATIVES = {"resnet18,float", "resnet18,denseshift,3,finetune",
 ALL_RECIPES = os.environ.get("SHIFTJAX_ALL_RECIPES", "") not in ("", "0")
 
 
+# The bottleneck ResNet-50's float run (12 s) is the slow set's; ResNet-18 stands for the
+# ImageNet recipes in the default suite, and the bottleneck block is packed and checked in
+# tests/deploy/test_export.py.
+SLOW_RECIPES = {"resnet50,float"}
+
+
 def _marks(group):
   # Fine-tuning runs a float training first, then converts it: the slow set has them.
-  marks = [pytest.mark.slow] if any(r.endswith(",finetune") for _, r in group) else []
+  marks = ([pytest.mark.slow] if any(r.endswith(",finetune") or r in SLOW_RECIPES
+                                     for _, r in group) else [])
   if not ALL_RECIPES and all(k == "imagenet" and r not in IMAGENET_REPRESENTATIVES
                              for k, r in group):
     marks.append(pytest.mark.skip(reason="same method runs in a CIFAR group and ImageNet "
