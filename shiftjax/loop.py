@@ -353,12 +353,22 @@ def checkpointed(state: TrainState) -> dict:
 
 
 def from_checkpoint(stored: Mapping[str, Any], like: TrainState) -> TrainState:
-  """The ``TrainState`` of a checkpoint's dict (``checkpointed``'s inverse)."""
-  if isinstance(like.state, dict):
+  """The ``TrainState`` of a checkpoint's dict (``checkpointed``'s inverse; also of
+  ``fit``'s first layout, which kept a linen model's collections under ``state``)."""
+  if isinstance(like.state, dict) and "state" not in stored:
     model_state = {k: stored[k] for k in like.state}
   else:
     model_state = stored["state"]
   return TrainState(stored["step"], stored["params"], model_state, stored["opt_state"])
+
+
+def _first_layout(state: TrainState) -> dict | None:
+  """``fit``'s first checkpoint layout of a linen model (its collections under
+  ``state``), which workdirs written before the launcher moved onto ``fit`` have."""
+  if not isinstance(state.state, dict):
+    return None
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          "state": state.state}
 
 
 def latest_step(workdir: str) -> int | None:
@@ -377,12 +387,17 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) ->
   step = manager.latest_step()
   if step is None:
     return state
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointed(state))
-  try:
-    return from_checkpoint(manager.restore(step, args=ocp.args.StandardRestore(target)), state)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"the checkpoint at step {step} in {workdir} is not of this model and "
-                     f"optimizer (another run's workdir?); use a new workdir. ({e})") from e
+  layouts = [checkpointed(state), _first_layout(state)]
+  error = None
+  for layout in filter(None, layouts):
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, layout)
+    try:
+      return from_checkpoint(manager.restore(step, args=ocp.args.StandardRestore(target)),
+                             state)
+    except (ValueError, KeyError) as e:
+      error = error or e
+  raise ValueError(f"the checkpoint at step {step} in {workdir} is not of this model and "
+                   f"optimizer (another run's workdir?); use a new workdir. ({error})") from error
 
 
 def load_variables(workdir: str, step: int | None = None) -> dict[str, Any]:

@@ -72,6 +72,25 @@ def test_resume_is_bit_exact_for_a_non_resnet_model(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_linen_run_of_fits_first_checkpoint_layout_resumes(tmp_path):
+  """Workdirs written before the launcher moved onto fit keep a linen model's
+  collections under 'state'; they resume as the current layout does."""
+  def model():
+    return sj.quantize_model(LinenMLP(), POLICY)
+  _fit(model(), str(tmp_path / "now"), num_steps=20, stop_after_steps=10)
+  stored = loop.checkpoint_manager(str(tmp_path / "now"), keep=1).restore(10)
+  first = {"step": stored["step"], "params": stored["params"],
+           "opt_state": stored["opt_state"], "state": {}}
+  manager = loop.checkpoint_manager(str(tmp_path / "first"), keep=1)
+  manager.save(10, args=loop.ocp.args.StandardSave(first))
+  manager.wait_until_finished()
+  manager.close()
+  a = _fit(model(), str(tmp_path / "now"), num_steps=20)
+  b = _fit(model(), str(tmp_path / "first"), num_steps=20)
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_a_workdir_of_another_model_is_refused(tmp_path):
   _fit(sj.quantize_model(LinenMLP(), POLICY), str(tmp_path), num_steps=10)
   with pytest.raises(ValueError, match="not of this model and optimizer"):
