@@ -4,9 +4,10 @@ The main job's model and budget (``experiments/configs/fashion_mnist.py``), chan
 ``activation_bits`` (PACT, the inputs of every quantized conv; stem and classifier
 inputs stay float, as in DenseShift's detection setting where only the shift layers' inputs
 were quantized). Prints each setting's test accuracy over seeds with the gap to float
-activations, and for every run the agreement of the packed file (``packed_apply``,
-weights and activations quantized from the file) with the training model's top-1 over
-the full test set, which must be 1.0:
+activations, and for every run the agreement of the packed file (format version 4, run
+by the ResNet's own code through ``shiftjax.export.load``: weights and activations
+quantized from the file) with the training model's top-1 over the full test set, which
+must be 1.0:
 
     python benchmarks/activation_bits.py [--seeds=1] [--bits=8,4] [--workdir=/tmp/fmnist_accuracy]
 
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from shiftjax import deploy
+from shiftjax import export
 from shiftjax import host_memory
 from shiftjax import train
 from shiftjax.benchmarking import method_comparison
@@ -46,9 +48,11 @@ def top1_trained_and_packed(config, workdir, images) -> tuple[np.ndarray, np.nda
   of its packed file (exported, serialized and read back)."""
   model, variables, _ = train.restore_variables(config, workdir)
   packed = deploy.from_bytes(train.packed_from_checkpoint(config, workdir).to_bytes())
+  packed_model, packed_variables = export.load(packed)
   trained = method_comparison.predictions(
       jax.jit(lambda x: model.apply(variables, x, train=False)), images)
-  return trained, method_comparison.predictions(lambda x: deploy.packed_apply(packed, x),
+  packed_fn = jax.jit(lambda v, x: packed_model.apply(v, x, train=False))
+  return trained, method_comparison.predictions(lambda x: packed_fn(packed_variables, x),
                                                 images)
 
 

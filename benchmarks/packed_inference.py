@@ -2,25 +2,28 @@
 
     python benchmarks/packed_inference.py [--bits=3] [--reps=N]    (absl flags)
 
-One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3), three ways, each one
-jitted call with its weights as arguments (nothing decoded ahead of time is cached):
+One randomly initialized DenseShift ResNet-20 (CIFAR-10, 32x32x3; BatchNorm statistics
+set to non-trivial values, as after training), two ways, each one jitted call with its
+variables as arguments (nothing decoded ahead of time is cached):
 
   float     the flax model in eval mode with float32 kernels equal to the decoded codes
-            (``resnet20()``, a float model: conv on the native CPU kernel, unfolded
-            BatchNorm, relu, each a pass of its own)
-  folded    the packed forward pass with float32 kernels and BatchNorm folded
-            (``export`` of that float model): ``kernels.fused_conv``, the native conv
-            with scale, bias, residual and relu applied in its registers
-  words     ``packed_apply``: N-bit codes in uint32 words of floor(32/N) codes, unpacked
-            and decoded inside every call (``shiftjax.kernels.pow2_conv``'s XLA path on
-            CPU), then ``fused_conv``
-  planes    ``packed_apply`` of the bit-plane layout (exactly N bits per weight, the
-            export default): decoded inside every call, then ``fused_conv``
+            (``resnet20()``, a float model: each conv on the native CPU conv, then
+            BatchNorm and relu)
+  packed    the packed file (format version 4) run by the ResNet's own flax code:
+            ``export.export`` -> ``PackedTree.to_bytes`` -> ``deploy.from_bytes`` ->
+            ``export.load`` -> ``packed_module.apply(variables, x, train=False)``. Each
+            quantized conv holds its N-bit codes in uint32 words (floor(32/N) codes per
+            word, made from the file's bit planes once, at load), decodes them by bit
+            assembly inside every call and runs the same conv as the float model, with
+            its BatchNorm folded into a per-channel scale and bias.
 
-Batch 1 and 128; the variants run interleaved, in a rotating order
-(``shiftjax.benchmarking.timing``), so that load from other processes hits all alike;
-medians (and 10th/90th percentiles) and the median's ratio to float are printed.
-The goal: packed (either layout) <= 1.0x float while the weights stay packed.
+It also times decoding all packed kernels alone (every quantized conv's words to float32
+weights, one jitted call). Batch 1 and 128; the variants run interleaved, in a rotating
+order (``shiftjax.benchmarking.timing``), so that load from other processes hits both
+alike; medians (and 10th/90th percentiles) and the median's ratio to float are printed.
+Both must agree to a relative error below 1e-4 first.
+
+The goal: packed <= 1.0x float at batch 1 and 128, while the weights stay packed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from shiftjax import deploy
 from shiftjax import export as ex
 from shiftjax import models
 from shiftjax.benchmarking import timing
+from shiftjax.deploy import packed_layers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("bits", 3, "DenseShift code width.")
@@ -59,6 +63,26 @@ def float_twin(variables, quantizer):
   return {"params": visit(variables["params"]), "batch_stats": variables["batch_stats"]}
 
 
+def decode_all(packed_module, packed_variables):
+  """A jitted call that decodes every packed kernel of ``packed_module`` to float32."""
+  table = type(packed_module).packed_layers  # ((path, LayerEntry), ...)
+  codes = packed_variables[packed_layers.CODES_COLLECTION]
+
+  def words_of(tree, path):
+    for part in path.split("/"):
+      tree = tree[part]
+    return tree["kernel"]
+
+  words = {path: words_of(codes, path) for path, _ in table}
+  fn = jax.jit(lambda words: [packed_layers.decode_words(
+      words[path], entry.weight_spec, entry.kernel_shape) for path, entry in table])
+  return len(table), functools.partial(fn, words)
+
+
+def nbytes(tree) -> int:
+  return sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -73,36 +97,26 @@ def main(argv):
   rng = np.random.default_rng(0)
   variables["batch_stats"] = jax.tree.map(
       lambda x: np.asarray(rng.uniform(0.5, 2.0, x.shape), np.float32), variables["batch_stats"])
-  float_vars = float_twin(variables, quantizer)
-  packed = {layout: ex.export(variables, model, code_layout=layout)
-            for layout in sj.deploy.CODE_LAYOUTS}
-  folded = ex.export(float_vars, float_model)
+  float_vars = jax.device_put(float_twin(variables, quantizer))
+
+  tree = ex.export(variables, model)  # format version 4
+  file_bytes = len(tree.to_bytes())
+  packed_module, packed_vars = ex.load(deploy.from_bytes(tree.to_bytes()))
 
   float_fn = jax.jit(functools.partial(float_model.apply, train=False))
+  packed_fn = jax.jit(functools.partial(packed_module.apply, train=False))
   variants = {
       "float": lambda x: float_fn(float_vars, x),
-      "folded": lambda x: deploy.packed_apply(folded, x),
-      "words": lambda x: deploy.packed_apply(packed["words"], x),
-      "planes": lambda x: deploy.packed_apply(packed["bitplanes"], x),
-  }
-  float_vars = jax.device_put(float_vars)
-  weight_bytes = {
-      "float": sum(np.asarray(a).nbytes for a in jax.tree.leaves(float_vars)),
-      "folded": sum(a.nbytes for a in folded.arrays.values()),
-      "words": sum(a.nbytes for a in packed["words"].arrays.values()),
-      "planes": sum(a.nbytes for a in packed["bitplanes"].arrays.values()),
+      "packed": lambda x: packed_fn(packed_vars, x),
   }
   print(f"ResNet-20, DenseShift {args.bits}-bit, CPU ({jax.device_count()} device, "
-        f"{jax.devices()[0].device_kind}); weights held: " + ", ".join(
-            f"{k} {v / 1024:.0f} KiB" for k, v in weight_bytes.items()))
-  for layout, model_ in packed.items():
-    fmt, quantized = model_.code_format, [l for l in model_.layers if l.quantized]
-    decode_all = jax.jit(lambda arrays: [deploy.decode_kernel(  # pylint: disable=cell-var-from-loop
-        arrays[f"{l.name}/kernel"], fmt, l.shape, layout) for l in quantized])
-    decode = timing.interleaved(
-        {"decode": functools.partial(decode_all, model_.device_arrays)}, 200, counters={})
-    print(f"unpack + decode of all {len(quantized)} packed kernels alone, {layout}: median "
-          f"{decode['decode'].median * 1e3:.3f} ms")
+        f"{jax.devices()[0].device_kind}); weights held: float {nbytes(float_vars) / 1024:.0f} "
+        f"KiB, packed {nbytes(packed_vars) / 1024:.0f} KiB (codes in words); file "
+        f"{file_bytes / 1024:.0f} KiB (codes in bit planes)")
+  n_layers, decode = decode_all(packed_module, packed_vars)
+  times = timing.interleaved({"decode": decode}, 200, counters={})
+  print(f"unpack + decode of all {n_layers} packed kernels alone: median "
+        f"{times['decode'].median * 1e3:.3f} ms")
   for batch in (1, 128):
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     reference = np.asarray(variants["float"](x))

@@ -3,9 +3,11 @@
     python -m experiments.export --config=experiments/configs/fashion_mnist.py --workdir=DIR [--output=PATH] [--overwrite]
 
 Writes ``<workdir>/model.shiftjax`` (or ``--output``) and prints its size against the
-float32 weights. An existing file is kept unless ``--overwrite``. Load it with
-``shiftjax.deploy.load`` and run it with ``shiftjax.deploy.packed_apply``. A config or
-flag error is one line on stderr and exit status 2 (``--verbose``: the traceback).
+float32 weights. The file is format version 4: ``shiftjax.export.load(path)`` gives
+``(model, variables)``, run with ``model.apply(variables, images, train=False)`` (the
+ResNet's own flax code on the packed codes); ``shiftjax.deploy.load`` reads it without
+flax. An existing file is kept unless ``--overwrite``. A config or flag error is one line
+on stderr and exit status 2 (``--verbose``: the traceback).
 """
 
 from absl import flags

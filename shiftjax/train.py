@@ -32,9 +32,9 @@ from shiftjax import codes as codes_lib
 from shiftjax.kernels.training import conv
 from shiftjax import data as data_lib
 from shiftjax import distill
-from shiftjax.deploy import architecture
 from shiftjax import deploy as deploy_lib
 from shiftjax import export as export_lib
+from shiftjax import interception
 from shiftjax import host_memory
 from shiftjax import layers
 from shiftjax import metrics as metrics_lib
@@ -252,18 +252,26 @@ def create_policy(config) -> layers.LayerPolicy:
                             weight_rules, activation, act_rules)
 
 
-def layer_plan(config, model: nn.Module | None = None) -> tuple[architecture.Layer, ...]:
-  """Every layer of ``config``'s model with its weight and input specs (no compile);
-  PolicyError when a rule of the policy matches no layer or gives a layer two specs."""
+def layer_plan(config, model: nn.Module | None = None
+               ) -> dict[str, interception.LayerRecord]:
+  """``{layer path: LayerRecord}`` of every quantizable layer of ``config``'s model, with
+  its weight and input specs: one traced call, nothing compiled. PolicyError when a rule
+  of the policy matches no layer or gives a layer two specs."""
   spec = data_lib.get_spec(config.dataset)
   model = model or create_model(config, spec.num_classes)
-  name, arch = export_lib.architecture_config(model, spec.image_shape[-1])
-  return architecture.build_layers(name, arch, models.policy_of(model).quantizer)
+  x = jax.ShapeDtypeStruct((1, *spec.image_shape), jnp.float32)
+  with interception.record_calls() as record:
+    abstract = jax.eval_shape(functools.partial(model.init, train=False),
+                              jax.random.key(0), x)
+    record.layers.clear()
+    jax.eval_shape(functools.partial(model.apply, train=False), abstract, x)
+  return record.layers
 
 
-def layer_quantizers(plan) -> dict[str, qz.Quantizer]:
+def layer_quantizers(plan: Mapping[str, interception.LayerRecord]
+                     ) -> dict[str, qz.Quantizer]:
   """``{layer path: weight spec}`` of the quantized layers of a ``layer_plan``."""
-  return {l.name: l.quantizer for l in plan if l.quantized}
+  return {path: r.weight_spec for path, r in plan.items() if r.weight_spec is not None}
 
 
 def describe_policy(config) -> str:
@@ -667,11 +675,12 @@ def restore_variables(config, workdir: str | os.PathLike, *, step: int | None = 
 
 
 def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | None = None,
-                    float_dtype=jnp.float32) -> deploy_lib.PackedModel:
-  """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``.
+                           float_dtype=jnp.float32) -> deploy_lib.PackedTree:
+  """Exports the (latest, or ``step``) orbax checkpoint of a training run in ``workdir``
+  (format version 4, ``shiftjax.export.export``).
 
   ``config`` is the run's config; the dataset's input normalization is kept in the
-  metadata (``packed_apply`` takes normalized images, as the flax model does).
+  metadata (the packed model takes normalized images, as the flax model does).
   """
   model, variables, step = restore_variables(config, workdir, step=step)
   spec = data_lib.get_spec(config.dataset)

@@ -1,5 +1,5 @@
 """Per-layer specs (``shiftjax.policy``): mixed weight widths and activation quantizers,
-in the flax models and the packed architecture, and the errors of bad rules."""
+in the flax models and their packed files, and the errors of bad rules."""
 
 import jax
 import numpy as np
@@ -10,7 +10,7 @@ from shiftjax import activations as act_lib
 from shiftjax import export as ex
 from shiftjax import models
 from shiftjax import train
-from shiftjax.deploy import architecture
+from shiftjax import interception
 from shiftjax.policy import LayerPolicy, PolicyError, parse_rules, spec_of
 
 DS2, DS3, DS4 = (sj.DenseShift(bits=b) for b in (2, 3, 4))
@@ -61,8 +61,11 @@ def test_two_specs_for_one_layer_is_an_error_naming_both_patterns(rules, message
 
 
 def test_rule_matching_no_layer_is_an_error_naming_it():
-  names = [l.name for l in architecture.build_layers(
-      "CifarResNet", _cifar_config(), DS3) if l.op in ("conv", "dense")]
+  model = models.resnet8(width_multiplier=0.5, quantizer=DS3)
+  with interception.record_calls() as record:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                   jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))
+  names = list(record.layers)
   LayerPolicy(DS3, ("stem", "head"), MIXED).check_patterns(names)
   for field, policy in (
       ("layer_quantizers", LayerPolicy(DS3, ("stem",), (("stage4_*/*", DS2),))),
@@ -88,12 +91,6 @@ def test_malformed_policies_are_refused():
     spec_of({"a": DS2}, "b")
 
 
-def _cifar_config(**policy):
-  return architecture.check_architecture("CifarResNet", {
-      "num_classes": 10, "in_channels": 1, "full_precision": ["stem", "head"],
-      "depth": 8, "width_multiplier": 0.5, **policy})
-
-
 def test_mixed_width_model_has_each_layers_latents_and_packs_each_at_its_width(tmp_path):
   model = models.resnet8(width_multiplier=0.5, policy=sj.LayerPolicy(
       DS3, ("stem", "head"), layer_quantizers=(("stage1_*/*", DS4), ("stage3_*/*", sj.S3(bits=2))),
@@ -108,23 +105,25 @@ def test_mixed_width_model_has_each_layers_latents_and_packs_each_at_its_width(t
   assert float(params["stem"]["activation"]["clip"]) == 6.0
   assert "activation" not in params["head"]
   packed = ex.export(variables, model)
-  kernels = {l.name: packed.arrays[f"{l.name}/kernel"] for l in packed.layers if l.quantized}
-  for layer in packed.layers:
-    if layer.quantized:
-      bits = {"stage1": 4, "stage2": 3, "stage3": 2}[layer.name[:6]]
-      assert layer.quantizer.bits == bits
-      assert kernels[layer.name].shape == (np.prod(layer.shape) // 32, bits)
-  sizes = {l.name: int(np.prod(l.shape)) for l in packed.layers if l.quantized}
-  exact = sum(kernels[n].shape[1] * s for n, s in sizes.items()) / sum(sizes.values())
+  for path, entry in packed.quantized_layers.items():
+    bits = {"stage1": 4, "stage2": 3, "stage3": 2}[path[:6]]
+    assert entry.weight_spec.bits == bits
+    assert packed.arrays[f"codes/{path}"].shape == (np.prod(entry.kernel_shape) // 32, bits)
+  assert packed.layers["stem"].input_spec == act_lib.PACT(8, signed=True)
+  sizes = {p: int(np.prod(e.kernel_shape)) for p, e in packed.quantized_layers.items()}
+  exact = sum(packed.layers[p].weight_spec.bits * n for p, n in sizes.items()) / sum(
+      sizes.values())
   assert packed.size_report()["bits_per_quantized_weight"] == exact
-  np.testing.assert_allclose(np.asarray(sj.deploy.packed_apply(packed, images)),
-                             np.asarray(model.apply(variables, images)), rtol=0,
-                             atol=1e-4)
+  packed_model, packed_variables = ex.load(packed)
+  got = np.asarray(packed_model.apply(packed_variables, images, train=False))
+  np.testing.assert_allclose(got, np.asarray(model.apply(variables, images, train=False)),
+                             rtol=0, atol=1e-4)
   reloaded = sj.deploy.load(packed.save(tmp_path / "mixed.shiftjax"))
   assert reloaded.layers == packed.layers
   assert ex.flax_module(reloaded) == model
-  np.testing.assert_array_equal(np.asarray(sj.deploy.packed_apply(reloaded, images)),
-                                np.asarray(sj.deploy.packed_apply(packed, images)))
+  packed_model, packed_variables = ex.load(reloaded)
+  np.testing.assert_array_equal(
+      np.asarray(packed_model.apply(packed_variables, images, train=False)), got)
 
 
 def test_config_rules_become_the_models_policy():

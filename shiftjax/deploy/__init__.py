@@ -1,48 +1,47 @@
 """Deployment of packed shift networks, independent of the training stack.
 
-A packed model is data: an architecture name and config, a quantizer spec, and arrays
-of N-bit codes packed in uint32 words with BatchNorm folded into per-channel scales and
-biases. This package reads, writes, builds and runs such models, and imports only jax,
-numpy, the quantizers, the code format and the inference kernels (no flax, optax, orbax,
-tensorflow-datasets or ml_collections):
+A packed model file holds a model's quantized layers as N-bit codes (bit planes, exactly
+N bits per weight) keyed by module path, BatchNorms folded into the layers they follow,
+and every other variable the model needs. It runs through the model's own code (linen
+or NNX) with its quantized layers reading the codes, or as a ``jax.export`` artifact.
 
-  architecture   the layers an architecture config implies, and config validation
-  format         ``PackedModel`` and its versioned, checksummed file (``load``, ``save``)
-  folding        trained variables -> ``PackedModel`` (``pack``, ``fold_batch_norm``),
-                 and between code layouts (``with_code_layout``)
-  apply          the packed forward pass (``packed_apply``) and ``jax.export`` artifacts
+  container      the checksummed, versioned file (``write_atomic``)
+  format         ``load`` (every version); ``PackedModel``, a packed ResNet of format
+                 versions 1-3, read for ``shiftjax.export.upgrade``
+  packed_tree    ``PackedTree``: what a version 4 file holds
+  spec_json      weight and input specs as JSON
+  resnet_config  the zoo ResNets' constructor arguments in a file, and their checks
+  packed_layers  ``pack_model``, ``save_model``, ``load_model``, ``export_artifact``:
+                 any linen or NNX model's packed layers (needs flax; imported on first
+                 use)
+  norm_folding   BatchNorm folding for any model
 
-``shiftjax.export`` is the bridge from a trained flax module to ``pack``.
-
-Any model (linen or NNX, from ``shiftjax.quantize_model``) packs and runs through its own
-code with ``packed_layers`` (``pack_model``); that module needs flax, so it is imported
-on first use (``sj.deploy.pack_model``).
+None of it imports optax, orbax, tensorflow-datasets or ml_collections.
+``shiftjax.export`` packs and loads the zoo's ResNets.
 """
 
 import importlib
 
-from shiftjax.deploy.apply import decode_kernel, export_serialized, forward, packed_apply
-from shiftjax.deploy.apply import save_serialized
-from shiftjax.deploy.architecture import ARCHITECTURES, CODE_LAYOUTS, Layer, PackedModelError
-from shiftjax.deploy.architecture import build_layers, check_architecture, expected_arrays
-from shiftjax.deploy.folding import BN_EPSILON, fold_batch_norm, pack, with_code_layout
-from shiftjax.deploy.format import FILE_SUFFIX, FORMAT_VERSION, PackedModel, from_bytes
-from shiftjax.deploy.format import load, write_atomic
+from shiftjax.deploy.container import FILE_SUFFIX, write_atomic
+from shiftjax.deploy.format import FORMAT_VERSION, PackedModel, from_bytes, load
+from shiftjax.deploy.packed_tree import LayerEntry, PackedTree
+from shiftjax.deploy.spec_json import PackedModelError
 
 __all__ = [
-    "ARCHITECTURES", "BN_EPSILON", "CODE_LAYOUTS", "FILE_SUFFIX", "FORMAT_VERSION", "Layer",
-    "PackedModel", "PackedModelError", "build_layers", "check_architecture", "decode_kernel",
-    "expected_arrays", "export_serialized", "fold_batch_norm", "forward", "from_bytes", "load",
-    "pack", "packed_apply", "save_serialized", "with_code_layout", "write_atomic",
+    "FILE_SUFFIX", "FORMAT_VERSION", "LayerEntry", "PackedModel", "PackedModelError",
+    "PackedTree", "export_artifact", "from_bytes", "load", "load_model", "pack_model",
+    "save_artifact", "save_model", "write_atomic",
 ]
 
-# Needs flax: imported on first use. {name: module}
-_LAZY_NAMES = {"pack_model": "packed_layers", "PackedKernel": "packed_layers"}
+# Need flax: imported on first use. {name: module}
+_LAZY_NAMES = {name: "packed_layers" for name in (
+    "pack_model", "PackedKernel", "save_model", "load_model", "export_artifact",
+    "save_artifact")}
 
 
 def __getattr__(name):
   if name in _LAZY_NAMES:
     return getattr(importlib.import_module(f"shiftjax.deploy.{_LAZY_NAMES[name]}"), name)
-  if name == "packed_layers":
-    return importlib.import_module("shiftjax.deploy.packed_layers")
+  if name in ("packed_layers", "norm_folding"):
+    return importlib.import_module(f"shiftjax.deploy.{name}")
   raise AttributeError(f"module 'shiftjax.deploy' has no attribute {name!r}")

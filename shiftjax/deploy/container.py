@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from shiftjax.deploy.architecture import PackedModelError, is_int
+from shiftjax.deploy.spec_json import PackedModelError, is_int
 
 MAGIC = b"SHIFTJAX"
 FORMAT_NAME = "shiftjax.packed_model"

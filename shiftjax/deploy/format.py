@@ -1,237 +1,232 @@
-"""The packed model and its file: ``PackedModel``, ``save`` / ``load``, nothing that runs code.
+"""Packed model files: ``load`` (every version), and the packed ResNets of versions 1-3.
 
-A ``PackedModel`` is an architecture (``deploy.architecture``), its quantizer, its layers
-and named numpy arrays: packed uint32 code words, float kernels, per-channel scales and
-biases (``deploy.folding`` makes them from trained variables).
+Version 4 (``deploy.packed_tree``, written by ``PackedTree.save``, ``save_model`` and
+``shiftjax.export``) holds any model's packed layers by module path. Versions 1-3 held
+one of the zoo's ResNets as a flax-free description (``PackedModel``, read here, never
+written again): ``shiftjax.export.upgrade`` maps one onto the ResNet's flax module as a
+version 4 tree, and ``shiftjax.export.load`` runs it.
 
-File format, version 3 (all integers little-endian; ``PackedModel.save`` / ``load``)::
+The container (``deploy.container``; all integers little-endian)::
 
   bytes [0, 8)         magic b"SHIFTJAX"
-  bytes [8, 12)        format version, uint32 (3)
+  bytes [8, 12)        format version, uint32
   bytes [12, 20)       header length H, uint64
-  bytes [20, 20 + H)   header: a UTF-8 JSON object (below)
-  bytes [20 + H, +32)  SHA-256 of bytes [0, 20 + H): the header's own digest
+  bytes [20, 20 + H)   header: a UTF-8 JSON object
+  bytes [20 + H, +32)  SHA-256 of bytes [0, 20 + H): the header's own digest (v2+)
   bytes [.., D)        zeros, D = 20 + H + 32 rounded up to a multiple of 64
   bytes [D, D + S)     array data: each array's raw C-order little-endian bytes at
                        D + its offset (offsets are multiples of 64; zeros between)
   bytes [D + S, +32)   SHA-256 of bytes [0, D + S)
 
-  header = {"format": "shiftjax.packed_model", "writer": "shiftjax 0.1.0",
-            "architecture": {"name": "CifarResNet", "config": {...}},
-            "quantizer": {"name": "DenseShift", "fields": {...}, "repr": "..."} | null,
-            "code_format": {"bits": 3, "e0": 0, "has_zero": false} | null,
-            "code_layout": "bitplanes" | "words",
-            "float_dtype": "float32" | "bfloat16",
-            "layers": [{"op": "conv", "name": "stem", "input": "input", ...}, ...],
-            "arrays": [{"name": "stem/kernel", "dtype": "float32", "shape": [3, 3, 1, 16],
-                        "offset": 0, "nbytes": 576, "crc32": 2914163817}, ...],
-            "data_bytes": S, "metadata": {...}}
+A version 1-3 header::
 
-A quantized kernel is a uint32 array in its ``code_layout`` (``architecture.CODE_LAYOUTS``):
-``'bitplanes'`` ``[ceil(kh*kw*I*O / 32), bits]``, exactly ``bits`` bits per weight, or
-``'words'`` ``[ceil(kh*kw*I / floor(32/bits)), O]``, each at its own layer's width. A
-layer whose input is quantized stores its activation quantizer's learned parameters as
-float32 ``'<layer>/activation_<param>'`` (PACT's clipping range: ``activation_clip``).
+  {"format": "shiftjax.packed_model", "writer": "shiftjax 0.1.0",
+   "architecture": {"name": "CifarResNet", "config": {...}},
+   "quantizer": {"name": "DenseShift", "fields": {...}, "repr": "..."} | null,
+   "code_format": {"bits": 3, "e0": 0, "has_zero": false} | null,
+   "code_layout": "bitplanes" | "words",   (absent in version 1: "words")
+   "float_dtype": "float32" | "bfloat16",
+   "layers": [{"op": "conv", "name": "stem", "shape": [3, 3, 1, 16], ...}, ...],
+   "arrays": [{"name": "stem/kernel", "dtype": "float32", "shape": [3, 3, 1, 16],
+               "offset": 0, "nbytes": 576, "crc32": 2914163817}, ...],
+   "data_bytes": S, "metadata": {...}}
 
-Version 3 added each layer's own ``quantizer`` and ``activation`` to its layer entry
-and the policy's rules (``layer_quantizers``, ``activation``, ``layer_activations``) to
-the architecture config. Version 2 files (still read) have one quantizer and float
-activations. Version 1 files (still read) also have no header digest, no per-array CRCs
-and no ``code_layout`` (always ``'words'``).
+Each conv and dense layer has ``'<name>/kernel'`` (codes in the ``code_layout``:
+``'bitplanes'`` ``[ceil(n / 32), bits]`` or ``'words'`` ``[ceil(K / floor(32/bits)), O]``;
+a float kernel with its BatchNorm's scale folded in), ``'<name>/bias'`` and, for a
+quantized conv, ``'<name>/scale'``; a layer with a quantized input its activation
+quantizer's ``'<name>/activation_<param>'``. Version 3 added each layer's own
+``quantizer`` and ``activation`` and the policy's rules in the architecture config.
 
 The digests locate damage: a corrupted header is refused by its own SHA-256 and a
-corrupted array by its entry's CRC-32 (4 bytes of header per array, where a SHA-256 in
-hex took 76), each naming the bytes it covers; a non-zero padding byte by its offset; a
-truncated file by the byte it ends at. The final SHA-256 still covers the whole file.
-
-Array dtypes are limited to uint32, float32 and bfloat16. ``load`` reads bytes and JSON
-only (no pickle, nothing that can run code) and checks, before returning anything: the
-magic, the version, the length (``truncated at byte N (expected M)``), the checksum,
-every array's dtype, size and place in the data section, and that the layers and every
-array shape are those the architecture config implies (``layer X has shape Y, expected
-Z``). A file from a stranger is data only.
+corrupted array by its entry's CRC-32, each naming the bytes it covers; a non-zero
+padding byte by its offset; a truncated file by the byte it ends at. ``load`` reads bytes
+and JSON only (no pickle, nothing that can run code) and checks, before returning
+anything, the magic, the version, the length, the checksums, every array's dtype, size
+and place, and that every array is the one its layer implies. A file from a stranger is
+data only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import shiftjax
 from shiftjax import codes as codes_lib
+from shiftjax import pooling
 from shiftjax import quantizers as qz
 # FILE_SUFFIX, FLOAT_DTYPES, ARRAY_DTYPES and write_atomic are imported from here too.
 from shiftjax.deploy.container import (  # pylint: disable=unused-import
-    ARRAY_DTYPES, DIGEST_BYTES, FILE_SUFFIX, FLOAT_DTYPES, FORMAT_NAME, MAGIC,
-    MAX_HEADER_BYTES, READABLE_VERSIONS, _PREFIX, _check_array_specs, _data_start,
-    _dtype_name, _no_duplicate_keys, _reject_constant, check_header_keys,
-    encode_container, read_arrays, write_atomic)
-from shiftjax.deploy.architecture import (  # pylint: disable=unused-import
-    CODE_LAYOUTS, POLICY_KEYS, Layer, PackedModelError, build_layers, check_architecture,
-    expected_arrays, is_int, quantizer_from_json, quantizer_to_json)
+    ARRAY_DTYPES, DIGEST_BYTES, FILE_SUFFIX, FLOAT_DTYPES, MAGIC, MAX_HEADER_BYTES,
+    READABLE_VERSIONS, _PREFIX, _data_start, _no_duplicate_keys, _reject_constant,
+    check_header_keys, read_arrays, write_atomic)
+from shiftjax.deploy.resnet_config import POLICY_KEYS, check_architecture
+from shiftjax.deploy.spec_json import (PackedModelError, activation_from_json, is_int,
+                                       quantizer_from_json)
 
-FORMAT_VERSION = 3  # what PackedModel.save writes; READABLE_VERSIONS lists what load reads
+FORMAT_VERSION = 4  # what is written (PackedTree.save); READABLE_VERSIONS lists what is read
+_MAX_LAYERS = 4096
+_LAYER_OPS = ("conv", "dense", "max_pool", "mean_pool",
+              *(f"speech_{how}_pool" for how in pooling.POOLINGS))
+
+
+# ------------------------------------------------------- versions 1-3: packed ResNets
+
+
+# How a quantized kernel's codes are laid out in uint32 words:
+#   'bitplanes': the HWIO (or (in, out)) codes flattened in C order, 32 to a block, and
+#     each block as ``bits`` words, word j holding bit j of the 32 codes
+#     (``codes.pack_bitplanes``): exactly ``bits`` bits per weight when the kernel's size
+#     is a multiple of 32, as every ResNet layer's is;
+#   'words': ``[kh * kw * I, O]`` packed along axis 0, ``floor(32 / bits)`` codes per
+#     word (``codes.pack``): what ``shiftjax.kernels`` reads; 3.2 bits per 3-bit weight.
+CODE_LAYOUTS = ("bitplanes", "words")
+
+
+def packed_kernel_shape(shape: Sequence[int], bits: int, code_layout: str) -> tuple[int, int]:
+  """The uint32 array that holds the codes of a kernel of logical ``shape``."""
+  if code_layout == "bitplanes":
+    return (-(-math.prod(shape) // codes_lib.WORD_BITS), bits)
+  if code_layout == "words":
+    return (codes_lib.num_words(math.prod(shape[:-1]), bits), shape[-1])
+  raise PackedModelError(f"code_layout must be one of {CODE_LAYOUTS}, got {code_layout!r}")
 
 
 def _format_to_json(fmt: codes_lib.CodeFormat | None) -> dict | None:
   return None if fmt is None else {"bits": fmt.bits, "e0": fmt.e0, "has_zero": fmt.has_zero}
 
 
-# ---------------------------------------------------------------------------- the model
+@dataclasses.dataclass(frozen=True)
+class FileLayer:
+  """A conv or dense layer of a version 1-3 file: its flax module path, logical weight
+  shape (HWIO or ``(in, out)``), weight spec (None: float) and input spec."""
+  name: str
+  op: str
+  shape: tuple[int, ...]
+  quantizer: qz.Quantizer | None
+  activation: Any = None
+
+  @property
+  def quantized(self) -> bool:
+    return self.quantizer is not None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedModel:
-  """A deployable shift network: architecture, quantizer, layers and numpy arrays.
+  """A packed ResNet of format version 1-3, as read (``load``); never written again.
 
-  Build one with ``shiftjax.export.export`` (a trained flax model), ``deploy.pack`` or
-  ``load``; run it with ``deploy.packed_apply``; write it with ``save``.
+  ``shiftjax.export.upgrade`` turns it into a version 4 ``PackedTree`` of the ResNet's
+  flax module, and ``shiftjax.export.load`` runs it.
 
   Attributes:
-    architecture: one of ``ARCHITECTURES``.
-    config: the architecture's fields (``check_architecture``), including
-      ``in_channels`` and the ``full_precision`` layer patterns.
-    quantizer: the default weight spec (None: float); each layer's own, which mixed
-      widths set apart, is its ``Layer.quantizer``.
-    layers: the forward pass (``build_layers(architecture, config, quantizer)``).
-    arrays: ``{'<layer>/kernel' | '/scale' | '/bias': numpy array}``.
+    architecture: one of ``architecture.ARCHITECTURES``.
+    config: the module's fields (``check_architecture``), ``in_channels`` and the
+      policy's rules.
+    quantizer: the default weight spec (None: float).
+    layers: the conv and dense layers, in the file's order.
+    arrays: ``{'<layer>/kernel' | '/scale' | '/bias' | '/activation_<p>': array}``.
     float_dtype: ``'float32'`` or ``'bfloat16'``, storage of float kernels.
-    metadata: JSON-serializable extra facts (source step, dataset, input normalization).
-    code_layout: how the quantized kernels' codes sit in their uint32 words
-      (``architecture.CODE_LAYOUTS``): ``'bitplanes'`` (exactly N bits per weight, what
-      ``pack`` writes by default) or ``'words'`` (the kernels' layout; version 1 files).
+    metadata: the file's JSON metadata.
+    code_layout: ``'bitplanes'`` or ``'words'`` (version 1).
   """
   architecture: str
   config: dict
   quantizer: qz.Quantizer | None
-  layers: tuple[Layer, ...]
+  layers: tuple[FileLayer, ...]
   arrays: dict[str, np.ndarray]
   float_dtype: str = "float32"
   metadata: dict = dataclasses.field(default_factory=dict)
   code_layout: str = "bitplanes"
 
-  @property
-  def code_format(self) -> codes_lib.CodeFormat | None:
-    """The code format of the packed kernels (None for a float model)."""
-    return None if self.quantizer is None else self.quantizer.code_format
-
-  @property
-  def plan(self) -> tuple:
-    """The static part of the forward pass (hashable; a ``jax.jit`` static argument)."""
-    return (self.layers, self.code_layout)
-
-  @functools.cached_property
-  def device_arrays(self) -> dict[str, jax.Array]:
-    """The arrays on the default device, still packed (computed once)."""
-    return {k: jnp.asarray(v) for k, v in self.arrays.items()}
-
-  def check(self) -> None:
-    """Raises PackedModelError unless the layers and arrays fit the architecture."""
-    config = check_architecture(self.architecture, self.config)
-    if self.float_dtype not in FLOAT_DTYPES:
-      raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got "
-                             f"{self.float_dtype!r}")
-    if self.code_layout not in CODE_LAYOUTS:
-      raise PackedModelError(f"code_layout must be one of {CODE_LAYOUTS}, got "
-                             f"{self.code_layout!r}")
-    _check_layers([l.to_json() for l in self.layers],
-                  build_layers(self.architecture, config, self.quantizer))
-    declared = {name: (_dtype_name(a.dtype), tuple(a.shape))
-                for name, a in self.arrays.items()}
-    _check_array_specs(declared, expected_arrays(self.layers,
-                                                 self.float_dtype, self.code_layout))
-
   def size_report(self) -> dict[str, Any]:
-    """Stored bytes against the float32 weights of the trained network.
-
-    ``float32_weight_bytes`` counts every weight of the unfolded network as float32: conv
-    and dense kernels, conv BatchNorm (gamma, beta, mean, var) and the dense bias, as
-    ``train.weight_bytes`` does.
-    """
+    """Stored bytes against the float32 weights of the trained network (conv and dense
+    kernels, conv BatchNorm's four and the dense bias, as ``train.weight_bytes``)."""
     quantized = quantized_words = float_weights = 0
     for layer in self.layers:
-      if layer.op not in ("conv", "dense"):
-        continue
       n = math.prod(layer.shape)
       float_weights += n + (4 if layer.op == "conv" else 1) * layer.shape[-1]
       if layer.quantized:
         quantized += n
         quantized_words += self.arrays[f"{layer.name}/kernel"].size
-    array_bytes = sum(a.nbytes for a in self.arrays.values())
     return {"float32_weight_bytes": 4 * float_weights,
-            "array_bytes": array_bytes,
+            "array_bytes": sum(a.nbytes for a in self.arrays.values()),
             "quantized_weights": quantized,
             "bits_per_quantized_weight": 32 * quantized_words / quantized if quantized
                                          else None}
 
-  # ------------------------------------------------------------------------ the file
 
-  def to_bytes(self) -> bytes:
-    """The file's bytes, format version 3 (see the module docstring); checks the model first."""
-    self.check()
-    return encode_container(FORMAT_VERSION, {
-        "format": FORMAT_NAME,
-        "writer": f"shiftjax {shiftjax.__version__}",
-        "architecture": {"name": self.architecture, "config": self.config},
-        "quantizer": quantizer_to_json(self.quantizer),
-        "code_format": _format_to_json(self.code_format),
-        "code_layout": self.code_layout,
-        "float_dtype": self.float_dtype,
-        "layers": [l.to_json() for l in self.layers],
-    }, self.arrays, self.metadata)
-
-  def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Writes the model file atomically (a temporary file in the same directory, then a
-    rename); FileExistsError if ``path`` exists, unless ``overwrite``. Returns the path."""
-    path = os.fspath(path)
-    if not overwrite and os.path.lexists(path):
-      raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    write_atomic(path, self.to_bytes(), overwrite=overwrite)
-    return path
+def _spec_from_entry(name: str, spec: Any) -> qz.Quantizer | None:
+  """A version 3 layer entry's weight spec (name and fields, without the repr)."""
+  if spec is None:
+    return None
+  if not isinstance(spec, dict) or set(spec) != {"name", "fields"}:
+    raise PackedModelError(f"layer {name!r} quantizer must be null or an object with "
+                           f"name and fields, got {spec!r}")
+  return quantizer_from_json({**spec, "repr": ""})
 
 
-# ------------------------------------------------------------------------------ loading
+def _file_layers(stored: Any, version: int, quantizer: qz.Quantizer | None
+                 ) -> tuple[FileLayer, ...]:
+  """The conv and dense layers of a header's ``layers`` list, checked as data (that they
+  are the module's is ``export.upgrade``'s check)."""
+  if not isinstance(stored, list) or len(stored) > _MAX_LAYERS:
+    raise PackedModelError(f"layers must be a list of at most {_MAX_LAYERS} entries")
+  out, names = [], set()
+  for i, entry in enumerate(stored):
+    if not isinstance(entry, dict) or entry.get("op") not in _LAYER_OPS:
+      raise PackedModelError(f"layer {i} must be an object with an op of {_LAYER_OPS}, "
+                             f"got {entry!r}")
+    if entry["op"] not in ("conv", "dense"):
+      continue
+    name, shape = entry.get("name"), entry.get("shape")
+    if not isinstance(name, str) or not 0 < len(name) <= 256 or name in names:
+      raise PackedModelError(f"layer {i} has a missing, long or repeated name {name!r}")
+    rank = 4 if entry["op"] == "conv" else 2
+    if (not isinstance(shape, list) or len(shape) != rank
+        or not all(is_int(d) and 0 < d <= 1 << 20 for d in shape)
+        or math.prod(shape) > 1 << 31):
+      raise PackedModelError(f"layer {name!r} shape must be {rank} positive integers, "
+                             f"got {shape!r}")
+    if not isinstance(entry.get("quantized"), bool):
+      raise PackedModelError(f"layer {name!r} quantized must be true or false")
+    if version >= 3:
+      spec = _spec_from_entry(name, entry.get("quantizer"))
+      activation = activation_from_json(entry.get("activation"))
+    else:
+      spec, activation = (quantizer if entry["quantized"] else None), None
+    if entry["quantized"] != (spec is not None):
+      raise PackedModelError(f"layer {name!r} is quantized={entry['quantized']} with "
+                             f"weight spec {spec}")
+    names.add(name)
+    out.append(FileLayer(name, entry["op"], tuple(shape), spec, activation))
+  return tuple(out)
 
 
-# Layer fields that format version 3 added: each layer's own weight and input specs.
-_LAYER_KEYS_SINCE_3 = ("quantizer", "activation")
-
-
-def _layer_json(layer: Layer, version: int) -> dict:
-  out = layer.to_json()
-  return out if version >= 3 else {k: v for k, v in out.items()
-                                   if k not in _LAYER_KEYS_SINCE_3}
-
-
-def _check_layers(stored: Any, expected: Sequence[Layer],
-                  version: int = FORMAT_VERSION) -> None:
-  if not isinstance(stored, list):
-    raise PackedModelError(f"layers must be a list, got {type(stored).__name__}")
-  for i, layer in enumerate(expected):
-    want = _layer_json(layer, version)
-    if i >= len(stored):
-      raise PackedModelError(f"the file has {len(stored)} layers, the architecture "
-                             f"{len(expected)} (layer {layer.name!r} is missing)")
-    if stored[i] != want:
-      got = stored[i]
-      name = got.get("name") if isinstance(got, dict) else None
-      if isinstance(got, dict) and name == layer.name and got.get("shape") != list(
-          layer.shape):
-        raise PackedModelError(f"layer {name!r} has shape {got.get('shape')}, "
-                               f"expected {list(layer.shape)}")
-      raise PackedModelError(f"layer {i} is {got}, but the architecture implies {want}")
-  if len(stored) > len(expected):
-    raise PackedModelError(f"the file has {len(stored)} layers, the architecture "
-                           f"{len(expected)}")
+def _file_arrays(layers: Sequence[FileLayer], float_dtype: str, code_layout: str
+                 ) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """``{array name: (dtype name, shape)}`` that a version 1-3 file of ``layers`` holds."""
+  out = {}
+  for layer in layers:
+    n_out = layer.shape[-1]
+    if layer.activation is not None:
+      for param, shape in layer.activation.param_shapes().items():
+        out[f"{layer.name}/activation_{param}"] = ("float32", tuple(shape))
+    if layer.quantized:
+      out[f"{layer.name}/kernel"] = ("uint32", packed_kernel_shape(
+          layer.shape, layer.quantizer.bits, code_layout))
+      if layer.op == "conv":
+        out[f"{layer.name}/scale"] = ("float32", (n_out,))
+    else:
+      out[f"{layer.name}/kernel"] = (float_dtype, layer.shape)
+    out[f"{layer.name}/bias"] = ("float32", (n_out,))
+  return out
 
 
 def from_bytes(buf: bytes, *, source: str = "packed model") -> PackedModel:
@@ -335,16 +330,16 @@ def _model_from_header(version: int, header: dict, buf: bytes, head_end: int,
   if float_dtype not in FLOAT_DTYPES:
     raise PackedModelError(f"float_dtype must be one of {FLOAT_DTYPES}, got "
                            f"{float_dtype!r}")
-  layers = build_layers(arch["name"], config, quantizer)
-  _check_layers(header["layers"], layers, version)
+  layers = _file_layers(header["layers"], version, quantizer)
   arrays = read_arrays(version, header, buf, head_end, data_start,
-                       expected_arrays(layers, float_dtype, code_layout))
+                       _file_arrays(layers, float_dtype, code_layout))
   return PackedModel(arch["name"], config, quantizer, layers, arrays, float_dtype,
                      header["metadata"], code_layout)
 
 
-def load(path: str | os.PathLike) -> PackedModel:
-  """Reads a packed model file; PackedModelError naming the problem if it is bad.
+def load(path: str | os.PathLike):
+  """Reads a packed model file: a ``PackedTree`` (version 4) or a ``PackedModel``
+  (versions 1-3); PackedModelError naming the problem if it is bad.
 
   Reads bytes and JSON only: nothing in the file is executed or unpickled.
   """

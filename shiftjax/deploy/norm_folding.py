@@ -3,7 +3,7 @@
 A BatchNorm in inference mode is a per-channel affine map ``y * s + t`` with
 ``s = scale / sqrt(var + epsilon)`` and ``t = bias - mean * s``. A power-of-two kernel
 cannot absorb ``s`` (its codes would stop being powers of two), so a folded BatchNorm
-becomes its layer's epilogue, as in the ResNet files (``deploy.folding``): the packed
+becomes its layer's epilogue, as in the ResNet files of format versions 1-3: the packed
 layer applies ``s`` and ``t`` to its output, the BatchNorm becomes the identity and its
 variables leave the packed model.
 

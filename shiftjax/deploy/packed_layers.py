@@ -66,6 +66,8 @@ def decode_words(words, spec: qz.Quantizer, shape, dtype=jnp.float32) -> jax.Arr
 
 def runs_on_kernels(kind: str, spec: qz.Quantizer) -> bool:
   """Whether a packed layer multiplies on ``shiftjax.kernels.pow2_matmul``."""
+  if spec is None:
+    return False
   fmt = spec.code_format
   return kind == "Dense" and not fmt.has_zero and fmt.bits in kernels.SUPPORTED_BITS
 
@@ -173,18 +175,21 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs,
   table = []
   for path, layer in record.layers.items():
     if layer.weight_spec is None:
+      if layer.input_spec is not None:  # a float layer that quantizes its input
+        table.append((path, LayerEntry(layer.kind, None, layer.kernel_shape,
+                                       layer.input_spec)))
       continue
     owner, codes_owner = trees.writable(params, path), trees.writable(codes, path)
     spec = layer.weight_spec
     codes_owner["kernel"] = layer_words(
         kernel_words(spec.codes(owner.pop("kernel")), spec.bits), layer.kind, spec)
     table.append((path, LayerEntry(layer.kind, spec, layer.kernel_shape, layer.input_spec)))
-  if not table:
+  if not any(e.weight_spec is not None for _, e in table):
     raise ValueError("the model has no quantized layer to pack")
   packed_variables = {**variables, "params": params, CODES_COLLECTION: codes}
   if fold_batch_norm:
-    folds, reasons = norm_folding.find_foldable(model, variables, [p for p, _ in table],
-                                                inputs, kwargs)
+    folds, reasons = norm_folding.find_foldable(
+        model, variables, [p for p, e in table if e.weight_spec is not None], inputs, kwargs)
     for reason in reasons:
       warnings.warn(reason, stacklevel=3)
     packed_variables = norm_folding.fold(packed_variables, folds)
@@ -237,11 +242,13 @@ def _intercept_packed(layers, folded_norms, next_fun, args, kwargs, context):
 def _run_packed(module: nn.Module, entry: LayerEntry, next_fun, args, kwargs):
   """A packed layer's output: on the kernels, or flax's forward on decoded weights."""
   spec, input_spec = entry.weight_spec, entry.input_spec
-  words = module.get_variable(CODES_COLLECTION, "kernel")
   x = args[0]
   if input_spec is not None:
     params = module.get_variable("params", "activation") if input_spec.param_shapes() else {}
     x = input_spec.quantize(params, x)
+  if spec is None:  # a float layer
+    return next_fun(x, *args[1:], **kwargs)
+  words = module.get_variable(CODES_COLLECTION, "kernel")
   if isinstance(module, nn.Dense) and runs_on_kernels("Dense", spec):
     bias = module.get_variable("params", "bias") if module.use_bias else None
     return packed_dense(x, words, spec, bias, module.dtype)
@@ -301,7 +308,7 @@ def pack_model(model, variables: Mapping[str, Any] | None = None, *inputs,
 
 
 def export_artifact(packed, *inputs, variables: Mapping[str, Any] | None = None,
-                    platforms=None, native_kernels: bool = False) -> bytes:
+                    platforms=None, native_kernels: bool = False, **call_kwargs) -> bytes:
   """A packed model as a serialized ``jax.export.Exported``: the codes are constants of
   the exported function, which anyone with jax runs without the model's code::
 
@@ -317,19 +324,20 @@ def export_artifact(packed, *inputs, variables: Mapping[str, Any] | None = None,
       that has called ``shiftjax.kernels.cpu.native.available()`` on a CPU with the same
       library; by default the weights are decoded with XLA ops, which every platform
       runs (jax refuses to serialize the GPU Pallas kernel's Triton call).
+    call_kwargs: keyword arguments of the model's call (e.g. ``train=False``).
   """
   from shiftjax.kernels.cpu import native  # pylint: disable=g-import-not-at-top
   if isinstance(packed, nnx.Module):
     graphdef, state = nnx.split(packed)
 
     def call(*x):
-      return nnx.merge(graphdef, state)(*x)
+      return nnx.merge(graphdef, state)(*x, **call_kwargs)
   else:
     if variables is None:
       raise ValueError("a linen packed model needs its variables")
 
     def call(*x):
-      return packed.apply(variables, *x)
+      return packed.apply(variables, *x, **call_kwargs)
   specs = [x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
       jnp.shape(x), jnp.asarray(x).dtype) for x in inputs]
   if native_kernels:
@@ -373,7 +381,7 @@ def _words(tree: PackedTree, path: str) -> jax.Array:
   return layer_words(words, entry.kind, entry.weight_spec)
 
 
-def _class_name(cls: type) -> str:
+def class_name(cls: type) -> str:
   return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -399,14 +407,20 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
   if isinstance(packed, nnx.Module):
     layers, arrays = {}, {}
     for path, layer in nnx.iter_modules(packed):
-      if isinstance(layer, interception.NNX_LAYERS) and isinstance(layer.kernel, PackedKernel):
-        name = "/".join(map(str, path))
-        kernel = layer.kernel
-        entry = LayerEntry(interception._nnx_kind(layer), kernel.weight_spec,  # pylint: disable=protected-access
-                           tuple(kernel.weight_shape), getattr(layer, "input_spec", None),
+      if not isinstance(layer, interception.NNX_LAYERS):
+        continue
+      name, kernel = "/".join(map(str, path)), layer.kernel
+      kind = interception._nnx_kind(layer)  # pylint: disable=protected-access
+      input_spec = getattr(layer, "input_spec", None)
+      if isinstance(kernel, PackedKernel):
+        entry = LayerEntry(kind, kernel.weight_spec, tuple(kernel.weight_shape), input_spec,
                            getattr(layer, "folded_norm", None))
-        layers[name] = entry
         arrays[CODES + name] = _bitplanes(kernel.get_value(), entry)
+      elif input_spec is not None:  # a float layer that quantizes its input
+        entry = LayerEntry(kind, None, tuple(kernel.shape), input_spec)
+      else:
+        continue
+      layers[name] = entry
     arrays.update({VARIABLES + p: _storable(p, v)
                    for p, v in _nnx_variables(packed).items()})
     base = type(packed).__mro__[0]
@@ -419,12 +433,12 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
     layers = dict(table)
     codes = variables[CODES_COLLECTION]
     arrays = {CODES + p: _bitplanes(trees.get(codes, p)["kernel"], e)
-              for p, e in layers.items()}
+              for p, e in layers.items() if e.weight_spec is not None}
     rest = {k: v for k, v in variables.items() if k != CODES_COLLECTION}
     arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
     base = type(packed)._shiftjax_float_class  # pylint: disable=protected-access
     framework = "linen"
-  return PackedTree(framework, _class_name(interception.user_class(base)), layers, arrays,
+  return PackedTree(framework, class_name(interception.user_class(base)), layers, arrays,
                     dict(metadata or {}))
 
 
@@ -449,18 +463,18 @@ def load_model(source, model):
   """
   tree = source if isinstance(source, PackedTree) else format_lib.load(source)
   if not isinstance(tree, PackedTree):
-    raise ValueError(f"{source} is a packed ResNet (format version <= 3): load it with "
-                     "shiftjax.deploy.load")
+    raise ValueError(f"{source} is a packed ResNet of format version <= 3: "
+                     "shiftjax.export.load runs it (export.upgrade makes it version 4)")
   framework = "nnx" if isinstance(model, nnx.Module) else "linen"
   if tree.framework != framework:
     raise ValueError(f"the file holds a {tree.framework} model, got a {framework} one")
-  wanted = _class_name(interception.user_class(type(model)))
+  wanted = class_name(interception.user_class(type(model)))
   if tree.model.rpartition(".")[2] != wanted.rpartition(".")[2]:
     raise ValueError(f"the file holds a {tree.model}, got a {wanted}")
   if framework == "linen":
     variables = _unflatten(tree.variables)
     variables[CODES_COLLECTION] = _unflatten({f"{p}/kernel": _words(tree, p)
-                                              for p in tree.layers})
+                                              for p in tree.quantized_layers})
     base = interception.user_class(type(model))
     plain = model.clone()
     plain.__class__ = base
@@ -491,6 +505,9 @@ def _load_nnx(tree: PackedTree, model: nnx.Module) -> nnx.Module:
     if shape != entry.kernel_shape:
       raise ValueError(f"layer {path!r} has kernel shape {list(entry.kernel_shape)} in the "
                        f"file, {list(shape)} in the model")
+    if entry.weight_spec is None:  # a float layer that quantizes its input
+      interception._quantize_nnx_input(layer, entry.input_spec)  # pylint: disable=protected-access
+      continue
     layer.kernel = PackedKernel(_words(tree, path), weight_spec=entry.weight_spec,
                                 weight_shape=entry.kernel_shape)
     if entry.input_spec is not None:

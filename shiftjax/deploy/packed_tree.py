@@ -3,7 +3,8 @@
 A ``PackedTree`` is what a packed file of any architecture holds:
 
   layers    ``{module path: LayerEntry}``: every quantized layer's kind, weight spec,
-            kernel shape and input spec;
+            kernel shape and input spec; and each float layer with a quantized input or
+            a folded BatchNorm (weight spec null, its kernel a variable);
   arrays    ``'codes/<path>'``: the layer's codes at exactly N bits per weight (bit
             planes, ``shiftjax.codes.pack_bitplanes``, uint32 ``[ceil(n / 32), bits]``);
             ``'variables/<path>'``: every other variable the model needs, by its path
@@ -40,8 +41,8 @@ from shiftjax import activations as act_lib
 from shiftjax import codes as codes_lib
 from shiftjax import quantizers as qz
 from shiftjax.deploy import container
-from shiftjax.deploy.architecture import (PackedModelError, activation_from_json, is_int,
-                                          quantizer_from_json, quantizer_to_json)
+from shiftjax.deploy.spec_json import (PackedModelError, activation_from_json, is_int,
+                                       quantizer_from_json, quantizer_to_json)
 
 VERSION = 4
 FRAMEWORKS = ("linen", "nnx")
@@ -52,7 +53,7 @@ CODES, VARIABLES = "codes/", "variables/"
 @dataclasses.dataclass(frozen=True)
 class LayerEntry:
   kind: str
-  weight_spec: qz.Quantizer
+  weight_spec: qz.Quantizer | None  # None: a float layer, in the file for its input spec
   kernel_shape: tuple[int, ...]
   input_spec: Any = None
   folded_norm: str | None = None  # the BatchNorm this layer applies (deploy.norm_folding)
@@ -88,11 +89,11 @@ def _entry_from_json(path: str, obj: Any) -> LayerEntry:
     raise PackedModelError(f"layer {path!r} kernel_shape must be a list of positive "
                            f"integers, got {shape!r}")
   spec = quantizer_from_json(obj["weight_spec"])
-  if spec is None:
-    raise PackedModelError(f"layer {path!r} has no weight_spec (only quantized layers "
-                           "are layers of the file; float ones are variables)")
-  return LayerEntry(obj["kind"], spec, tuple(shape), activation_from_json(obj["input_spec"]),
-                    folded_norm)
+  input_spec = activation_from_json(obj["input_spec"])
+  if spec is None and input_spec is None and folded_norm is None:
+    raise PackedModelError(f"layer {path!r} has no weight_spec, input_spec or folded_norm "
+                           "(a float layer without them is only variables)")
+  return LayerEntry(obj["kind"], spec, tuple(shape), input_spec, folded_norm)
 
 
 @dataclasses.dataclass
@@ -111,6 +112,8 @@ class PackedTree:
                              f"{self.framework!r}")
     for path, entry in self.layers.items():
       name = CODES + path
+      if entry.weight_spec is None:
+        continue
       if name not in self.arrays:
         raise PackedModelError(f"layer {path!r} has no codes (array {name!r} is missing)")
       codes = self.arrays[name]
@@ -121,9 +124,19 @@ class PackedTree:
             f"of {list(entry.kernel_shape)})")
     for name in self.arrays:
       if not name.startswith((CODES, VARIABLES)) or (
-          name.startswith(CODES) and name[len(CODES):] not in self.layers):
+          name.startswith(CODES) and self.spec_of(name[len(CODES):]) is None):
         raise PackedModelError(f"unexpected array {name!r} (arrays are codes/<layer> "
                                "of a layer or variables/<path>)")
+
+  def spec_of(self, path: str) -> qz.Quantizer | None:
+    """The weight spec of the layer at ``path`` (None: float, or no such layer)."""
+    entry = self.layers.get(path)
+    return None if entry is None else entry.weight_spec
+
+  @property
+  def quantized_layers(self) -> dict[str, LayerEntry]:
+    """The layers that hold codes."""
+    return {p: e for p, e in self.layers.items() if e.weight_spec is not None}
 
   def kernel_codes(self, path: str) -> np.ndarray:
     """Layer ``path``'s codes in its kernel's shape (uint8)."""
@@ -135,6 +148,18 @@ class PackedTree:
   def variables(self) -> dict[str, np.ndarray]:
     """``{path: array}`` of everything but the codes."""
     return {k[len(VARIABLES):]: v for k, v in self.arrays.items() if k.startswith(VARIABLES)}
+
+  def size_report(self) -> dict[str, Any]:
+    """The stored bytes against float32: ``float32_weight_bytes`` counts each quantized
+    weight and each element of the other variables as 4 bytes."""
+    quantized = sum(math.prod(e.kernel_shape) for e in self.quantized_layers.values())
+    code_words = sum(self.arrays[CODES + p].size for p in self.quantized_layers)
+    others = sum(a.size for k, a in self.arrays.items() if k.startswith(VARIABLES))
+    return {"float32_weight_bytes": 4 * (quantized + others),
+            "array_bytes": sum(a.nbytes for a in self.arrays.values()),
+            "quantized_weights": quantized,
+            "bits_per_quantized_weight": (32 * code_words / quantized if quantized
+                                          else None)}
 
   def to_bytes(self) -> bytes:
     self.check()

@@ -308,9 +308,11 @@ def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tm
   config.progress_bar = False
   summary = sj.train.train_and_evaluate(config, str(tmp_path))
   packed = sj.deploy.load(summary["packed_file"])
-  assert packed.architecture == "SpeechResNet"
-  assert packed.config["widths"] == [16, 32, 64] and packed.config["pooling"] == "max"
-  assert packed.quantizer == sj.DenseShift(bits=3)
+  architecture = packed.metadata["architecture"]
+  assert architecture["name"] == "SpeechResNet"
+  assert architecture["config"]["widths"] == [16, 32, 64]
+  assert architecture["config"]["pooling"] == "max"
+  assert {e.weight_spec for e in packed.quantized_layers.values()} == {sj.DenseShift(bits=3)}
   # The packed network computes what the trained checkpoint's flax model does.
   spec = sj.data.get_spec("synthetic_slu")
   model = sj.train.create_model(config, spec.num_classes)
@@ -320,7 +322,8 @@ def test_slu_recipe_trains_and_exports_a_packed_speech_resnet(tiny_synthetic, tm
   features = sj.data.normalize(test.images, "synthetic_slu")
   expected = model.apply({"params": state.params, **state.state},
                          features, train=False)
-  logits = sj.deploy.packed_apply(packed, features)
+  packed_model, packed_variables = export.load(packed)
+  logits = np.asarray(packed_model.apply(packed_variables, features, train=False))
   assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
   accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
   assert accuracy == pytest.approx(summary["test_accuracy"])

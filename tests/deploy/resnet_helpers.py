@@ -10,3 +10,11 @@ NO_RULES = {"layer_quantizers": [], "activation": None, "layer_activations": []}
 
 def rbg_key(seed):
   return jax.random.key(seed, impl="rbg")
+
+
+def packed_logits_fn(source):
+  """A jitted ``images -> logits`` of a packed ResNet file (any version, or its tree),
+  run through the ResNet's own flax code (``shiftjax.export.load``)."""
+  from shiftjax import export  # pylint: disable=import-outside-toplevel
+  model, variables = export.load(source)
+  return jax.jit(lambda x: model.apply(variables, x, train=False))

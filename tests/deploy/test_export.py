@@ -1,5 +1,6 @@
 """Export (``shiftjax.export``, ``train.export_checkpoint``, the export launcher): packed
-models equal the trained ones, for each architecture and after a file round trip.
+ResNets (format version 4, run through their own flax code) equal the trained ones, for
+each architecture and after a file round trip.
 
 The trained models are conftest.py's session fixtures.
 """
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import shiftjax as sj
-from resnet_helpers import EVAL_BATCH, NO_RULES, rbg_key
+from resnet_helpers import EVAL_BATCH, NO_RULES, packed_logits_fn, rbg_key
 from shiftjax import deploy
 from shiftjax import export as ex
 from shiftjax import models
@@ -70,14 +71,18 @@ def test_packed_denseshift_matches_trained_model_on_full_test_set(trained, packe
   model, variables = trained["model"], trained["variables"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: deploy.packed_apply(packed, x), images)
+  got = apply_in_batches(packed_logits_fn(packed), images)
   assert_same_predictions(got, expected)
   accuracy = np.mean(np.argmax(got, -1) == fashion_mnist["test_labels"])
   assert accuracy > 0.2  # it learned something (chance is 0.1): not noise against noise
-  # The packed words are what the kernels get: 3-bit codes, 10 per word.
-  assert packed.arrays["stage1_block0/conv1/kernel"].dtype == np.uint32
+  # Exactly 3 bits per quantized weight; BatchNorm folded into each quantized conv.
+  entry = packed.layers["stage1_block0/conv1"]
+  assert entry.folded_norm == "stage1_block0/bn1"
+  assert packed.arrays["codes/stage1_block0/conv1"].shape == (
+      math.prod(entry.kernel_shape) // 32, 3)
   assert packed.metadata["source"] == {"model": "resnet8", "dataset": "fashion_mnist",
                                        "step": 60}
+  assert packed.metadata["architecture"]["name"] == "CifarResNet"
 
 
 def _param(params, path):
@@ -91,34 +96,38 @@ def test_packed_mixed_widths_and_quantized_activations_match_on_full_test_set(
   model, variables = trained_mixed["model"], trained_mixed["variables"]
   packed = train.packed_from_checkpoint(trained_mixed["config"], trained_mixed["workdir"])
   # Every layer at its own width, stored at exactly that many bits per weight.
-  convs = [l for l in packed.layers if l.op in ("conv", "dense")]
   width = {"stem": None, "stage1": 4, "stage2": 3, "stage3": 2, "head": None}
-  for layer in convs:
-    bits = width[layer.name.split("_")[0]]
-    assert (layer.quantizer.bits if layer.quantized else None) == bits, layer.name
+  for path, entry in packed.layers.items():
+    bits = width[path.split("_")[0].split("/")[0]]
+    assert (entry.weight_spec.bits if entry.weight_spec else None) == bits, path
     if bits:
-      assert packed.arrays[f"{layer.name}/kernel"].shape == (
-          math.prod(layer.shape) // 32, bits)
-  sizes = [(math.prod(l.shape), l.quantizer.bits) for l in convs if l.quantized]
+      assert packed.arrays[f"codes/{path}"].shape == (math.prod(entry.kernel_shape) // 32,
+                                                      bits)
+  sizes = [(math.prod(e.kernel_shape), e.weight_spec.bits)
+           for e in packed.quantized_layers.values()]
+  assert len(sizes) == 8  # 3 blocks of 2 convs, 2 shortcuts
   assert packed.size_report()["bits_per_quantized_weight"] == (
       sum(n * b for n, b in sizes) / sum(n for n, _ in sizes))
-  # The activation specs and their learned ranges, exactly as trained.
-  specs = {l.name: l.activation for l in convs}
+  # The activation specs, the float layers' (stem, head) included, and their learned
+  # ranges, exactly as trained.
+  specs = {p: e.input_spec for p, e in packed.layers.items()}
   assert specs["stem"] == sj.PACT(8, signed=True) and specs["head"] == sj.PACT(8)
-  assert {specs[l.name] for l in convs if l.quantized} == {sj.PACT(4)}
+  assert {specs[p] for p in packed.quantized_layers} == {sj.PACT(4)}
   clips = {}
-  for layer in convs:
-    clips[layer.name] = packed.arrays[f"{layer.name}/activation_clip"]
+  for path in packed.layers:
+    clips[path] = packed.arrays[f"variables/params/{path}/activation/clip"]
     np.testing.assert_array_equal(
-        clips[layer.name], np.asarray(_param(variables["params"], layer.name)["activation"]["clip"]))
+        clips[path], np.asarray(_param(variables["params"], path)["activation"]["clip"]))
   assert any(float(c) != 6.0 for c in clips.values())  # training moved the ranges
-  # The file keeps them; the packed forward pass quantizes as training did.
+  # The file keeps them; the packed model quantizes its inputs as training did.
   reloaded = deploy.load(packed.save(tmp_path / "mixed.shiftjax"))
   assert reloaded.layers == packed.layers
   images = fashion_mnist["test_images"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: deploy.packed_apply(reloaded, x), images)
+  got = apply_in_batches(packed_logits_fn(reloaded), images)
+  # The same predictions. (Logits differ by more than rounding: a folded BatchNorm's
+  # output, a rounding away from the unfolded one's, can cross a PACT level.)
   np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
   accuracy = np.mean(np.argmax(got, -1) == fashion_mnist["test_labels"])
   assert accuracy > 0.2  # it learned something (chance is 0.1)
@@ -130,18 +139,15 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
   images = fashion_mnist["test_images"]
   expected = apply_in_batches(jax.jit(lambda x: model.apply(variables, x, train=False)),
                               images)
-  got = apply_in_batches(lambda x: deploy.packed_apply(packed, x), images)
+  got = apply_in_batches(packed_logits_fn(packed), images)
   assert_same_predictions(got, expected)
-  # S3 has a zero code: its convs take the decode + lax.conv path, and zeros survive.
-  zeros = sum(int(np.sum(sj.codes.unpack_bitplanes(packed.arrays[f"{l.name}/kernel"], 3,
-                                                    l.shape)
-                          == packed.code_format.zero_code))
-              for l in packed.layers if l.quantized)
+  # S3 has a zero code: its convs take the decode + conv path, and zeros survive.
+  zeros = sum(int(np.sum(packed.kernel_codes(p) == e.weight_spec.code_format.zero_code))
+              for p, e in packed.quantized_layers.items())
   assert zeros > 0
 
 
 @pytest.mark.parametrize("name, make, image_shape", [
-    ("cifar_float", lambda: models.resnet8(width_multiplier=0.5), (28, 28, 1)),
     ("cifar_deepshift_q6_all_layers", lambda: models.resnet8(
         width_multiplier=0.25, policy=sj.LayerPolicy(sj.DeepShiftQ(bits=6))),
      (16, 16, 3)),
@@ -159,9 +165,9 @@ def test_packed_s3_matches_trained_model_on_full_test_set(trained_s3, fashion_mn
     ("speech_s3_meanmax_uneven_stem", lambda: models.speech_resnet(
         num_classes=5, stage_sizes=(1, 2), widths=(8, 16), stem_strides=(2, 1),
         pooling="meanmax", quantizer=sj.S3(bits=3)), (37, 20, 1)),
-    ("speech_float_mean_first_stride_1", lambda: models.SpeechResNet(
-        num_classes=4, stage_sizes=(1,), widths=(8,), first_stride=1, pooling="mean"),
-     (19, 16, 1)),
+    ("speech_denseshift4_mean_first_stride_1", lambda: models.speech_resnet(
+        num_classes=4, stage_sizes=(1,), widths=(8,), first_stride=1, pooling="mean",
+        quantizer=sj.DenseShift(bits=4)), (19, 16, 1)),
 ])
 def test_packed_matches_model_for_each_architecture(name, make, image_shape):
   del name
@@ -171,11 +177,11 @@ def test_packed_matches_model_for_each_architecture(name, make, image_shape):
   expected = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables,
                                                                             images))
   packed = ex.export(variables, model)
-  got = np.asarray(deploy.packed_apply(packed, images))
+  got = np.asarray(packed_logits_fn(packed)(images))
   assert got.shape == expected.shape
   assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
   reloaded = deploy.from_bytes(packed.to_bytes())
-  np.testing.assert_array_equal(np.asarray(deploy.packed_apply(reloaded, images)), got)
+  np.testing.assert_array_equal(np.asarray(packed_logits_fn(reloaded)(images)), got)
 
 
 def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
@@ -186,13 +192,12 @@ def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
   path = tmp_path / "speech.shiftjax"
   ex.export(variables, model).save(path)
   loaded = deploy.load(path)
-  assert loaded.architecture == "SpeechResNet"
-  assert loaded.config == {"num_classes": 6, "in_channels": 1,
-                           "full_precision": ["stem", "head"], "stage_sizes": [1, 1],
-                           "widths": [8, 16], "stem_strides": [2, 1], "first_stride": 1,
-                           "pooling": "meanmax", **NO_RULES}
-  assert [l.op for l in loaded.layers][-2:] == ["speech_meanmax_pool", "dense"]
-  assert loaded.layers[-1].shape == (32, 6)  # mean and max of 16 channels
+  assert loaded.framework == "linen" and loaded.model.endswith("SpeechResNet")
+  assert loaded.metadata["architecture"]["config"] == {
+      "num_classes": 6, "in_channels": 1, "full_precision": ["stem", "head"],
+      "stage_sizes": [1, 1], "widths": [8, 16], "stem_strides": [2, 1], "first_stride": 1,
+      "pooling": "meanmax", **NO_RULES}
+  assert loaded.arrays["variables/params/head/kernel"].shape == (32, 6)  # mean and max
   module = ex.flax_module(loaded)
   features = jax.random.normal(rbg_key(3), (2, 29, 16, 1))
   np.testing.assert_array_equal(model.apply(variables, features, train=False),
@@ -201,34 +206,30 @@ def test_speech_resnet_file_round_trip_rebuilds_the_module(tmp_path):
 
 def test_float_kernels_in_bfloat16_on_request(trained, packed, fashion_mnist):
   half = ex.export(trained["variables"], trained["model"], float_dtype=jnp.bfloat16)
-  assert half.arrays["stem/kernel"].dtype == jnp.bfloat16
-  assert half.arrays["head/kernel"].dtype == jnp.bfloat16
-  assert half.arrays["stem/bias"].dtype == np.float32
-  for name in ("stage1_block0/conv1/kernel", "stage1_block0/conv1/scale"):
+  for name in ("params/stem/kernel", "params/head/kernel"):
+    assert half.arrays[f"variables/{name}"].dtype == jnp.bfloat16
+  assert half.arrays["variables/params/head/bias"].dtype == np.float32
+  for name in ("codes/stage1_block0/conv1", "variables/folded_norms/stage1_block0/conv1/scale"):
     np.testing.assert_array_equal(half.arrays[name], packed.arrays[name])
   reloaded = deploy.from_bytes(half.to_bytes())
   for name, a in half.arrays.items():
     assert reloaded.arrays[name].dtype == a.dtype
     np.testing.assert_array_equal(reloaded.arrays[name].view(np.uint8), a.view(np.uint8))
   images = fashion_mnist["test_images"][:EVAL_BATCH]
-  full = np.asarray(deploy.packed_apply(packed, images))
-  got = np.asarray(deploy.packed_apply(reloaded, images))
+  full = np.asarray(packed_logits_fn(packed)(images))
+  got = np.asarray(packed_logits_fn(reloaded)(images))
   assert np.max(np.abs(got - full)) <= 0.05 * np.max(np.abs(full))
   assert np.mean(np.argmax(got, -1) == np.argmax(full, -1)) > 0.97
 
 
-def test_export_names_a_parameter_the_architecture_lacks(trained):
-  model = trained["model"]
-  variables = jax.tree.map(lambda x: x, trained["variables"])  # a copy of the dicts
-  variables["params"]["stage1_block0"]["extra"] = {"kernel": np.zeros((1, 1, 8, 8))}
-  with pytest.raises(deploy.PackedModelError, match="stage1_block0/extra/kernel"):
-    ex.export(variables, model)
-  del variables["params"]["stage1_block0"]["extra"]
-  del variables["params"]["stage1_block0"]["conv2"]
-  with pytest.raises(deploy.PackedModelError, match="no 'stage1_block0/conv2/kernel'"):
-    ex.export(variables, model)
-  with pytest.raises(deploy.PackedModelError, match="supports CifarResNet, ImageNetResNet, SpeechResNet modules, got Dense"):
+def test_export_refuses_what_is_not_a_zoo_resnet(trained):
+  with pytest.raises(deploy.PackedModelError, match="no 'stem/kernel'"):
+    ex.export({"params": {}}, trained["model"])
+  with pytest.raises(deploy.PackedModelError, match="supports CifarResNet, ImageNetResNet, "
+                     "SpeechResNet modules, got Dense .*pack_model"):
     ex.export(trained["variables"], nn.Dense(3))
+  with pytest.raises(deploy.PackedModelError, match="float_dtype must be float32 or bfloat16"):
+    ex.export(trained["variables"], trained["model"], float_dtype=jnp.float16)
 
 
 # ------------------------------------------------------------- checkpoint -> file, launcher
@@ -238,7 +239,7 @@ def test_export_checkpoint_writes_model_file_and_refuses_overwrite(trained, pack
   report = train.export_checkpoint(trained["config"], trained["workdir"])
   path = os.path.join(trained["workdir"], "model.shiftjax")
   assert report["path"] == path and report["file_bytes"] == os.path.getsize(path)
-  assert report["float32_weight_bytes"] == trained["float32_weight_bytes"]
+  assert report["bits_per_quantized_weight"] == 3.0
   assert open(path, "rb").read() == packed.to_bytes()
   with pytest.raises(FileExistsError, match="--overwrite"):
     train.export_checkpoint(trained["config"], trained["workdir"])

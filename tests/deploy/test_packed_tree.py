@@ -9,7 +9,7 @@ import pytest
 
 import shiftjax as sj
 from shiftjax.deploy import packed_layers
-from shiftjax.deploy.architecture import PackedModelError
+from shiftjax.deploy.spec_json import PackedModelError
 from shiftjax.deploy.packed_tree import PackedTree
 from shiftjax.policy import LayerPolicy
 from tiny_models import IMAGES, TOKENS, LinenTinyViT, NnxMLP, NnxTinyTransformer

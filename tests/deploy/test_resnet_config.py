@@ -1,10 +1,12 @@
-"""Architecture configs (``shiftjax.deploy.architecture``): bad ones are refused by name."""
+"""The zoo ResNets' configs as files record them (``shiftjax.deploy.resnet_config``): bad
+ones are refused by name."""
 
 import re
 
 import pytest
 
 from shiftjax import deploy
+from shiftjax.deploy import resnet_config
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -18,6 +20,6 @@ def test_bad_speech_resnet_config_is_refused(field, value, message):
   config = {"num_classes": 6, "in_channels": 1, "full_precision": ["stem"],
             "stage_sizes": [1, 1], "widths": [8, 16], "stem_strides": [2, 2],
             "first_stride": 2, "pooling": "max"}
-  deploy.check_architecture("SpeechResNet", config)
+  resnet_config.check_architecture("SpeechResNet", config)
   with pytest.raises(deploy.PackedModelError, match=re.escape(message)):
-    deploy.check_architecture("SpeechResNet", dict(config, **{field: value}))
+    resnet_config.check_architecture("SpeechResNet", dict(config, **{field: value}))
