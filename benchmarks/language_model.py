@@ -8,7 +8,8 @@ not a matmul; the output head stays float), ``sj.fit`` trains it with adam (warm
 cosine) on random windows of the first 95 % of the corpus, and validation bits per
 byte and per-byte perplexity (``2 ** bpb``) are measured on every byte of the last 5 %.
 Prints a markdown table: mean +- std over seeds, the change against float (perplexity
-in %), and the wall time of a run. Corpus: Debian's ``bible-kjv-text``
+in %), and the wall time of a run. ``--from_float`` starts each shift run from the float
+run of its seed through post-training quantization (``shiftjax.ptq``). Corpus: Debian's ``bible-kjv-text``
 (``shiftjax.data.text``).
 """
 
@@ -29,6 +30,7 @@ import shiftjax as sj
 from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import loop
+from shiftjax import ptq
 from shiftjax.data import text
 from shiftjax.models import language_model as lm
 
@@ -47,6 +49,9 @@ flags.DEFINE_integer("mlp_dim", 512, "Hidden width of each block's MLP.")
 flags.DEFINE_integer("seq_len", 256, "Bytes per training window.")
 flags.DEFINE_float("learning_rate", 2e-3, "Adam's peak learning rate.")
 flags.DEFINE_float("latent_lr_scale", 1.0, "Multiplies the quantizer latents' updates.")
+flags.DEFINE_bool("from_float", False, "Start each shift run from the float run of its "
+                  "seed (<workdir>/float/seed<k>) converted by post-training quantization "
+                  "(error feedback and bias correction on 64 training windows).")
 flags.DEFINE_integer("eval_bytes", 0, "Evaluate on the first this many validation bytes "
                      "(0: all of them).")
 flags.DEFINE_string("workdir", None, "Keep each run's checkpoints, metrics and packed "
@@ -63,13 +68,36 @@ def model_config() -> lm.LMConfig:
                      num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim)
 
 
+def label(method: str) -> str:
+  """The method with the flags that change its training (a workdir and a table row)."""
+  if method == "float":
+    return method
+  return (method + (", from float" if FLAGS.from_float else "")
+          + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else ""))
+
+
+def from_float(method: str, seed: int, train) -> nnx.Module:
+  """The float run of ``seed`` through post-training quantization to ``method``."""
+  if not FLAGS.workdir:
+    raise app.UsageError("--from_float reads the float runs in --workdir")
+  model = loop.load_into(lm.TransformerLM(model_config(), rngs=nnx.Rngs(seed)),
+                         os.path.join(FLAGS.workdir, "float", f"seed{seed}"))
+  windows = text.random_windows(train, 8, FLAGS.seq_len, seed=123)
+  calibration = [(b["inputs"],) for b in itertools.islice(windows, 8)]
+  return ptq.quantize_trained(model, METHODS[method](), calibration=calibration,
+                              rounding="error_feedback", bias_correction=True)
+
+
 def run(method: str, seed: int, train, validation) -> tuple[float, float]:
   """(validation bits per byte, wall seconds) of one training run."""
-  model = sj.quantize_model(lm.TransformerLM(model_config(), rngs=nnx.Rngs(seed)),
-                            METHODS[method](), rngs=nnx.Rngs(seed + 1000))
+  if FLAGS.from_float and method != "float":
+    model = from_float(method, seed, train)
+  else:
+    model = sj.quantize_model(lm.TransformerLM(model_config(), rngs=nnx.Rngs(seed)),
+                              METHODS[method](), rngs=nnx.Rngs(seed + 1000))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, FLAGS.learning_rate, FLAGS.steps // 20, FLAGS.steps)
-  workdir = (os.path.join(FLAGS.workdir, method.replace(" ", "_").replace(",", ""),
+  workdir = (os.path.join(FLAGS.workdir, label(method).replace(" ", "_").replace(",", ""),
                           f"seed{seed}") if FLAGS.workdir else None)
 
   def batches(start):
@@ -108,7 +136,7 @@ def main(argv):
   for method in FLAGS.methods:
     for seed in range(FLAGS.seeds):
       bpb, seconds = run(method, seed, train, validation)
-      results.setdefault(method, []).append((bpb, seconds))
+      results.setdefault(label(method), []).append((bpb, seconds))
       print(f"{method} seed {seed}: {bpb:.4f} bits/byte in {seconds:.0f} s", flush=True)
   reference = (statistics.mean(2 ** b for b, _ in results["float"]) if "float" in results
                else None)

@@ -14,8 +14,11 @@ variables as arguments (nothing decoded ahead of time is cached):
             ``export.load`` -> ``packed_module.apply(variables, x, train=False)``. Each
             quantized conv holds its N-bit codes in uint32 words (floor(32/N) codes per
             word, made from the file's bit planes once, at load), decodes them by bit
-            assembly inside every call and runs the same conv as the float model, with
-            its BatchNorm folded into a per-channel scale and bias.
+            assembly inside every call and runs the native conv with its BatchNorm
+            folded into a per-channel scale and bias applied in its registers
+            (``kernels.fused_conv``)
+  fused     packed, through ``deploy.fuse_conv_epilogues``: the residual add and relu
+            that the ResNet's blocks apply after each conv move into that native call
 
 It also times decoding all packed kernels alone (every quantized conv's words to float32
 weights, one jitted call). Batch 1 and 128; the variants run interleaved, in a rotating
@@ -105,9 +108,12 @@ def main(argv):
 
   float_fn = jax.jit(functools.partial(float_model.apply, train=False))
   packed_fn = jax.jit(functools.partial(packed_module.apply, train=False))
+  fused_fn = jax.jit(deploy.fuse_conv_epilogues(functools.partial(packed_module.apply,
+                                                                  train=False)))
   variants = {
       "float": lambda x: float_fn(float_vars, x),
       "packed": lambda x: packed_fn(packed_vars, x),
+      "fused": lambda x: fused_fn(packed_vars, x),
   }
   print(f"ResNet-20, DenseShift {args.bits}-bit, CPU ({jax.device_count()} device, "
         f"{jax.devices()[0].device_kind}); weights held: float {nbytes(float_vars) / 1024:.0f} "

@@ -8,8 +8,12 @@ goes through ``sj.quantize_model`` with the method's policy (the patch embedding
 classifier stay float, as the papers keep the first and last layer; the formats'
 exponent offsets are in ``shiftjax.benchmarking.transformer_methods``), ``sj.fit``
 trains it with adam (warmup + cosine) on the 60k training images, and top-1 is measured on all
-10k test images. Prints a markdown table: mean +- std over seeds, the change against
-float, and the wall time of a run. Data: Debian's ``dataset-fashion-mnist``.
+10k test images. Each shift run is then packed (``sj.deploy.pack_model``), written to
+``<run>/model.shiftjax``, loaded back into the float ViT's code
+(``deploy.packed_layers.load_model``) and its top-1 compared with the trained model's on
+the same 10k images (``shiftjax.benchmarking.agreement``: ties named as such). Prints a
+markdown table: mean +- std over seeds, the change against float, the packed files'
+agreement and the wall time of a run. Data: Debian's ``dataset-fashion-mnist``.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from absl import flags
 import numpy as np
 import optax
 
+import jax
+
 import shiftjax as sj
+from shiftjax.benchmarking import agreement as agreement_lib
 from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import data as data_lib
 from shiftjax import loop
 from shiftjax import ptq
+from shiftjax.deploy import packed_layers
 from shiftjax.models import vit as vit_lib
 
 FLOAT_LAYERS = ("patch_embed", "head")
@@ -74,8 +82,21 @@ def from_float(method: str, seed: int, train):
                               rounding="error_feedback", bias_correction=True)
 
 
-def run(method: str, seed: int, train, test) -> tuple[float, float]:
-  """(test top-1, wall seconds) of one training run."""
+def packed_agreement(model, variables, test, workdir: str | None):
+  """The trained shift model packed, through its file when there is a ``workdir``,
+  against the trained model on the test images."""
+  packed, packed_variables = sj.deploy.pack_model(model, variables, test["image"][:1])
+  if workdir:
+    path = packed_layers.save_model(os.path.join(workdir, "model.shiftjax"), packed,
+                                    packed_variables, overwrite=True)
+    packed, packed_variables = packed_layers.load_model(path, vit_lib.vit_tiny())
+  return agreement_lib.top1_agreement(jax.jit(lambda x: model.apply(variables, x)),
+                                      jax.jit(lambda x: packed.apply(packed_variables, x)),
+                                      test["image"])
+
+
+def run(method: str, seed: int, train, test) -> tuple[float, float, object]:
+  """(test top-1, wall seconds, the packed file's agreement) of one training run."""
   model = sj.quantize_model(vit_lib.vit_tiny(), METHODS[method]())
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, FLAGS.learning_rate, FLAGS.steps // 20, FLAGS.steps)
@@ -92,7 +113,10 @@ def run(method: str, seed: int, train, test) -> tuple[float, float]:
                     seed=seed, log_every=max(FLAGS.steps // 10, 1),
                     checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
                     progress_bar=False, init_variables=init_variables)
-  return result.metrics["eval_accuracy"], time.time() - start
+  seconds = time.time() - start
+  agreement = (None if method == "float"
+               else packed_agreement(model, result.model, test, workdir))
+  return result.metrics["eval_accuracy"], seconds, agreement
 
 
 def main(argv):
@@ -106,20 +130,27 @@ def main(argv):
   results = {}
   for method in FLAGS.methods:
     for seed in range(FLAGS.seeds):
-      top1, seconds = run(method, seed, train, test)
-      results.setdefault(label(method), []).append((top1, seconds))
-      print(f"{method} seed {seed}: top-1 {top1:.4f} in {seconds:.0f} s", flush=True)
-  reference = statistics.mean(t for t, _ in results["float"]) if "float" in results else None
+      top1, seconds, agreement = run(method, seed, train, test)
+      results.setdefault(label(method), []).append((top1, seconds, agreement))
+      print(f"{method} seed {seed}: top-1 {top1:.4f} in {seconds:.0f} s"
+            + (f"; packed file: {agreement}" if agreement else ""), flush=True)
+  reference = (statistics.mean(t for t, _, _ in results["float"]) if "float" in results
+               else None)
   print(f"\nViT (vit_tiny) on Fashion-MNIST, {FLAGS.steps} steps of batch "
         f"{FLAGS.batch_size}, {FLAGS.seeds} seed(s)\n")
   rows = []
   for method, runs in results.items():
-    top1, std = tables.mean_std([t for t, _ in runs])
+    top1, std = tables.mean_std([t for t, _, _ in runs])
     delta = "" if reference is None or method == "float" else f"{100 * (top1 - reference):+.2f}"
-    rows.append((method, f"{100 * top1:.2f} +- {100 * std:.2f}", delta,
-                 f"{statistics.mean(s for _, s in runs):.0f}"))
+    agreements = [a for _, _, a in runs if a is not None]
+    packed = ("" if not agreements else
+              f"{sum(a.same for a in agreements)}/{sum(a.images for a in agreements)}"
+              + (f", {sum(a.ties for a in agreements)} tie(s)"
+                 if any(a.ties for a in agreements) else ""))
+    rows.append((method, f"{100 * top1:.2f} +- {100 * std:.2f}", delta, packed,
+                 f"{statistics.mean(s for _, s, _ in runs):.0f}"))
   print(tables.markdown(("method", "test top-1 (mean +- std)", "vs float (points)",
-                         "seconds a run"), rows))
+                         "packed file: same top-1", "seconds a run"), rows))
 
 
 if __name__ == "__main__":

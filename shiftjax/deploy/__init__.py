@@ -15,6 +15,8 @@ or NNX) with its quantized layers reading the codes, or as a ``jax.export`` arti
                  any linen or NNX model's packed layers (needs flax; imported on first
                  use)
   norm_folding   BatchNorm folding for any model
+  epilogues      ``fuse_conv_epilogues``: a residual add and relu moved into the native
+                 conv before them (a pass over any function's jaxpr)
 
 None of it imports optax, orbax, tensorflow-datasets or ml_collections.
 ``shiftjax.export`` packs and loads the zoo's ResNets.
@@ -23,14 +25,15 @@ None of it imports optax, orbax, tensorflow-datasets or ml_collections.
 import importlib
 
 from shiftjax.deploy.container import FILE_SUFFIX, write_atomic
+from shiftjax.deploy.epilogues import fuse_conv_epilogues
 from shiftjax.deploy.format import FORMAT_VERSION, PackedModel, from_bytes, load
 from shiftjax.deploy.packed_tree import LayerEntry, PackedTree
 from shiftjax.deploy.spec_json import PackedModelError
 
 __all__ = [
     "FILE_SUFFIX", "FORMAT_VERSION", "LayerEntry", "PackedModel", "PackedModelError",
-    "PackedTree", "export_artifact", "from_bytes", "load", "load_model", "pack_model",
-    "save_artifact", "save_model", "write_atomic",
+    "PackedTree", "export_artifact", "from_bytes", "fuse_conv_epilogues", "load",
+    "load_model", "pack_model", "save_artifact", "save_model", "write_atomic",
 ]
 
 # Need flax: imported on first use. {name: module}

@@ -231,29 +231,72 @@ def _intercept_packed(layers, folded_norms, next_fun, args, kwargs, context):
   entry = layers.get(path)
   if entry is None or not isinstance(module, interception.LINEN_LAYERS):
     return next_fun(*args, **kwargs)
-  out = _run_packed(module, entry, next_fun, args, kwargs)
-  if entry.folded_norm is None:
-    return out
-  scale = module.get_variable(norm_folding.FOLDED_COLLECTION, "scale")
-  bias = module.get_variable(norm_folding.FOLDED_COLLECTION, "bias")
-  return out * scale + bias
+  epilogue = None
+  if entry.folded_norm is not None:
+    epilogue = (module.get_variable(norm_folding.FOLDED_COLLECTION, "scale"),
+                module.get_variable(norm_folding.FOLDED_COLLECTION, "bias"))
+  return _run_packed(module, entry, next_fun, args, kwargs, epilogue)
 
 
-def _run_packed(module: nn.Module, entry: LayerEntry, next_fun, args, kwargs):
-  """A packed layer's output: on the kernels, or flax's forward on decoded weights."""
+def _run_packed(module: nn.Module, entry: LayerEntry, next_fun, args, kwargs, epilogue):
+  """A packed layer's output, then its folded BatchNorm's ``epilogue`` (scale, bias):
+  on the kernels, as one fused conv, or flax's forward on decoded weights."""
   spec, input_spec = entry.weight_spec, entry.input_spec
   x = args[0]
   if input_spec is not None:
     params = module.get_variable("params", "activation") if input_spec.param_shapes() else {}
     x = input_spec.quantize(params, x)
   if spec is None:  # a float layer
-    return next_fun(x, *args[1:], **kwargs)
-  words = module.get_variable(CODES_COLLECTION, "kernel")
-  if isinstance(module, nn.Dense) and runs_on_kernels("Dense", spec):
+    out = next_fun(x, *args[1:], **kwargs)
+  elif isinstance(module, nn.Dense) and runs_on_kernels("Dense", spec):
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    return packed_dense(x, words, spec, bias, module.dtype)
-  with _decoded_kernel(module, words, spec):
-    return next_fun(x, *args[1:], **kwargs)
+    out = packed_dense(x, module.get_variable(CODES_COLLECTION, "kernel"), spec, bias,
+                       module.dtype)
+  else:
+    words = module.get_variable(CODES_COLLECTION, "kernel")
+    padding = _fused_conv_padding(module, x)
+    if epilogue is not None and padding is not None and not args[1:] and not kwargs:
+      weights = decode_words(words, spec, entry.kernel_shape)
+      return _fused_conv(module, x, weights, padding, *epilogue)
+    with _decoded_kernel(module, words, spec):
+      out = next_fun(x, *args[1:], **kwargs)
+  if epilogue is None:
+    return out
+  scale, bias = epilogue
+  return out * scale + bias
+
+
+def _fused_conv_padding(module: nn.Module, x):
+  """The padding ``kernels.fused_conv`` takes for a plain 2-D conv module (no dilation,
+  groups or mask; float32 or bfloat16), None for any other."""
+  if (not isinstance(module, nn.Conv) or x.ndim != 4 or len(module.kernel_size) != 2
+      or module.feature_group_count != 1 or module.mask is not None
+      or x.dtype not in (jnp.float32, jnp.bfloat16)
+      or module.dtype not in (None, jnp.float32)
+      or any(d not in (None, 1, (1, 1)) for d in (module.input_dilation,
+                                                   module.kernel_dilation))):
+    return None
+  padding = module.padding
+  if padding in ("SAME", "VALID"):
+    return padding
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  if (isinstance(padding, (tuple, list)) and len(padding) == 2
+      and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding)):
+    return tuple(tuple(int(v) for v in p) for p in padding)
+  return None
+
+
+def _fused_conv(module: nn.Conv, x, weights, padding, scale, bias):
+  """``conv(x) * scale + bias`` as one ``kernels.fused_conv``: on the CPU the native conv
+  applies the folded BatchNorm in its registers (``deploy.fuse_conv_epilogues`` then
+  moves a following residual add and relu in too). A conv bias goes into the epilogue."""
+  strides = module.strides or 1
+  if module.use_bias:
+    bias = module.get_variable("params", "bias") * scale + bias
+  return kernels.fused_conv(x.astype(jnp.float32), weights, strides=strides,
+                            padding=padding, scale=scale.astype(jnp.float32),
+                            bias=bias.astype(jnp.float32))
 
 
 @contextlib.contextmanager

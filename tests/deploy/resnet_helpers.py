@@ -14,7 +14,9 @@ def rbg_key(seed):
 
 def packed_logits_fn(source):
   """A jitted ``images -> logits`` of a packed ResNet file (any version, or its tree),
-  run through the ResNet's own flax code (``shiftjax.export.load``)."""
-  from shiftjax import export  # pylint: disable=import-outside-toplevel
+  run through the ResNet's own flax code (``shiftjax.export.load``) with the convs'
+  epilogues fused (``deploy.fuse_conv_epilogues``)."""
+  from shiftjax import deploy, export  # pylint: disable=import-outside-toplevel
   model, variables = export.load(source)
-  return jax.jit(lambda x: model.apply(variables, x, train=False))
+  return jax.jit(deploy.fuse_conv_epilogues(
+      lambda x: model.apply(variables, x, train=False)))
