@@ -18,6 +18,7 @@ agreement and the wall time of a run. Data: Debian's ``dataset-fashion-mnist``.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -34,6 +35,7 @@ from shiftjax.benchmarking import agreement as agreement_lib
 from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import data as data_lib
+from shiftjax import distill as distill_lib
 from shiftjax import loop
 from shiftjax import ptq
 from shiftjax.deploy import packed_layers
@@ -56,6 +58,9 @@ flags.DEFINE_bool("from_float", False, "Start each shift run from the float run 
                   "seed (<workdir>/float/seed<k>) converted by post-training quantization "
                   "(error feedback + bias correction, shiftjax.ptq); the float run's steps "
                   "come on top of --steps.")
+flags.DEFINE_float("distill", 0.0, "With --from_float: distill from the float run of "
+                   "the seed with this weight of the soft targets (temperature 4; 0: no "
+                   "distillation).")
 flags.DEFINE_string("workdir", None, "Keep each run's checkpoints and metrics here "
                     "(<workdir>/<method>/seed<k>); a finished run is read, not retrained.")
 
@@ -69,7 +74,9 @@ def label(method: str) -> str:
   if method == "float":
     return method
   return (method + (", from float" if FLAGS.from_float else "")
-          + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else ""))
+          + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else "")
+          + (f", distilled x{FLAGS.distill:g}" if FLAGS.distill else "")
+          + (f", {FLAGS.steps} steps" if FLAGS.steps != 1500 else ""))
 
 
 def from_float(method: str, seed: int, train):
@@ -104,15 +111,21 @@ def run(method: str, seed: int, train, test) -> tuple[float, float, object]:
                           f"seed{seed}") if FLAGS.workdir else None)
   eval_batches = [{k: v[i:i + 1000] for k, v in test.items()}
                   for i in range(0, len(test["label"]), 1000)]
-  init_variables = None
+  init_variables, teacher, distillation = None, None, None
   if FLAGS.from_float and method != "float":
     model, init_variables = from_float(method, seed, train)
+    if FLAGS.distill:
+      float_variables = loop.load_variables(os.path.join(FLAGS.workdir, "float",
+                                                         f"seed{seed}"))
+      teacher = functools.partial(vit_lib.vit_tiny().apply, float_variables)
+      distillation = distill_lib.Distillation(weight=FLAGS.distill)
   start = time.time()
   result = loop.fit(model, train, optimizer=optax.adam(schedule), num_steps=FLAGS.steps,
                     batch_size=FLAGS.batch_size, eval_data=eval_batches, workdir=workdir,
                     seed=seed, log_every=max(FLAGS.steps // 10, 1),
                     checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
-                    progress_bar=False, init_variables=init_variables)
+                    progress_bar=False, init_variables=init_variables,
+                    teacher=teacher, distillation=distillation)
   seconds = time.time() - start
   agreement = (None if method == "float"
                else packed_agreement(model, result.model, test, workdir))
@@ -124,6 +137,8 @@ def main(argv):
   unknown = [m for m in FLAGS.methods if m not in METHODS]
   if unknown:
     raise app.UsageError(f"unknown methods {unknown}; allowed: {list(METHODS)}")
+  if FLAGS.distill and not FLAGS.from_float:
+    raise app.UsageError("--distill distills from the float runs: it needs --from_float")
   train, test = load_split("train"), load_split("test")
   print(sj.summarize(sj.quantize_model(vit_lib.vit_tiny(), METHODS["DenseShift 3-bit"]()),
                      train["image"][:1]))

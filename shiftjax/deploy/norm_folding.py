@@ -27,6 +27,7 @@ from flax import nnx
 import jax
 import numpy as np
 
+from shiftjax import batch_norm
 from shiftjax import interception
 from shiftjax import trees
 
@@ -43,10 +44,9 @@ class Fold:
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-  """flax's BatchNorm or a drop-in with its fields (``shiftjax.batch_norm.BatchNorm``)."""
-  return isinstance(module, nn.BatchNorm) or (
-      type(module).__name__ == "BatchNorm" and hasattr(module, "epsilon")
-      and hasattr(module, "use_running_average"))
+  """flax's BatchNorm or shiftjax's drop-in for it (``shiftjax.batch_norm``: the same
+  variables and inference-mode affine map)."""
+  return isinstance(module, (nn.BatchNorm, batch_norm.BatchNorm))
 
 
 def _unfoldable_reason(module, x, args, kwargs) -> str | None:
