@@ -9,7 +9,8 @@ cosine) on random windows of the first 95 % of the corpus, and validation bits p
 byte and per-byte perplexity (``2 ** bpb``) are measured on every byte of the last 5 %.
 Prints a markdown table: mean +- std over seeds, the change against float (perplexity
 in %), and the wall time of a run. ``--from_float`` starts each shift run from the float
-run of its seed through post-training quantization (``shiftjax.ptq``). Corpus: Debian's ``bible-kjv-text``
+run of its seed through post-training quantization (``shiftjax.ptq``); ``float`` then
+continues the float run for as many steps, the control with the same training budget. Corpus: Debian's ``bible-kjv-text``
 (``shiftjax.data.text``).
 """
 
@@ -70,18 +71,21 @@ def model_config() -> lm.LMConfig:
 
 def label(method: str) -> str:
   """The method with the flags that change its training (a workdir and a table row)."""
-  if method == "float":
-    return method
+  if method == "float":  # from float: the float run trained on, the control
+    return method + (", from float" if FLAGS.from_float else "")
   return (method + (", from float" if FLAGS.from_float else "")
           + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else ""))
 
 
 def from_float(method: str, seed: int, train) -> nnx.Module:
-  """The float run of ``seed`` through post-training quantization to ``method``."""
+  """The float run of ``seed`` through post-training quantization to ``method`` (for
+  ``'float'``, as it is: the control that trains as long from the same start)."""
   if not FLAGS.workdir:
     raise app.UsageError("--from_float reads the float runs in --workdir")
   model = loop.load_into(lm.TransformerLM(model_config(), rngs=nnx.Rngs(seed)),
                          os.path.join(FLAGS.workdir, "float", f"seed{seed}"))
+  if method == "float":
+    return model
   windows = text.random_windows(train, 8, FLAGS.seq_len, seed=123)
   calibration = [(b["inputs"],) for b in itertools.islice(windows, 8)]
   return ptq.quantize_trained(model, METHODS[method](), calibration=calibration,
@@ -90,7 +94,7 @@ def from_float(method: str, seed: int, train) -> nnx.Module:
 
 def run(method: str, seed: int, train, validation) -> tuple[float, float]:
   """(validation bits per byte, wall seconds) of one training run."""
-  if FLAGS.from_float and method != "float":
+  if FLAGS.from_float:
     model = from_float(method, seed, train)
   else:
     model = sj.quantize_model(lm.TransformerLM(model_config(), rngs=nnx.Rngs(seed)),
@@ -138,8 +142,8 @@ def main(argv):
       bpb, seconds = run(method, seed, train, validation)
       results.setdefault(label(method), []).append((bpb, seconds))
       print(f"{method} seed {seed}: {bpb:.4f} bits/byte in {seconds:.0f} s", flush=True)
-  reference = (statistics.mean(2 ** b for b, _ in results["float"]) if "float" in results
-               else None)
+  reference = next((statistics.mean(2 ** b for b, _ in results[m])
+                    for m in ("float", "float, from float") if m in results), None)
   print(f"\nTransformerLM on the KJV Bible (bytes), {FLAGS.steps} steps of "
         f"{FLAGS.batch_size} x {FLAGS.seq_len} bytes, {FLAGS.seeds} seed(s), validation "
         f"{len(validation):,} bytes\n")
@@ -147,7 +151,7 @@ def main(argv):
   for method, runs in results.items():
     bpb, std = tables.mean_std([b for b, _ in runs])
     ppl = statistics.mean(2 ** b for b, _ in runs)
-    delta = ("" if reference is None or method == "float"
+    delta = ("" if reference is None or method.startswith("float")
              else f"{100 * (ppl / reference - 1):+.1f} %")
     rows.append((method, f"{bpb:.4f} +- {std:.4f}", f"{ppl:.3f}", delta,
                  f"{statistics.mean(s for _, s in runs):.0f}"))

@@ -88,14 +88,15 @@ def main(argv):
         print(f"{seed_dir} {bits}-bit {name}: {bpb:.4f} ({seconds:.1f} s)", flush=True)
   if not references:
     raise app.UsageError(f"no float run in {FLAGS.workdir}/float/seed*")
+  runs = [("float_from_float", "float trained on as long (control of the row below)")]
   for bits in map(int, FLAGS.bits):
-    for run_name, label in (
-        (f"DenseShift_{bits}-bit", f"QAT DenseShift {bits}-bit from scratch"),
-        (f"DenseShift_{bits}-bit_from_float_latent_lr_x0.1",
-         f"QAT DenseShift {bits}-bit from the PTQ model, latent lr x0.1")):
-      for seed, bpb in qat_bits_per_byte(run_name).items():
-        if seed in references:
-          rows.setdefault(label, []).append((bpb, references[seed], float("nan")))
+    runs += [(f"DenseShift_{bits}-bit", f"QAT DenseShift {bits}-bit from scratch"),
+             (f"DenseShift_{bits}-bit_from_float_latent_lr_x0.1",
+              f"QAT DenseShift {bits}-bit from the PTQ model, latent lr x0.1")]
+  for run_name, label in runs:
+    for seed, bpb in qat_bits_per_byte(run_name).items():
+      if seed in references:
+        rows.setdefault(label, []).append((bpb, references[seed], float("nan")))
   print(f"\nPTQ of the float language model ({len(references)} run(s)), calibration "
         f"{FLAGS.calibration} windows of {FLAGS.seq_len} bytes, validation "
         f"{len(validation):,} bytes\n")
