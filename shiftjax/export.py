@@ -174,8 +174,7 @@ def upgrade(packed: PackedModel) -> PackedTree:
   """
   model = flax_module(packed)
   x = _example_input(packed.config["in_channels"])
-  abstract = jax.eval_shape(functools.partial(model.init, train=False),
-                            jax.random.key(0), x)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   with interception.record_calls() as record:
     jax.eval_shape(functools.partial(model.apply, train=False), abstract, x)
   file_layers = {l.name: l for l in packed.layers}

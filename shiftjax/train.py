@@ -261,8 +261,7 @@ def layer_plan(config, model: nn.Module | None = None
   model = model or create_model(config, spec.num_classes)
   x = jax.ShapeDtypeStruct((1, *spec.image_shape), jnp.float32)
   with interception.record_calls() as record:
-    abstract = jax.eval_shape(functools.partial(model.init, train=False),
-                              jax.random.key(0), x)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     record.layers.clear()
     jax.eval_shape(functools.partial(model.apply, train=False), abstract, x)
   return record.layers
