@@ -506,15 +506,21 @@ def fit(model, train_data, *, optimizer: optax.GradientTransformation, num_steps
 
   batches = make_batches(0)
   first = next(batches)
-  if init_variables is not None:
-    if not isinstance(model, nn.Module):
-      raise ValueError("init_variables is for linen models; an NNX model holds its values")
+  manager = checkpoint_manager(workdir, keep_checkpoints) if workdir else None
+  # Resuming (or reading a finished run) needs the state's shapes only: nothing is
+  # initialized or compiled for values the checkpoint replaces.
+  resuming = manager is not None and manager.latest_step() is not None
+  if init_variables is not None and not isinstance(model, nn.Module):
+    raise ValueError("init_variables is for linen models; an NNX model holds its values")
+  if init_variables is not None and not resuming:
     init_variables = dict(init_variables)
     params, model_state = init_variables.pop("params"), init_variables
+  elif resuming:
+    params, model_state = jax.eval_shape(functional_model.init, key, task.inputs(first))
   else:
     params, model_state = jax.jit(functional_model.init)(key, task.inputs(first))
-  state = TrainState(jnp.asarray(0, jnp.int32), params, model_state, tx.init(params))
-  manager = checkpoint_manager(workdir, keep_checkpoints) if workdir else None
+  opt_state = jax.eval_shape(tx.init, params) if resuming else tx.init(params)
+  state = TrainState(jnp.asarray(0, jnp.int32), params, model_state, opt_state)
   if manager is not None:
     state = _restore(manager, state, workdir)
   state = replicate(state, mesh)
