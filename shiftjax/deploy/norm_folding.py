@@ -25,10 +25,12 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from shiftjax import batch_norm
 from shiftjax import interception
+from shiftjax import kernels
 from shiftjax import trees
 
 # The packed variables' collection of the folded epilogues: {layer path: {scale, bias}}.
@@ -263,9 +265,52 @@ def _fold_into(layer: nnx.Module, norm: nnx.Module, norm_path: str, s, t) -> Non
 @functools.cache
 def _with_epilogue(layer_class: type) -> type:
   def __call__(self, *args, **kwargs):
+    scale, bias = self.folded_scale[...], self.folded_bias[...]
+    x = args[0] if args else None
+    padding = fused_conv_padding(self, x) if x is not None else None
+    if padding is not None and not args[1:] and not kwargs:
+      if hasattr(self, "input_spec"):  # a quantized input, as the layer's own call would
+        params = self.activation.get_value() if hasattr(self, "activation") else {}
+        x = self.input_spec.quantize(params, x)
+      conv_bias = self.bias[...] if self.bias is not None else None
+      return fused_conv(self, x, self.kernel[...], conv_bias, padding, scale, bias)
     out = layer_class.__call__(self, *args, **kwargs)
-    return out * self.folded_scale[...] + self.folded_bias[...]
+    return out * scale + bias
   return interception.subclass(layer_class, __call__=__call__)
+
+
+def fused_conv_padding(module, x):
+  """The padding ``kernels.fused_conv`` takes for a plain 2-D conv module, linen or NNX
+  (no dilation, groups or mask; float32 or bfloat16), None for any other."""
+  if (not isinstance(module, (nn.Conv, nnx.Conv)) or x.ndim != 4 or len(module.kernel_size) != 2
+      or module.feature_group_count != 1 or module.mask is not None
+      or x.dtype not in (jnp.float32, jnp.bfloat16)
+      or module.dtype not in (None, jnp.float32)
+      or any(d not in (None, 1, (1, 1)) for d in (module.input_dilation,
+                                                   module.kernel_dilation))):
+    return None
+  padding = module.padding
+  if padding in ("SAME", "VALID"):
+    return padding
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  if (isinstance(padding, (tuple, list)) and len(padding) == 2
+      and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding)):
+    return tuple(tuple(int(v) for v in p) for p in padding)
+  return None
+
+
+def fused_conv(module, x, weights, conv_bias, padding, scale, bias):
+  """``conv(x) * scale + bias`` of a conv module (``fused_conv_padding`` not None) as one
+  ``kernels.fused_conv``: on the CPU the native conv applies the folded BatchNorm in its
+  registers (``deploy.fuse_conv_epilogues`` then moves a following residual add and
+  relu in too). The conv's own bias, if any, goes into the epilogue."""
+  if conv_bias is not None:
+    bias = conv_bias * scale + bias
+  return kernels.fused_conv(x.astype(jnp.float32), weights, strides=module.strides or 1,
+                            padding=padding, scale=scale.astype(jnp.float32),
+                            bias=bias.astype(jnp.float32))
+
 
 
 @functools.cache

@@ -254,49 +254,17 @@ def _run_packed(module: nn.Module, entry: LayerEntry, next_fun, args, kwargs, ep
                        module.dtype)
   else:
     words = module.get_variable(CODES_COLLECTION, "kernel")
-    padding = _fused_conv_padding(module, x)
+    padding = norm_folding.fused_conv_padding(module, x)
     if epilogue is not None and padding is not None and not args[1:] and not kwargs:
       weights = decode_words(words, spec, entry.kernel_shape)
-      return _fused_conv(module, x, weights, padding, *epilogue)
+      bias = module.get_variable("params", "bias") if module.use_bias else None
+      return norm_folding.fused_conv(module, x, weights, bias, padding, *epilogue)
     with _decoded_kernel(module, words, spec):
       out = next_fun(x, *args[1:], **kwargs)
   if epilogue is None:
     return out
   scale, bias = epilogue
   return out * scale + bias
-
-
-def _fused_conv_padding(module: nn.Module, x):
-  """The padding ``kernels.fused_conv`` takes for a plain 2-D conv module (no dilation,
-  groups or mask; float32 or bfloat16), None for any other."""
-  if (not isinstance(module, nn.Conv) or x.ndim != 4 or len(module.kernel_size) != 2
-      or module.feature_group_count != 1 or module.mask is not None
-      or x.dtype not in (jnp.float32, jnp.bfloat16)
-      or module.dtype not in (None, jnp.float32)
-      or any(d not in (None, 1, (1, 1)) for d in (module.input_dilation,
-                                                   module.kernel_dilation))):
-    return None
-  padding = module.padding
-  if padding in ("SAME", "VALID"):
-    return padding
-  if isinstance(padding, int):
-    return ((padding, padding), (padding, padding))
-  if (isinstance(padding, (tuple, list)) and len(padding) == 2
-      and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding)):
-    return tuple(tuple(int(v) for v in p) for p in padding)
-  return None
-
-
-def _fused_conv(module: nn.Conv, x, weights, padding, scale, bias):
-  """``conv(x) * scale + bias`` as one ``kernels.fused_conv``: on the CPU the native conv
-  applies the folded BatchNorm in its registers (``deploy.fuse_conv_epilogues`` then
-  moves a following residual add and relu in too). A conv bias goes into the epilogue."""
-  strides = module.strides or 1
-  if module.use_bias:
-    bias = module.get_variable("params", "bias") * scale + bias
-  return kernels.fused_conv(x.astype(jnp.float32), weights, strides=strides,
-                            padding=padding, scale=scale.astype(jnp.float32),
-                            bias=bias.astype(jnp.float32))
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ keeps it unfused."""
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +66,39 @@ def test_a_conv_output_read_twice_is_not_fused():
   assert _fused_convs(fused, x, x) == (2, 1, 1)
   for a, b in zip(jax.jit(fused)(x, x), jax.jit(block)(x, x)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class NnxConvNet(nnx.Module):
+  """conv -> BatchNorm -> relu, twice, then a mean and a dense head."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(3, 16, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+    self.conv2 = nnx.Conv(16, 16, (3, 3), strides=2, use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.head = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = jax.nn.relu(self.bn2(self.conv2(x)))
+    return self.head(x.mean((1, 2)))
+
+
+def test_an_nnx_models_folded_convs_run_fused_too():
+  model = sj.quantize_model(NnxConvNet(nnx.Rngs(0)), sj.LayerPolicy(sj.DenseShift(3),
+                                                                    ("head",)))
+  rng = np.random.default_rng(0)
+  for norm in (model.bn1, model.bn2):
+    norm.mean[...] = rng.standard_normal(16).astype(np.float32)
+    norm.var[...] = rng.uniform(0.5, 2.0, 16).astype(np.float32)
+  model.eval()
+  x = jax.random.normal(jax.random.key(2), (2, 12, 12, 3))
+  expected = np.asarray(model(x))
+  packed = sj.deploy.pack_model(model, example_inputs=(x,))
+  graphdef, state = nnx.split(packed)
+  apply = lambda state, x: nnx.merge(graphdef, state)(x)
+  fused = deploy.fuse_conv_epilogues(apply)
+  assert _fused_convs(apply, state, x) == (2, 0, 2)  # scale and bias in the native conv
+  assert _fused_convs(fused, state, x) == (2, 2, 0)  # and the relu
+  got = np.asarray(jax.jit(fused)(state, x))
+  assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
