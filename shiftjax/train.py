@@ -683,8 +683,11 @@ def packed_from_checkpoint(config, workdir: str | os.PathLike, *, step: int | No
   """
   model, variables, step = restore_variables(config, workdir, step=step)
   spec = data_lib.get_spec(config.dataset)
+  float_bytes = weight_bytes(variables["params"], variables.get("batch_stats", {}),
+                             layer_quantizers(layer_plan(config, model)))
   metadata = {
-      "source": {"model": config.model, "dataset": config.dataset, "step": step},
+      "source": {"model": config.model, "dataset": config.dataset, "step": step,
+                 "float32_weight_bytes": float_bytes["float32_weight_bytes"]},
       "input": {"image_shape": list(spec.image_shape), "dtype": "uint8",
                 "normalization": "(image / 255 - mean) / std",
                 "mean": list(spec.mean), "std": list(spec.std)},
@@ -708,8 +711,11 @@ def export_checkpoint(config, workdir: str | os.PathLike, output: str | None = N
   packed = packed_from_checkpoint(config, workdir, step=step, float_dtype=float_dtype)
   packed.save(output, overwrite=overwrite)
   report = packed.size_report()
-  report.update(path=output, file_bytes=os.path.getsize(output),
-                step=packed.metadata["source"]["step"])
+  source = packed.metadata["source"]
+  # The trained network's float32 weights (every BatchNorm's four arrays, not the two a
+  # folded one keeps), as train.weight_bytes counts them.
+  report.update(path=output, file_bytes=os.path.getsize(output), step=source["step"],
+                float32_weight_bytes=source["float32_weight_bytes"])
   return report
 
 

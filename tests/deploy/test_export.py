@@ -81,7 +81,8 @@ def test_packed_denseshift_matches_trained_model_on_full_test_set(trained, packe
   assert packed.arrays["codes/stage1_block0/conv1"].shape == (
       math.prod(entry.kernel_shape) // 32, 3)
   assert packed.metadata["source"] == {"model": "resnet8", "dataset": "fashion_mnist",
-                                       "step": 60}
+                                       "step": 60, "float32_weight_bytes":
+                                           trained["float32_weight_bytes"]}
   assert packed.metadata["architecture"]["name"] == "CifarResNet"
 
 
@@ -240,6 +241,7 @@ def test_export_checkpoint_writes_model_file_and_refuses_overwrite(trained, pack
   path = os.path.join(trained["workdir"], "model.shiftjax")
   assert report["path"] == path and report["file_bytes"] == os.path.getsize(path)
   assert report["bits_per_quantized_weight"] == 3.0
+  assert report["float32_weight_bytes"] == trained["float32_weight_bytes"]
   assert open(path, "rb").read() == packed.to_bytes()
   with pytest.raises(FileExistsError, match="--overwrite"):
     train.export_checkpoint(trained["config"], trained["workdir"])
