@@ -88,7 +88,8 @@ def main(argv):
         print(f"{seed_dir} {bits}-bit {name}: {bpb:.4f} ({seconds:.1f} s)", flush=True)
   if not references:
     raise app.UsageError(f"no float run in {FLAGS.workdir}/float/seed*")
-  runs = [("float_from_float", "float trained on as long (control of the row below)")]
+  runs = [("float_from_float", "float trained on as long from the float run (the control "
+                                 "of QAT from the PTQ model)")]
   for bits in map(int, FLAGS.bits):
     runs += [(f"DenseShift_{bits}-bit", f"QAT DenseShift {bits}-bit from scratch"),
              (f"DenseShift_{bits}-bit_from_float_latent_lr_x0.1",
