@@ -8,8 +8,9 @@ a fifth of its forward pass. ``fuse_conv_epilogues(fn)`` traces ``fn`` (any func
 model's code), finds each native fused conv whose only use is such an add and/or relu,
 and evaluates the chain as one native call that takes the residual and applies the
 relu: the same operations in the same order, without the extra passes (the results
-agree up to float rounding: the kernel's register arithmetic against XLA's). Everything
-else runs as traced. Where the native kernels are not available it changes nothing.
+agree up to float rounding: the kernel's register arithmetic against XLA's). Nested
+jitted functions are inlined so that their convs fuse too; everything else runs as
+traced. Where the native kernels are not available it changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shiftjax.kernels.cpu import native
 
 _TARGET = "shiftjax_fused_conv"
 _RESIDUAL = 4  # the native call's operands: x, kernel, scale, bias, residual
+_JITS = ("pjit", "jit")  # nested jits' names (jax < 0.7: pjit)
 
 
 def fuse_conv_epilogues(fn: Callable) -> Callable:
@@ -140,6 +142,9 @@ def _evaluate(jaxpr, consts, args) -> list:
       outs = _fused_call(conv_eqn, [read(v) for v in conv_eqn.invars],
                          None if residual is None else read(residual), relu)
       outs = outs if conv_eqn.primitive.multiple_results else [outs]
+    elif eqn.primitive.name in _JITS:  # inlined: the convs inside fuse too
+      inner = eqn.params["jaxpr"]
+      outs = _evaluate(inner.jaxpr, inner.consts, [read(v) for v in eqn.invars])
     else:
       outs = _bind(eqn, eqn.params, [read(v) for v in eqn.invars])
       outs = outs if eqn.primitive.multiple_results else [outs]

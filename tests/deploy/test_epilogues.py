@@ -66,6 +66,9 @@ def test_a_conv_output_read_twice_is_not_fused():
   assert _fused_convs(fused, x, x) == (2, 1, 1)
   for a, b in zip(jax.jit(fused)(x, x), jax.jit(block)(x, x)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Inside a nested jit too.
+  nested = deploy.fuse_conv_epilogues(lambda x, r: jax.jit(block)(x, r))
+  assert _fused_convs(nested, x, x) == (2, 1, 1)
 
 
 class NnxConvNet(nnx.Module):
