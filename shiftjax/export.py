@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shiftjax import codes as codes_lib
 from shiftjax import interception
 from shiftjax.deploy import resnet_config
 from shiftjax.deploy import spec_json
@@ -108,7 +107,8 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
   packed, packed_variables = packed_layers.pack_model(model, jax.device_get(variables), x,
                                                       train=False)
   tree = packed_layers.to_tree(packed, packed_variables, metadata={
-      **(metadata or {}), "architecture": _architecture_json(name, config, model)})
+      **(metadata or {}),
+      "architecture": _architecture_json(name, config, quantization.policy_of(model).quantizer)})
   if float_dtype != jnp.float32:
     tree.arrays.update({k: np.asarray(v, float_dtype) for k, v in tree.arrays.items()
                         if k.startswith(VARIABLES + "params/") and k.endswith("/kernel")})
@@ -116,8 +116,8 @@ def export(variables: Mapping[str, Any], model: nn.Module, *, float_dtype=jnp.fl
   return tree
 
 
-def _architecture_json(name: str, config: Mapping[str, Any], model: nn.Module) -> dict:
-  quantizer = quantization.policy_of(model).quantizer
+def _architecture_json(name: str, config: Mapping[str, Any], quantizer) -> dict:
+  """The metadata ``flax_module`` rebuilds a ResNet from."""
   return {"name": name, "config": dict(config),
           "quantizer": spec_json.quantizer_to_json(quantizer)}
 
@@ -208,11 +208,9 @@ def upgrade(packed: PackedModel) -> PackedTree:
     if layer.quantized or fold or layer.activation is not None:
       layers[name] = LayerEntry(kind, layer.quantizer, layer.shape, layer.activation,
                                 fold.norm if fold else None)
-  name, config = packed.architecture, packed.config
   tree = PackedTree("linen", packed_layers.class_name(interception.user_class(type(model))),
-                    layers, arrays, {**packed.metadata, "architecture": {
-                        "name": name, "config": config,
-                        "quantizer": spec_json.quantizer_to_json(packed.quantizer)}})
+                    layers, arrays, {**packed.metadata, "architecture": _architecture_json(
+                        packed.architecture, packed.config, packed.quantizer)})
   tree.check()
   return tree
 
@@ -233,9 +231,9 @@ def _check_same_layers(file_layers, traced) -> None:
 
 
 def _bitplanes(packed: PackedModel, layer) -> np.ndarray:
+  """A quantized layer's codes as bit planes: version 2-3 files hold them so already,
+  version 1 files in the kernels' words (``packed_layers.kernel_words``' layout)."""
   words = np.asarray(packed.arrays[f"{layer.name}/kernel"])
   if packed.code_layout == "bitplanes":
     return words
-  bits = layer.quantizer.bits
-  codes = codes_lib.unpack(words, bits, int(np.prod(layer.shape[:-1])))
-  return np.asarray(codes_lib.pack_bitplanes(np.asarray(codes).reshape(layer.shape), bits))
+  return packed_layers.bitplanes(words, LayerEntry("", layer.quantizer, layer.shape))

@@ -377,7 +377,9 @@ def save_artifact(path: str | os.PathLike, packed, *inputs, overwrite: bool = Fa
 # ------------------------------------------------------------------------- files (v4)
 
 
-def _bitplanes(words, entry: LayerEntry) -> np.ndarray:
+def bitplanes(words, entry: LayerEntry) -> np.ndarray:
+  """A layer's codes from its words (``kernel_words``' layout, or ``TiledWords``) as the
+  file's bit planes."""
   codes = codes_lib.unpack(_plain_words(words), entry.weight_spec.bits,
                            math.prod(entry.kernel_shape[:-1]), axis=0)
   codes = codes.reshape(entry.kernel_shape)
@@ -426,7 +428,7 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
       if isinstance(kernel, PackedKernel):
         entry = LayerEntry(kind, kernel.weight_spec, tuple(kernel.weight_shape), input_spec,
                            getattr(layer, "folded_norm", None))
-        arrays[CODES + name] = _bitplanes(kernel.get_value(), entry)
+        arrays[CODES + name] = bitplanes(kernel.get_value(), entry)
       elif input_spec is not None:  # a float layer that quantizes its input
         entry = LayerEntry(kind, None, tuple(kernel.shape), input_spec)
       else:
@@ -443,7 +445,7 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
                        "and its packed variables")
     layers = dict(table)
     codes = variables[CODES_COLLECTION]
-    arrays = {CODES + p: _bitplanes(trees.get(codes, p)["kernel"], e)
+    arrays = {CODES + p: bitplanes(trees.get(codes, p)["kernel"], e)
               for p, e in layers.items() if e.weight_spec is not None}
     rest = {k: v for k, v in variables.items() if k != CODES_COLLECTION}
     arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
