@@ -8,7 +8,11 @@ not a matmul; the output head stays float), ``sj.fit`` trains it with adam (warm
 cosine) on random windows of the first 95 % of the corpus, and validation bits per
 byte and per-byte perplexity (``2 ** bpb``) are measured on every byte of the last 5 %.
 Prints a markdown table: mean +- std over seeds, the change against float (perplexity
-in %), and the wall time of a run. ``--from_float`` starts each shift run from the float
+in %), and the wall time of a run. Each shift run is packed (``sj.deploy.pack_model``),
+written to ``<run>/model.shiftjax`` (with ``--workdir``), loaded back into the float
+model's code and its next-byte predictions compared with the trained model's at every
+validation position (``shiftjax.benchmarking.agreement``: ties named as such).
+``--from_float`` starts each shift run from the float
 run of its seed through post-training quantization (``shiftjax.ptq``); ``float`` then
 continues the float run for as many steps, the control with the same training budget. Corpus: Debian's ``bible-kjv-text``
 (``shiftjax.data.text``).
@@ -22,17 +26,22 @@ import os
 import statistics
 import time
 
+import jax
+import numpy as np
+
 from absl import app
 from absl import flags
 import optax
 from flax import nnx
 
 import shiftjax as sj
+from shiftjax.benchmarking import agreement as agreement_lib
 from shiftjax.benchmarking import tables
 from shiftjax.benchmarking import transformer_methods
 from shiftjax import loop
 from shiftjax import ptq
 from shiftjax.data import text
+from shiftjax.deploy import packed_layers
 from shiftjax.models import language_model as lm
 
 FLOAT_LAYERS = ("head",)
@@ -92,8 +101,9 @@ def from_float(method: str, seed: int, train) -> nnx.Module:
                               rounding="error_feedback", bias_correction=True)
 
 
-def run(method: str, seed: int, train, validation) -> tuple[float, float]:
-  """(validation bits per byte, wall seconds) of one training run."""
+def run(method: str, seed: int, train, validation):
+  """(validation bits per byte, wall seconds, the packed file's agreement) of one
+  training run."""
   if FLAGS.from_float:
     model = from_float(method, seed, train)
   else:
@@ -115,14 +125,33 @@ def run(method: str, seed: int, train, validation) -> tuple[float, float]:
                        workdir=workdir, seed=seed, log_every=max(FLAGS.steps // 10, 1),
                        checkpoint_every=FLAGS.steps, latent_lr_scale=FLAGS.latent_lr_scale,
                        progress_bar=False)
-  if workdir and method != "float":
-    from shiftjax.deploy import packed_layers  # pylint: disable=g-import-not-at-top
+  agreement = (None if method == "float"
+               else packed_agreement(result.model, method, seed, validation, workdir))
+  return result.metrics["eval_bits_per_token"], time.time() - start, agreement
+
+
+def packed_agreement(model, method: str, seed: int, validation, workdir: str | None):
+  """The trained shift model packed, through its file when there is a ``workdir``, run
+  by the float model's code, against the trained model's next-byte predictions at
+  every position of the validation windows."""
+  packed = sj.deploy.pack_model(model)
+  if workdir:
     path = os.path.join(workdir, "model.shiftjax")
-    if not os.path.exists(path):
-      packed_layers.save_model(path, sj.deploy.pack_model(result.model),
+    if not os.path.exists(path):  # a resumed run keeps the file it wrote
+      packed_layers.save_model(path, packed,
                                metadata={"method": method, "seed": seed,
                                          "config": dataclasses.asdict(model_config())})
-  return result.metrics["eval_bits_per_token"], time.time() - start
+    packed = packed_layers.load_model(path, lm.TransformerLM(model_config(),
+                                                             rngs=nnx.Rngs(0)))
+  windows = np.concatenate([b["inputs"] for b in
+                            text.sequential_windows(validation, 64, FLAGS.seq_len)])
+  return agreement_lib.top1_agreement(logits_fn(model), logits_fn(packed), windows, batch=64)
+
+
+def logits_fn(model: nnx.Module):
+  """``model``'s logits as a jitted function of the tokens."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda tokens: nnx.merge(graphdef, state)(tokens))
 
 
 def main(argv):
@@ -139,24 +168,26 @@ def main(argv):
   results = {}
   for method in FLAGS.methods:
     for seed in range(FLAGS.seeds):
-      bpb, seconds = run(method, seed, train, validation)
-      results.setdefault(label(method), []).append((bpb, seconds))
-      print(f"{method} seed {seed}: {bpb:.4f} bits/byte in {seconds:.0f} s", flush=True)
-  reference = next((statistics.mean(2 ** b for b, _ in results[m])
+      bpb, seconds, agreement = run(method, seed, train, validation)
+      results.setdefault(label(method), []).append((bpb, seconds, agreement))
+      print(f"{method} seed {seed}: {bpb:.4f} bits/byte in {seconds:.0f} s"
+            + (f"; packed file: {agreement}" if agreement else ""), flush=True)
+  reference = next((statistics.mean(2 ** b for b, _, _ in results[m])
                     for m in ("float", "float, from float") if m in results), None)
   print(f"\nTransformerLM on the KJV Bible (bytes), {FLAGS.steps} steps of "
         f"{FLAGS.batch_size} x {FLAGS.seq_len} bytes, {FLAGS.seeds} seed(s), validation "
         f"{len(validation):,} bytes\n")
   rows = []
   for method, runs in results.items():
-    bpb, std = tables.mean_std([b for b, _ in runs])
-    ppl = statistics.mean(2 ** b for b, _ in runs)
+    bpb, std = tables.mean_std([b for b, _, _ in runs])
+    ppl = statistics.mean(2 ** b for b, _, _ in runs)
     delta = ("" if reference is None or method.startswith("float")
              else f"{100 * (ppl / reference - 1):+.1f} %")
     rows.append((method, f"{bpb:.4f} +- {std:.4f}", f"{ppl:.3f}", delta,
-                 f"{statistics.mean(s for _, s in runs):.0f}"))
+                 agreement_lib.total([a for _, _, a in runs if a is not None]),
+                 f"{statistics.mean(s for _, s, _ in runs):.0f}"))
   print(tables.markdown(("method", "bits/byte (mean +- std)", "perplexity/byte", "vs float",
-                         "seconds a run"), rows))
+                         "packed file: same next byte", "seconds a run"), rows))
 
 
 if __name__ == "__main__":

@@ -157,11 +157,7 @@ def main(argv):
   for method, runs in results.items():
     top1, std = tables.mean_std([t for t, _, _ in runs])
     delta = "" if reference is None or method == "float" else f"{100 * (top1 - reference):+.2f}"
-    agreements = [a for _, _, a in runs if a is not None]
-    packed = ("" if not agreements else
-              f"{sum(a.same for a in agreements)}/{sum(a.images for a in agreements)}"
-              + (f", {sum(a.ties for a in agreements)} tie(s)"
-                 if any(a.ties for a in agreements) else ""))
+    packed = agreement_lib.total([a for _, _, a in runs if a is not None])
     rows.append((method, f"{100 * top1:.2f} +- {100 * std:.2f}", delta, packed,
                  f"{statistics.mean(s for _, s, _ in runs):.0f}"))
   print(tables.markdown(("method", "test top-1 (mean +- std)", "vs float (points)",

@@ -15,6 +15,15 @@ convolutions take their weight spec (and input spec) from ``policy`` (a
   dict, read as the quantized weight) in place of their float kernel, and, with an
   input spec, an ``activation`` param and a ``__call__`` that quantizes the input.
 
+A parameter outside those layers that the user's own code multiplies with
+(``jnp.einsum(..., w)``, ``lax.dot_general``, ``x @ w``) is quantized when a
+``parameter_quantizers`` rule names its path (``'<module path>/<name>'``): in linen its
+module's ``self.param(name, ...)`` creates the latents under that name (as
+``{'kernel': latents}``, see ``LATENTS``) and returns the quantized weight; in NNX the
+``nnx.Param`` attribute becomes a ``ShiftParameter``, which
+reads as the quantized weight however the code reads it (``w[...]``, ``w.value``,
+``jnp.asarray(w)``, ``jnp.einsum(..., w)``, ``x @ w``). Its record's kind is ``'Param'``.
+
 Every layer keeps running flax's own code, so everything the layer supports (dtype
 promotion, feature groups, dilation, padding modes, bias broadcasting) works unchanged;
 only the kernel it reads is quantized. Gradients are the quantizers' straight-through
@@ -96,14 +105,25 @@ class LayerRecord:
   out_features: int = 0  # the kernel's elements per contraction: outputs it feeds
 
 
+# The kind of a quantized parameter outside flax's layers (a LayerRecord's, a file's).
+PARAM_KIND = "Param"
+# A quantized parameter holds its latents under this key, as a layer holds them under
+# its 'kernel': what finds latents by that name (the latent learning-rate scale, weight
+# decay masks: shiftjax.optim) finds these too.
+LATENTS = "kernel"
+
+
 @dataclasses.dataclass
 class CallRecord:
-  """What one traced call of a quantized model met: its layers and its other modules."""
+  """What one traced call of a quantized model met: its layers (and quantized
+  parameters, kind ``PARAM_KIND``), its other modules and their parameters."""
   layers: dict[str, LayerRecord] = dataclasses.field(default_factory=dict)
   modules: dict[str, str] = dataclasses.field(default_factory=dict)
+  parameters: set[str] = dataclasses.field(default_factory=set)
 
   def check(self, policy: policy_lib.LayerPolicy) -> None:
-    policy.check_model({p: r.kind for p, r in self.layers.items()}, self.modules)
+    policy.check_model({p: r.kind for p, r in self.layers.items() if r.kind != PARAM_KIND},
+                       self.modules, sorted(self.parameters))
 
 
 # Observers of the next traced calls (``record_calls``); a stack so that nested uses work.
@@ -192,28 +212,33 @@ def _run_quantized(policy, module: nn.Module, call: Callable):
   """``call()`` under the shift interceptor; checks the policy against the layers when
   initializing and tells the observers (``record_calls``) the layers it met."""
   record = CallRecord()
-  with nn.intercept_methods(functools.partial(_intercept_linen, policy, record)):
-    out = call()
+  with nn.intercept_methods(functools.partial(_intercept_linen, policy, record)), \
+      param_override(module, _parameter_reader(module, "", policy, record)):
+    out = call()  # the model's own method: not intercepted, its parameters read here
   if module.is_initializing():
     record.check(policy)
   for observer in _OBSERVERS:
     observer.layers.update(record.layers)
     observer.modules.update(record.modules)
+    observer.parameters.update(record.parameters)
   return out
 
 
 def _intercept_linen(policy, record: CallRecord, next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != "__call__" or module.scope is None:
+  if module.scope is None:
     return next_fun(*args, **kwargs)
   path = _path_name(module.scope.path)  # '' for the model itself
+  if not isinstance(module, LINEN_LAYERS) and not _is_shift_layer(module):
+    # Any method, setup included: each may create parameters the user's code multiplies.
+    if path:
+      record.modules[path] = type(module).__name__
+    with param_override(module, _parameter_reader(module, path, policy, record)):
+      return next_fun(*args, **kwargs)
+  if context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
   if _is_shift_layer(module):
     return _record_shift_layer(module, path, record, next_fun, args, kwargs)
-  if not isinstance(module, LINEN_LAYERS):
-    if not path:
-      return next_fun(*args, **kwargs)
-    record.modules[path] = type(module).__name__
-    return next_fun(*args, **kwargs)
   weight_spec, input_spec = policy.quantizer_for(path), policy.activation_for(path)
   layer = LayerRecord(type(module).__name__, weight_spec, input_spec)
   record.layers[path] = layer
@@ -290,11 +315,40 @@ def param_override(module: nn.Module, param: Callable):
   """While the layer runs, its ``self.param`` is ``param``: an instance attribute shadows
   the method for this call only, so the layer's own code (shapes, dtype promotion, the
   dot or conv) runs as written on whatever kernel ``param`` gives."""
+  shadowed = module.__dict__.get("param")  # an outer method's override, on a nested call
   object.__setattr__(module, "param", param)
   try:
     yield
   finally:
-    object.__delattr__(module, "param")
+    if shadowed is None:
+      object.__delattr__(module, "param")
+    else:
+      object.__setattr__(module, "param", shadowed)
+
+
+def _parameter_reader(module: nn.Module, path: str, policy, record: CallRecord) -> Callable:
+  """``self.param`` of a module that is not a layer: a parameter a
+  ``parameter_quantizers`` rule names is created as its spec's latents (of the shape
+  and dtype its initializer gives) and read as the quantized weight; every parameter's
+  path is recorded (for the rules' checks)."""
+  float_param = nn.Module.param
+
+  def param(name, init_fn, *init_args, **init_kwargs):
+    full = f"{path}/{name}" if path else name
+    record.parameters.add(full)
+    spec = policy.parameter_quantizer_for(full)
+    if spec is None:
+      return float_param(module, name, init_fn, *init_args, **init_kwargs)
+
+    def latent_init(key):
+      shape = jax.eval_shape(lambda k: init_fn(k, *init_args, **init_kwargs), key)
+      return {LATENTS: spec.init(key, shape.shape, shape.dtype)}
+
+    weight = spec.weight(float_param(module, name, latent_init)[LATENTS])
+    record.layers[full] = LayerRecord(PARAM_KIND, spec, None, tuple(weight.shape))
+    return weight
+
+  return param
 
 
 def _latent_init(spec):
@@ -304,17 +358,62 @@ def _latent_init(spec):
 # ------------------------------------------------------------------------------ NNX
 
 
-class ShiftKernel(nnx.Param):
-  """An NNX layer's kernel as shift latents: holds ``weight_spec``'s latents (a dict) and
-  reads as the quantized weight (``layer.kernel[...]``, which flax's layers use)."""
+class ReadsAsWeight:
+  """An NNX variable holding another form of a weight (latents, codes) that reads as the
+  weight (``weight()``) however code reads an array variable: ``v[...]``, ``v.value``,
+  ``jnp.asarray(v)`` and jnp functions (``__jax_array__``), ``x @ v``, ``v @ x``.
+  ``get_value()`` still gives what it holds (what training and packing work on)."""
+
+  def weight(self) -> jax.Array:
+    raise NotImplementedError
 
   def __getitem__(self, key):
-    weight = self.weight_spec.weight(self.get_value())
+    weight = self.weight()
     return weight if key is Ellipsis else weight[key]
+
+  def __jax_array__(self):
+    return self.weight()
+
+  @property
+  def value(self):
+    return self.weight()
+
+  def __matmul__(self, other):
+    return self.weight() @ other
+
+  def __rmatmul__(self, other):
+    return other @ self.weight()
 
   @property
   def shape(self) -> tuple[int, ...]:
     return self.weight_shape
+
+  @property
+  def ndim(self) -> int:
+    return len(self.weight_shape)
+
+
+class ShiftKernel(ReadsAsWeight, nnx.Param):
+  """An NNX layer's kernel (or a parameter the model's code multiplies) as shift
+  latents: holds ``weight_spec``'s latents (a dict), reads as the quantized weight."""
+
+  def latents(self) -> dict[str, jax.Array]:
+    return self.get_value()
+
+  def weight(self) -> jax.Array:
+    return self.weight_spec.weight(self.latents())
+
+  @property
+  def dtype(self):
+    return jax.tree.leaves(self.latents())[0].dtype
+
+
+class ShiftParameter(ShiftKernel):
+  """A parameter outside flax's layers (which the model's own code multiplies) as shift
+  latents, held as ``{LATENTS: latents}`` (the module docstring of ``LATENTS``)."""
+
+  def latents(self) -> dict[str, jax.Array]:
+    return self.get_value()[LATENTS]
 
 
 class ActivationRange(nnx.Param):
@@ -323,14 +422,21 @@ class ActivationRange(nnx.Param):
 
 def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
   model = nnx.clone(model)
-  layers, modules = {}, {}
+  layers, modules, parameters = {}, {}, {}
   for path, module in nnx.iter_modules(model):
     name = _path_name(path)  # '' for the model itself
     if isinstance(module, NNX_LAYERS):
       layers[name] = module
-    elif path:
+      continue
+    if path:
       modules[name] = type(module).__name__
-  policy.check_model({p: _nnx_kind(m) for p, m in layers.items()}, modules)
+    parameters.update(_own_params(module, name))
+  policy.check_model({p: _nnx_kind(m) for p, m in layers.items()}, modules, sorted(parameters))
+  for name, (module, attribute) in parameters.items():
+    spec = policy.parameter_quantizer_for(name)
+    if spec is not None:
+      setattr(module, attribute, _shift_kernel(getattr(module, attribute), spec, rngs,
+                                               from_float, name, parameter=True))
   for name, layer in layers.items():
     weight_spec, input_spec = policy.quantizer_for(name), policy.activation_for(name)
     if weight_spec is not None:
@@ -340,13 +446,21 @@ def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
   return model
 
 
+def _own_params(module: nnx.Module, path: str) -> dict[str, tuple[nnx.Module, str]]:
+  """``{'<path>/<attribute>': (module, attribute)}`` of the ``nnx.Param`` attributes of a
+  module that is not a layer (parameters its own code uses)."""
+  return {(f"{path}/{name}" if path else name): (module, name)
+          for name, value in vars(module).items() if isinstance(value, nnx.Param)}
+
+
 def _nnx_kind(layer: nnx.Module) -> str:
   """The linen name of an NNX layer's kind (rules and summaries speak one language)."""
   return {"Linear": "Dense", "LinearGeneral": "DenseGeneral"}.get(
       type(layer).__name__, type(layer).__name__)
 
 
-def _shift_kernel(kernel: nnx.Param, spec, rngs: nnx.Rngs, from_float: bool, name: str):
+def _shift_kernel(kernel: nnx.Param, spec, rngs: nnx.Rngs, from_float: bool, name: str,
+                  parameter: bool = False) -> ShiftKernel:
   if isinstance(kernel, ShiftKernel):
     raise policy_lib.PolicyError(f"layer {name!r} is quantized already ({kernel.weight_spec!r})")
   value = kernel.get_value()
@@ -356,6 +470,9 @@ def _shift_kernel(kernel: nnx.Param, spec, rngs: nnx.Rngs, from_float: bool, nam
         np.asarray(value), spec, dtype=value.dtype))
   else:
     latents = spec.init(rngs.params(), value.shape, value.dtype)
+  if parameter:
+    return ShiftParameter({LATENTS: latents}, weight_spec=spec,
+                          weight_shape=tuple(value.shape))
   return ShiftKernel(latents, weight_spec=spec, weight_shape=tuple(value.shape))
 
 
@@ -395,8 +512,15 @@ def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
           out_features=_out_features(module, tuple(kernel.shape)))
       module.__class__ = _recording_output(type(module))
       module.output_record = record.layers[name]
-    elif path:
+      continue
+    if path:
       record.modules[name] = type(module).__name__
+    for param_path, (owner, attribute) in _own_params(module, name).items():
+      record.parameters.add(param_path)
+      value = getattr(owner, attribute)
+      if isinstance(value, ShiftKernel):
+        record.layers[param_path] = LayerRecord(PARAM_KIND, value.weight_spec, None,
+                                                tuple(value.weight_shape))
   jax.eval_shape(lambda: model(*inputs, **kwargs))
   return record
 
@@ -420,5 +544,5 @@ def is_quantized(model) -> bool:
   """Whether ``model`` came from ``quantize_model`` (linen) or holds a ShiftKernel (NNX)."""
   if isinstance(model, nn.Module):
     return hasattr(type(model), "_shiftjax_float_class")
-  return any(isinstance(m, NNX_LAYERS) and isinstance(m.kernel, ShiftKernel)
-             for _, m in nnx.iter_modules(model))
+  return any(isinstance(v, ShiftKernel) for _, m in nnx.iter_modules(model)
+             for v in vars(m).values())

@@ -12,6 +12,12 @@ matches it, else ``quantizer``. Its input (activation) spec: the one rule of
 ``layer_activations`` that matches it, else ``activation`` if its weights are
 quantized, else float. Two rules that give one layer two different specs are an error
 (``PolicyError`` naming the layer and both patterns), never a silent precedence.
+
+A parameter that the user's own code multiplies with (``jnp.einsum(..., w)``,
+``lax.dot_general``, ``x @ w``), outside flax's layers, is named by its own path,
+``'<module path>/<param name>'``, in ``parameter_quantizers``. Only the parameters a rule
+names are quantized: ``quantizer`` never reaches them, as an embedding table, a
+positional embedding or a norm's scale are parameters too.
 """
 
 from __future__ import annotations
@@ -71,12 +77,16 @@ class LayerPolicy:
       activation rule names (None: float inputs).
     layer_activations: ``(pattern, activation spec or None)`` rules, e.g.
       ``(('stem', PACT(8, signed=True)),)`` to quantize the images too.
+    parameter_quantizers: ``(pattern, weight spec)`` rules over the paths of parameters
+      outside flax's layers (``'blocks/*/attention/qkv'``): those the user's code
+      multiplies with. Their inputs stay float (the library never sees the op).
   """
   quantizer: qz.Quantizer | None = None
   full_precision: tuple[str, ...] = ()
   layer_quantizers: Rules = ()
   activation: Any = None
   layer_activations: Rules = ()
+  parameter_quantizers: Rules = ()
 
   def __post_init__(self):
     if isinstance(self.full_precision, str) or not all(
@@ -85,10 +95,16 @@ class LayerPolicy:
                         f"{self.full_precision!r}")
     _check_rules("layer_quantizers", self.layer_quantizers)
     _check_rules("layer_activations", self.layer_activations)
+    _check_rules("parameter_quantizers", self.parameter_quantizers)
     for pattern, spec in self.layer_quantizers:
       if spec is not None and not isinstance(spec, qz.Quantizer):
         raise PolicyError(f"layer_quantizers pattern {pattern!r}: {spec!r} is not a "
                           "weight quantizer spec (shiftjax.quantizers) or None")
+    for pattern, spec in self.parameter_quantizers:
+      if not isinstance(spec, qz.Quantizer):
+        raise PolicyError(f"parameter_quantizers pattern {pattern!r}: {spec!r} is not a "
+                          "weight quantizer spec (shiftjax.quantizers); a parameter no "
+                          "rule names stays float")
 
   def _weight_rules(self) -> list[tuple[str, Any]]:
     return [(p, None) for p in self.full_precision] + [tuple(r) for r in self.layer_quantizers]
@@ -98,6 +114,11 @@ class LayerPolicy:
     name = path if isinstance(path, str) else "/".join(path)
     found, spec = _match(name, self._weight_rules(), "weight")
     return spec if found else self.quantizer
+
+  def parameter_quantizer_for(self, path: str) -> qz.Quantizer | None:
+    """The weight spec of the parameter at ``path`` (``'<module path>/<name>'``; None:
+    no rule names it, it stays float)."""
+    return _match(path, self.parameter_quantizers, "parameter")[1]
 
   def activation_for(self, path: Sequence[str] | str):
     """The spec of the layer's input (None: float inputs)."""
@@ -122,16 +143,19 @@ class LayerPolicy:
       self.quantizer_for(name)
       self.activation_for(name)
 
-  def check_model(self, layers: Mapping[str, str], modules: Mapping[str, str] = {}) -> None:
+  def check_model(self, layers: Mapping[str, str], modules: Mapping[str, str] = {},
+                  parameters: Sequence[str] = ()) -> None:
     """PolicyError unless the rules fit a model: ``layers`` maps the path of every layer a
     shift spec can serve (a matmul or conv) to its kind, ``modules`` every other module's.
 
     A model with no such layer; a weight or activation rule matching no layer (naming
     another kind of module, or a parameter, when it matches one of those instead); a
     layer given two specs. ``full_precision`` patterns may name any module: keeping
-    something float needs no kernel.
+    something float needs no kernel. ``parameters``: the paths of the parameters outside
+    flax's layers, which ``parameter_quantizers`` rules must name.
     """
-    if not layers:
+    self._check_parameter_rules(layers, parameters)
+    if not layers and not self.parameter_quantizers:
       shown = _shown(f"{p} ({k})" for p, k in modules.items()) or "none"
       raise PolicyError(f"the model has no layer a shift spec can serve ({SERVED_KINDS}); "
                         f"its modules: {shown}")
@@ -151,6 +175,24 @@ class LayerPolicy:
       self.quantizer_for(name)
       self.activation_for(name)
 
+  def _check_parameter_rules(self, layers: Mapping[str, str], parameters: Sequence[str]):
+    for pattern, _ in self.parameter_quantizers:
+      if any(fnmatch.fnmatchcase(p, pattern) for p in parameters):
+        continue
+      kernels = [f"{p}/{name}" for p in layers for name in ("kernel", "bias")
+                 if fnmatch.fnmatchcase(f"{p}/{name}", pattern) or
+                 fnmatch.fnmatchcase(p, pattern)]
+      if kernels:
+        raise PolicyError(
+            f"parameter_quantizers pattern {pattern!r} names a layer's parameters "
+            f"({_shown(kernels, 6)}): a layer's kernel takes its spec from "
+            "layer_quantizers by the layer's path (biases stay float)")
+      raise PolicyError(f"parameter_quantizers pattern {pattern!r} matches no parameter "
+                        "outside the model's layers; those parameters: "
+                        f"{_shown(sorted(parameters)) or 'none'}")
+    for path in parameters:
+      self.parameter_quantizer_for(path)
+
   def weight_specs(self, layer_names: Iterable[str]) -> dict[str, qz.Quantizer]:
     """``{layer: weight spec}`` of the quantized layers among ``layer_names``."""
     specs = {n: self.quantizer_for(n) for n in layer_names}
@@ -160,7 +202,8 @@ class LayerPolicy:
   def is_float(self) -> bool:
     """Whether no layer gets a weight or an input spec: the model stays float."""
     return (self.quantizer is None and all(s is None for _, s in self.layer_quantizers)
-            and all(s is None for _, s in self.layer_activations))
+            and all(s is None for _, s in self.layer_activations)
+            and not self.parameter_quantizers)
 
   @property
   def is_mixed(self) -> bool:

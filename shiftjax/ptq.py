@@ -185,6 +185,10 @@ def quantize_trained(model, policy: LayerPolicy, variables: Mapping[str, Any] | 
   if policy.activation is not None or policy.layer_activations:
     raise ValueError("post-training quantization maps weights; activation specs learn "
                      "their ranges in training (quantize_model + fit)")
+  if policy.parameter_quantizers:
+    raise ValueError("post-training quantization maps the kernels of flax's layers; "
+                     "parameter_quantizers (parameters the model's own code multiplies) "
+                     "need quantize_model and training")
   calibration = [tuple(c) for c in calibration]
   if (rounding == "error_feedback" or bias_correction) and not calibration:
     raise ValueError(f"rounding={rounding!r} and bias_correction need calibration inputs")

@@ -7,7 +7,9 @@ with its module path, kind, weight spec and bits, parameters, stored bytes (the 
 file's: N bits per quantized weight, float32 for the rest) and input spec, and the
 multiply-accumulates of the call; totals are the float32 size, the packed size, the
 compression and the share of multiply-accumulates that became shift-adds. ``str()`` of
-it is a table.
+it is a table. A quantized parameter outside flax's layers (kind ``Param``) is multiplied
+by the model's own code, which the summary does not see: its multiply-accumulates are
+unknown (``macs`` None) and left out of the totals.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class LayerSummary:
   params: int
   stored_bytes: int
   input_spec: str
-  macs: int
+  macs: int | None  # None: unknown (a parameter the model's own code multiplies)
 
   @property
   def shift(self) -> bool:
@@ -66,13 +68,19 @@ class ModelSummary:
 
   @property
   def shift_mac_share(self) -> float:
-    total = sum(l.macs for l in self.layers)
-    return sum(l.macs for l in self.layers if l.shift) / total if total else 0.0
+    total = self.macs
+    return sum(l.macs or 0 for l in self.layers if l.shift) / total if total else 0.0
+
+  @property
+  def macs(self) -> int:
+    """The multiply-accumulates of the layers whose work is known."""
+    return sum(l.macs or 0 for l in self.layers)
 
   def __str__(self) -> str:
     header = ("layer", "kind", "weights", "bits", "params", "stored", "input", "MACs")
     rows = [(l.path or "(model)", l.kind, l.weight_spec, str(l.bits), f"{l.params:,}",
-             _size(l.stored_bytes), l.input_spec, f"{l.macs:,}") for l in self.layers]
+             _size(l.stored_bytes), l.input_spec, "?" if l.macs is None else f"{l.macs:,}")
+            for l in self.layers]
     rows.append(("other (norms, embeddings)", "", "float", "32", f"{self.other_params:,}",
                  _size(4 * self.other_params), "", ""))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -83,9 +91,12 @@ class ModelSummary:
         "",
         f"parameters {self.params:,}; float32 {_size(self.float32_bytes)}, packed "
         f"{_size(self.packed_bytes)} ({self.compression:.1f}x smaller)",
-        f"multiply-accumulates per call {sum(l.macs for l in self.layers):,}, "
+        f"multiply-accumulates per call {self.macs:,}, "
         f"{100 * self.shift_mac_share:.1f} % of them shift-adds",
     ]
+    if any(l.macs is None for l in self.layers):
+      lines.append("(?: a parameter the model's own code multiplies; its work is not "
+                   "counted)")
     return "\n".join(lines)
 
 
@@ -114,7 +125,8 @@ def _layer_summary(path: str, record: interception.LayerRecord) -> LayerSummary:
       path=path, kind=record.kind, weight_spec=_spec_name(record.weight_spec), bits=bits,
       params=weights + bias, stored_bytes=math.ceil(weights * bits / 8) + 4 * bias,
       input_spec=input_name,
-      macs=outputs_per_weight_column * weights // max(record.out_features, 1))
+      macs=(None if record.kind == interception.PARAM_KIND
+            else outputs_per_weight_column * weights // max(record.out_features, 1)))
 
 
 def summarize(model, *inputs, **kwargs) -> ModelSummary:
@@ -130,7 +142,7 @@ def summarize(model, *inputs, **kwargs) -> ModelSummary:
     record = interception.record_nnx_call(model, *inputs, **kwargs)
     params = _leaves(nnx.state(model, nnx.Param))
   layers = tuple(_layer_summary(p, r) for p, r in record.layers.items())
-  return ModelSummary(layers, _other_params(params, set(record.layers)))
+  return ModelSummary(layers, _other_params(params, record.layers))
 
 
 def _leaves(tree) -> list[tuple[tuple[str, ...], int]]:
@@ -140,11 +152,16 @@ def _leaves(tree) -> list[tuple[tuple[str, ...], int]]:
           for path, leaf in flat]
 
 
-def _other_params(leaves, layer_paths: set[str]) -> int:
-  """The numbers in params that no layer's kernel, bias or input range holds."""
+def _other_params(leaves, records) -> int:
+  """The numbers in params that no layer's kernel, bias or input range, nor a quantized
+  parameter, holds."""
   def owned(path):
-    return any("/".join(path[:i]) in layer_paths and path[i] in _LAYER_PARAMS
-               for i in range(len(path)))
+    for i in range(len(path) + 1):
+      record = records.get("/".join(path[:i]))
+      if record is not None and (record.kind == interception.PARAM_KIND or
+                                 (i < len(path) and path[i] in _LAYER_PARAMS)):
+        return True
+    return False
   return sum(size for path, size in leaves if not owned(path))
 
 

@@ -75,6 +75,9 @@ def test_bad_requests_are_refused():
     ptq.quantize_trained(NnxMLP(nnx.Rngs(0)), LayerPolicy(DS4), bias_correction=True)
   with pytest.raises(ValueError, match="activation specs learn"):
     ptq.quantize_trained(NnxMLP(nnx.Rngs(0)), LayerPolicy(DS4, activation=sj.PACT(4)))
+  with pytest.raises(ValueError, match="parameter_quantizers .* need quantize_model"):
+    ptq.quantize_trained(NnxMLP(nnx.Rngs(0)),
+                         LayerPolicy(DS4, parameter_quantizers=(("w", DS4),)))
 
 
 class _ConvNet(nn.Module):

@@ -58,6 +58,48 @@ class NnxTinyTransformer(nnx.Module):
     return self.head(x + self.conv(x))
 
 
+class LinenRawMixer(nn.Module):
+  """Parameters the model's own code multiplies (no flax layer): a compact
+  ``jnp.einsum`` weight and, in a ``setup`` submodule, ``x @ w``; a float scale too."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    heads = self.param("heads", nn.initializers.lecun_normal(), (x.shape[-1], 2, 4))
+    h = jnp.einsum("bd,dhk->bhk", x * scale, heads).reshape(x.shape[0], 8)
+    return _LinenProjection(name="proj")(nn.relu(h))
+
+
+class _LinenProjection(nn.Module):
+  def setup(self):
+    self.w = self.param("w", nn.initializers.lecun_normal(), (8, 3))
+
+  def __call__(self, h):
+    return h @ self.w
+
+
+class NnxRawMixer(nnx.Module):
+  """``LinenRawMixer`` in NNX: the same parameter paths and shapes."""
+
+  def __init__(self, rngs, d=5):
+    init = nnx.initializers.lecun_normal()
+    self.scale = nnx.Param(jnp.ones((d,)))
+    self.heads = nnx.Param(init(rngs.params(), (d, 2, 4)))
+    self.proj = _NnxProjection(rngs)
+
+  def __call__(self, x):
+    h = jnp.einsum("bd,dhk->bhk", x * self.scale[...], self.heads).reshape(x.shape[0], 8)
+    return self.proj(nnx.relu(h))
+
+
+class _NnxProjection(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (8, 3)))
+
+  def __call__(self, h):
+    return h @ self.w
+
+
 X = jax.random.normal(jax.random.key(3), (4, 5))
 IMAGES = jax.random.normal(jax.random.key(4), (2, 4, 4, 3))
 TOKENS = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])

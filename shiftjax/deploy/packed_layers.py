@@ -103,22 +103,46 @@ def packed_dense(x, words, spec: qz.Quantizer, bias=None, dtype=None):
 # ------------------------------------------------------------------------------ NNX
 
 
-class PackedKernel(nnx.Variable):
-  """A quantized kernel's words (``kernel_words``); reads as its decoded weights."""
+class PackedKernel(interception.ReadsAsWeight, nnx.Variable):
+  """A quantized kernel's (or parameter's) words (``kernel_words``); reads as its decoded
+  weights."""
 
-  def __getitem__(self, key):
-    weight = decode_words(self.get_value(), self.weight_spec, self.weight_shape)
-    return weight if key is Ellipsis else weight[key]
+  def weight(self) -> jax.Array:
+    return decode_words(self.get_value(), self.weight_spec, self.weight_shape)
 
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.weight_shape
+
+def split_path(path: str) -> tuple[str, str]:
+  """``(module path, name)`` of a parameter's path (``'attn/qkv'`` -> ``('attn', 'qkv')``)."""
+  module, _, name = path.rpartition("/")
+  return module, name
+
+
+def _nnx_params(model: nnx.Module, kind: type):
+  """``{path: (module, attribute)}`` of the ``kind`` variables held by modules that are not
+  layers (quantized parameters the model's own code multiplies)."""
+  found = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, interception.NNX_LAYERS):
+      continue
+    name = "/".join(map(str, path))
+    for attribute, value in vars(module).items():
+      if isinstance(value, kind):
+        found[f"{name}/{attribute}" if name else attribute] = (module, attribute)
+  return found
 
 
 def _pack_nnx(model: nnx.Module, example_inputs, fold_batch_norm: bool) -> nnx.Module:
   quantized = model
   model = nnx.clone(model)
   packed = []
+  for path, (module, attribute) in _nnx_params(model, interception.ShiftKernel).items():
+    latent = getattr(module, attribute)
+    spec = latent.weight_spec
+    setattr(module, attribute, PackedKernel(
+        kernel_words(spec.codes(latent.latents()), spec.bits), weight_spec=spec,
+        weight_shape=latent.weight_shape))
+    packed.append(path)
+  layers = []
   for path, layer in nnx.iter_modules(model):
     if not isinstance(layer, interception.NNX_LAYERS):
       continue
@@ -126,18 +150,18 @@ def _pack_nnx(model: nnx.Module, example_inputs, fold_batch_norm: bool) -> nnx.M
     if not isinstance(kernel, interception.ShiftKernel):
       continue
     spec = kernel.weight_spec
-    words = kernel_words(spec.codes(kernel.get_value()), spec.bits)
+    words = kernel_words(spec.codes(kernel.latents()), spec.bits)
     dense = isinstance(layer, nnx.Linear)
     layer.kernel = PackedKernel(layer_words(words, "Dense" if dense else "", spec),
                                 weight_spec=spec, weight_shape=kernel.weight_shape)
     if dense and runs_on_kernels("Dense", spec):
       layer.__class__ = _packed_linear(type(layer))
-    packed.append("/".join(map(str, path)))
-  if not packed:
+    layers.append("/".join(map(str, path)))
+  if not packed and not layers:
     raise ValueError("the model has no quantized layer to pack (quantize it with "
                      "shiftjax.quantize_model and train it first)")
-  if fold_batch_norm and example_inputs is not None:
-    folds, reasons = norm_folding.find_foldable_nnx(quantized, packed, example_inputs)
+  if fold_batch_norm and example_inputs is not None and layers:
+    folds, reasons = norm_folding.find_foldable_nnx(quantized, layers, example_inputs)
     for reason in reasons:
       warnings.warn(reason, stacklevel=3)
     norm_folding.fold_nnx(model, folds)
@@ -179,17 +203,23 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs,
         table.append((path, LayerEntry(layer.kind, None, layer.kernel_shape,
                                        layer.input_spec)))
       continue
-    owner, codes_owner = trees.writable(params, path), trees.writable(codes, path)
+    module, name = (split_path(path) if layer.kind == interception.PARAM_KIND
+                    else (path, "kernel"))
+    owner, codes_owner = trees.writable(params, module), trees.writable(codes, module)
     spec = layer.weight_spec
-    codes_owner["kernel"] = layer_words(
-        kernel_words(spec.codes(owner.pop("kernel")), spec.bits), layer.kind, spec)
+    latents = owner.pop(name)
+    if layer.kind == interception.PARAM_KIND:
+      latents = latents[interception.LATENTS]
+    codes_owner[name] = layer_words(kernel_words(spec.codes(latents), spec.bits),
+                                    layer.kind, spec)
     table.append((path, LayerEntry(layer.kind, spec, layer.kernel_shape, layer.input_spec)))
   if not any(e.weight_spec is not None for _, e in table):
     raise ValueError("the model has no quantized layer to pack")
   packed_variables = {**variables, "params": params, CODES_COLLECTION: codes}
-  if fold_batch_norm:
-    folds, reasons = norm_folding.find_foldable(
-        model, variables, [p for p, e in table if e.weight_spec is not None], inputs, kwargs)
+  foldable = [p for p, e in table
+              if e.weight_spec is not None and e.kind != interception.PARAM_KIND]
+  if fold_batch_norm and foldable:
+    folds, reasons = norm_folding.find_foldable(model, variables, foldable, inputs, kwargs)
     for reason in reasons:
       warnings.warn(reason, stacklevel=3)
     packed_variables = norm_folding.fold(packed_variables, folds)
@@ -208,24 +238,35 @@ def packed_linen_model(model: nn.Module, base: type, table) -> nn.Module:
 
 @functools.cache
 def _packed_linen_class(base: type, table) -> type:
-  layers = dict(table)
+  layers = {p: e for p, e in table if e.kind != interception.PARAM_KIND}
   folded_norms = frozenset(e.folded_norm for e in layers.values() if e.folded_norm)
+  parameters: dict[str, dict[str, LayerEntry]] = {}
+  for path, entry in table:
+    if entry.kind == interception.PARAM_KIND:
+      module, name = split_path(path)
+      parameters.setdefault(module, {})[name] = entry
 
   def around(module, call):
-    del module
-    with nn.intercept_methods(functools.partial(_intercept_packed, layers, folded_norms)):
-      return call()
+    with nn.intercept_methods(functools.partial(_intercept_packed, layers, folded_norms,
+                                                parameters)), \
+        _decoded_parameters(module, parameters.get("", {})):
+      return call()  # the model's own method: not intercepted, its parameters read here
 
   return interception.subclass(
       base, __call__=interception.around_linen_method(base.__call__, around),
       packed_layers=table, _shiftjax_float_class=base)
 
 
-def _intercept_packed(layers, folded_norms, next_fun, args, kwargs, context):
+def _intercept_packed(layers, folded_norms, parameters, next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != "__call__" or module.scope is None:
+  if module.scope is None:
     return next_fun(*args, **kwargs)
   path = "/".join(module.scope.path)
+  if path in parameters and not isinstance(module, interception.LINEN_LAYERS):
+    with _decoded_parameters(module, parameters[path]):  # any method, setup included
+      return next_fun(*args, **kwargs)
+  if context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
   if path in folded_norms:
     return args[0]  # its layer applied it
   entry = layers.get(path)
@@ -276,6 +317,23 @@ def _decoded_kernel(module: nn.Module, words, spec):
     if name == "kernel":
       return decode_words(words, spec, tuple(init_args[0]))
     return float_param(module, name, init_fn, *init_args, **init_kwargs)
+
+  with interception.param_override(module, param):
+    yield
+
+
+@contextlib.contextmanager
+def _decoded_parameters(module: nn.Module, entries: Mapping[str, LayerEntry]):
+  """While a module that is not a layer runs, ``self.param(name, ...)`` of each of its
+  packed parameters gives the decoded weights."""
+  float_param = nn.Module.param
+
+  def param(name, init_fn, *init_args, **init_kwargs):
+    entry = entries.get(name)
+    if entry is None:
+      return float_param(module, name, init_fn, *init_args, **init_kwargs)
+    return decode_words(module.get_variable(CODES_COLLECTION, name), entry.weight_spec,
+                        entry.kernel_shape)
 
   with interception.param_override(module, param):
     yield
@@ -394,6 +452,11 @@ def _words(tree: PackedTree, path: str) -> jax.Array:
   return layer_words(words, entry.kind, entry.weight_spec)
 
 
+def _codes_path(path: str, entry: LayerEntry) -> str:
+  """Where a linen layer's (or parameter's) words lie in the codes collection."""
+  return path if entry.kind == interception.PARAM_KIND else f"{path}/kernel"
+
+
 def class_name(cls: type) -> str:
   return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -434,6 +497,11 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
       else:
         continue
       layers[name] = entry
+    for name, (module, attribute) in _nnx_params(packed, PackedKernel).items():
+      kernel = getattr(module, attribute)
+      layers[name] = LayerEntry(interception.PARAM_KIND, kernel.weight_spec,
+                                tuple(kernel.weight_shape))
+      arrays[CODES + name] = bitplanes(kernel.get_value(), layers[name])
     arrays.update({VARIABLES + p: _storable(p, v)
                    for p, v in _nnx_variables(packed).items()})
     base = type(packed).__mro__[0]
@@ -445,7 +513,7 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
                        "and its packed variables")
     layers = dict(table)
     codes = variables[CODES_COLLECTION]
-    arrays = {CODES + p: bitplanes(trees.get(codes, p)["kernel"], e)
+    arrays = {CODES + p: bitplanes(trees.get(codes, _codes_path(p, e)), e)
               for p, e in layers.items() if e.weight_spec is not None}
     rest = {k: v for k, v in variables.items() if k != CODES_COLLECTION}
     arrays.update({VARIABLES + p: _storable(p, v) for p, v in trees.flatten(rest).items()})
@@ -486,13 +554,27 @@ def load_model(source, model):
     raise ValueError(f"the file holds a {tree.model}, got a {wanted}")
   if framework == "linen":
     variables = _unflatten(tree.variables)
-    variables[CODES_COLLECTION] = _unflatten({f"{p}/kernel": _words(tree, p)
-                                              for p in tree.quantized_layers})
+    variables[CODES_COLLECTION] = _unflatten({_codes_path(p, e): _words(tree, p)
+                                              for p, e in tree.quantized_layers.items()})
     base = interception.user_class(type(model))
     plain = model.clone()
     plain.__class__ = base
     return packed_linen_model(plain, base, tuple(tree.layers.items())), variables
   return _load_nnx(tree, model)
+
+
+def _load_nnx_parameter(modules, path: str, entry: LayerEntry, words) -> None:
+  """The model's parameter at ``path`` replaced by the file's packed words."""
+  module_path, name = split_path(path)
+  module = modules.get(module_path)
+  param = getattr(module, name, None) if module is not None else None
+  if not isinstance(param, nnx.Param):
+    raise ValueError(f"the file's parameter {path!r} is not an nnx.Param of the model")
+  if tuple(param.shape) != entry.kernel_shape:
+    raise ValueError(f"parameter {path!r} has shape {list(entry.kernel_shape)} in the "
+                     f"file, {list(param.shape)} in the model")
+  setattr(module, name, PackedKernel(words, weight_spec=entry.weight_spec,
+                                     weight_shape=entry.kernel_shape))
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict:
@@ -510,6 +592,9 @@ def _load_nnx(tree: PackedTree, model: nnx.Module) -> nnx.Module:
   model = nnx.clone(model)
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   for path, entry in tree.layers.items():
+    if entry.kind == interception.PARAM_KIND:
+      _load_nnx_parameter(modules, path, entry, _words(tree, path))
+      continue
     layer = modules.get(path)
     if not isinstance(layer, interception.NNX_LAYERS):
       raise ValueError(f"the file's layer {path!r} ({entry.kind}) is "

@@ -46,7 +46,8 @@ from shiftjax.deploy.spec_json import (PackedModelError, activation_from_json, i
 
 VERSION = 4
 FRAMEWORKS = ("linen", "nnx")
-KINDS = ("Dense", "DenseGeneral", "Conv", "Einsum")
+# "Param": a parameter outside flax's layers that the model's own code multiplies.
+KINDS = ("Dense", "DenseGeneral", "Conv", "Einsum", "Param")
 CODES, VARIABLES = "codes/", "variables/"
 
 
@@ -90,6 +91,9 @@ def _entry_from_json(path: str, obj: Any) -> LayerEntry:
                            f"integers, got {shape!r}")
   spec = quantizer_from_json(obj["weight_spec"])
   input_spec = activation_from_json(obj["input_spec"])
+  if obj["kind"] == "Param" and (spec is None or input_spec is not None or folded_norm):
+    raise PackedModelError(f"layer {path!r} is a quantized parameter (kind 'Param'): it "
+                           "needs a weight_spec and has no input_spec or folded_norm")
   if spec is None and input_spec is None and folded_norm is None:
     raise PackedModelError(f"layer {path!r} has no weight_spec, input_spec or folded_norm "
                            "(a float layer without them is only variables)")
