@@ -3,6 +3,7 @@
     python benchmarks/cpu_pow2_matmul.py                  # the issue's grid (a few minutes)
     python benchmarks/cpu_pow2_matmul.py --quick          # K = N = 4096, M = 1 and 16
     python benchmarks/cpu_pow2_matmul.py --shapes 8192x8192 --ms 1 --bits 4 --lm_shapes
+    python benchmarks/cpu_pow2_matmul.py --goals   # the issue's goals: dots vs tiled only
 
 For each weight shape K x N and each M (rows of x, float32), the contenders are:
 
@@ -28,11 +29,19 @@ idle pool threads spin for a while after each call and slowed the numpy threads 
 that it sees the same load from other processes as the kernels: the % columns are of
 that interleaved median, per shape and M. The last level cache (32 MiB on
 the 2-core EPYC this was written on) can hold a whole 2- or 3-bit 8192 x 8192 weight:
-the dots called between two native calls evict most of it, but not necessarily all.
+the dots called between two native calls evict most of it, but not necessarily all;
+``--evict_mib`` reads a buffer larger than the cache before every timed call (untimed),
+so that every call reads its weights from memory, as in a model whose other layers run
+between two calls of one. ``--goals`` times what the goals compare, and nothing else:
+K = N = 8192, M = 1, 16, 128, 2-4 bits, the float32 dot against the tiled layout with
+float32 and bfloat16 x, caches evicted (the words layout, the XLA path and the bfloat16
+dot left out; with them in the rounds, the tiled layout's M = 1 times were 20-40 % slower
+here, for a reason not established).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -60,6 +69,12 @@ _XLA_PATH = flags.DEFINE_bool("xla_path", True, "also time today's XLA decode pa
 _QUICK = flags.DEFINE_bool("quick", False, "K = N = 4096, M = 1 and 16 only")
 _BF16_X = flags.DEFINE_bool("bf16_x", True, "also time the native kernel on bfloat16 x")
 _TILED = flags.DEFINE_bool("tiled", True, "also time the native kernel on the tiled layout")
+_WORDS = flags.DEFINE_bool("words", True, "time the native kernel on the words layout")
+_BF16_DOT = flags.DEFINE_bool("bf16_dot", True, "time XLA's bfloat16 dot")
+_EVICT_MIB = flags.DEFINE_integer("evict_mib", 0, "before every timed call, read a buffer "
+                                  "of this many MiB (untimed; 0: none)")
+_GOALS = flags.DEFINE_bool("goals", False, "K = N = 8192, M = 1, 16, 128, the f32 dot and "
+                           "the tiled layout only, --evict_mib=64")
 
 LM_SHAPES = "256x768,256x1024,1024x256"
 E0 = -6
@@ -99,13 +114,14 @@ def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
 
 
 def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: bool,
-                tiled: bool):
+                tiled: bool, words: bool = True, bf16_dot: bool = True):
   """{name: (jitted fn, args)} and {name: packed bytes} for one shape and M."""
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
   dot = jax.jit(lambda x, w: x @ w)
-  fns = {"f32 dot": (dot, (x, w)),
-         "bf16 dot": (dot, (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))}
+  fns = {"f32 dot": (dot, (x, w))}
+  if bf16_dot:
+    fns["bf16 dot"] = (dot, (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))
   packed_bytes = {}
   for bits in bits_list:
     codes = rng.integers(0, 1 << bits, (k, n), dtype=np.uint8)
@@ -118,7 +134,8 @@ def _contenders(k: int, n: int, m: int, bits_list, rng, xla_path: bool, bf16_x: 
                                           ("tiled bf16", None, jnp.bfloat16, tiles),
                                           ("XLA path", "xla", jnp.float32, packed)):
       if ((backend == "xla" and not xla_path) or (dtype == jnp.bfloat16 and not bf16_x)
-          or (name.startswith("tiled") and not tiled)):
+          or (name.startswith("tiled") and not tiled)
+          or (name.startswith("native") and not words)):
         continue
       f = jax.jit(lambda x, p, bits=bits, backend=backend: kernels.pow2_matmul(
           x, p, bits=bits, e0=E0, backend=backend))
@@ -131,11 +148,11 @@ def _check(fns, bits_list):
   tiled layout with itself on the words, bit for bit."""
   for bits in bits_list:
     for name in ("", " bf16"):
-      if f"tiled{name} {bits}" in fns:
+      if f"tiled{name} {bits}" in fns and f"native{name} {bits}" in fns:
         (f, args), (g, targs) = fns[f"native{name} {bits}"], fns[f"tiled{name} {bits}"]
         if not np.array_equal(np.asarray(f(*args)), np.asarray(g(*targs))):
           raise SystemExit(f"native{name} differs between the words and tiled layouts")
-    if f"XLA path {bits}" not in fns:
+    if f"XLA path {bits}" not in fns or f"native {bits}" not in fns:
       continue
     (f, args), (g, _) = fns[f"native {bits}"], fns[f"XLA path {bits}"]
     a, b = np.asarray(f(*args)), np.asarray(g(*args))
@@ -145,10 +162,16 @@ def _check(fns, bits_list):
                        f"{np.abs(a - b).max()} (max |y| {scale})")
 
 
-def _time(fns, reps: int, read) -> dict[str, float]:
+def _time(fns, reps: int, read, evict=None) -> dict[str, float]:
   """Median seconds per call, the contenders (and ``read``, as "read") called in a
-  rotating order each round."""
-  calls = {name: (lambda f=f, a=args: f(*a)) for name, (f, args) in fns.items()}
+  rotating order each round; ``evict()`` (untimed) before each contender's call."""
+  def call(f, args):
+    if evict is not None:
+      evict()
+    start = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    return timing.Reported({"seconds": time.perf_counter() - start})
+  calls = {name: functools.partial(call, f, args) for name, (f, args) in fns.items()}
   seconds = []
 
   def timed_read():  # after XLA's idle pool threads stop spinning (they slowed it 3x)
@@ -156,8 +179,9 @@ def _time(fns, reps: int, read) -> dict[str, float]:
     start = time.perf_counter()
     read()
     seconds.append(time.perf_counter() - start)
-  timings = timing.interleaved({**calls, "read": timed_read}, reps, rotate=True)
-  return {**{name: t.median for name, t in timings.items()},
+  timings = timing.interleaved({**calls, "read": timed_read}, reps, rotate=True,
+                               counters={"seconds": time.perf_counter})
+  return {**{name: t.median_of("seconds") for name, t in timings.items()},
           "read": statistics.median(seconds[-reps:])}
 
 
@@ -166,8 +190,13 @@ def main(argv):
   if not native.available():
     raise SystemExit("the native CPU kernels are not available (CPU backend and g++ needed)")
   shapes, ms, reps = _SHAPES.value, _parse(_MS.value), _REPS.value
+  words, xla_path, bf16_dot, evict_mib = (_WORDS.value, _XLA_PATH.value, _BF16_DOT.value,
+                                          _EVICT_MIB.value)
   if _QUICK.value:
     shapes, ms = "4096x4096", [1, 16]
+  if _GOALS.value:
+    shapes, ms, words, xla_path, bf16_dot = "8192x8192", [1, 16, 128], False, False, False
+    evict_mib = evict_mib or 64
   if _LM_SHAPES.value:
     shapes += "," + LM_SHAPES
   shapes = [tuple(_parse(s, "x")) for s in shapes.split(",") if s]
@@ -180,21 +209,22 @@ def main(argv):
         flush=True)
   rows = []
   read = _summer(READ_MIB)
+  evict = np.ones(evict_mib * 2**20 // 4, np.float32).sum if evict_mib else None
   for k, n in shapes:
     for m in ms:
-      fns, packed_bytes = _contenders(k, n, m, bits_list, rng, _XLA_PATH.value,
-                                      _BF16_X.value, _TILED.value)
+      fns, packed_bytes = _contenders(k, n, m, bits_list, rng, xla_path, _BF16_X.value,
+                                      _TILED.value, words, bf16_dot)
       _check(fns, bits_list)
-      t = _time(fns, reps, read)
+      t = _time(fns, reps, read, evict)
       read_gbs = READ_MIB * 2**20 / t["read"] / 1e9
       print(f"  {k}x{n} M={m}: read bandwidth interleaved {read_gbs:.1f} GB/s", flush=True)
       for bits in bits_list:
-        native_s = t[f"native {bits}"]
+        native_s = t.get(f"native {bits}")
         xla_s, bf16_s = t.get(f"XLA path {bits}"), t.get(f"native bf16 {bits}")
         tiled_s, tiled_bf16_s = t.get(f"tiled {bits}"), t.get(f"tiled bf16 {bits}")
-        rows.append((k, n, m, bits, t["f32 dot"], t["bf16 dot"], native_s, bf16_s, xla_s,
+        rows.append((k, n, m, bits, t["f32 dot"], t.get("bf16 dot"), native_s, bf16_s, xla_s,
                      packed_bytes[bits], tiled_s, tiled_bf16_s, read_gbs))
-        print(f"  {k}x{n} M={m} {bits}-bit: native {native_s * 1e3:.3f} ms, tiled "
+        print(f"  {k}x{n} M={m} {bits}-bit: native {(native_s or 0) * 1e3:.3f} ms, tiled "
               f"{(tiled_s or 0) * 1e3:.3f} ms, f32 dot {t['f32 dot'] * 1e3:.3f} ms",
               flush=True)
       del fns
@@ -203,7 +233,8 @@ def main(argv):
   print(f"\nread bandwidth: {bandwidth[0]:.1f} GB/s before, {bandwidth[1]:.1f} GB/s after "
         f"the grid (mean {bw:.1f} GB/s); the % below are of the interleaved 'read' "
         f"contender's, per shape and M (column 'read GB/s')\n")
-  gbs = lambda nbytes, t: f"{nbytes / t / 1e9:.1f} ({100 * nbytes / t / 1e9 / bw:.0f} %)"
+  gbs = lambda nbytes, t: (f"{nbytes / t / 1e9:.1f} ({100 * nbytes / t / 1e9 / bw:.0f} %)"
+                          if t else "-")
   ms_text = lambda t: f"{t * 1e3:.2f}" if t is not None else "-"
   vs = lambda f32, t: f"{t * 1e3:.3f} ({f32 / t:.2f}x)" if t else "-"
   print("Words layout (as in the file), and the tiled layout; 'a (b)': a ms, b = f32 dot / a;"
@@ -213,10 +244,10 @@ def main(argv):
         "| tiled GB/s (%) | tiled, bf16 x | tiled bf16 x GB/s (%) |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for k, n, m, bits, f32, bf16, nat, nat_bf16, xla, nbytes, til, til_bf16, bw in rows:
-    print(f"| {k} x {n} | {m} | {bits} | {bw:.1f} | {f32 * 1e3:.2f} | {bf16 * 1e3:.2f} | "
+    print(f"| {k} x {n} | {m} | {bits} | {bw:.1f} | {f32 * 1e3:.2f} | {ms_text(bf16)} | "
           f"{ms_text(xla)} | {vs(f32, nat)} | {gbs(nbytes, nat)} | {vs(f32, nat_bf16)} | "
-          f"{vs(f32, til)} | {gbs(nbytes, til) if til else '-'} | {vs(f32, til_bf16)} | "
-          f"{gbs(nbytes, til_bf16) if til_bf16 else '-'} |")
+          f"{vs(f32, til)} | {gbs(nbytes, til)} | {vs(f32, til_bf16)} | "
+          f"{gbs(nbytes, til_bf16)} |")
 
 if __name__ == "__main__":
   app.run(main)
