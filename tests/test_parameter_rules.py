@@ -1,6 +1,7 @@
 """parameter_quantizers: parameters a user's own code multiplies (jnp.einsum, x @ w),
 outside flax's layers, quantized by rules over their paths, in linen and NNX."""
 
+import itertools
 import re
 
 import flax.linen as nn
@@ -8,9 +9,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import shiftjax as sj
+from shiftjax import loop
 from shiftjax import optim
 from shiftjax.deploy import packed_layers
 from shiftjax.interception import LATENTS, ShiftParameter, quantize_model
@@ -167,3 +170,51 @@ def test_a_parameter_rule_naming_a_layers_kernel_points_to_layer_rules(framework
 def test_a_parameter_rule_without_a_weight_spec_is_refused():
   with pytest.raises(PolicyError, match="parameter_quantizers pattern 'heads': None"):
     LayerPolicy(None, parameter_quantizers=(("heads", None),))
+
+
+def _batches(start):
+  """Batches as a function of the step (an exact resume)."""
+  rng = np.random.default_rng(0)
+  xs = rng.normal(size=(128, 5)).astype(np.float32)
+  ys = (xs[:, 0] > 0).astype(np.int32) + (xs[:, 1] > 0)
+  for step in itertools.count(start):
+    i = (step * 32) % len(xs)
+    yield {"image": xs[i:i + 32], "label": ys[i:i + 32]}
+
+
+def _model(framework):
+  return quantize_model(LinenRawMixer() if framework == "linen" else NnxRawMixer(nnx.Rngs(0)),
+                        POLICY)
+
+
+def _fit(model, workdir, **kwargs):
+  return loop.fit(model, _batches, optimizer=optax.adam(1e-2), num_steps=20,
+                  checkpoint_every=10, progress_bar=False, workdir=workdir, **kwargs)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_fit_resumes_a_model_with_quantized_parameters_bit_exactly(framework, tmp_path):
+  straight = _fit(_model(framework), str(tmp_path / "straight"))
+  _fit(_model(framework), str(tmp_path / "resumed"), stop_after_steps=10)
+  resumed = _fit(_model(framework), str(tmp_path / "resumed"))
+  assert int(resumed.state.step) == 20
+  for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_latent_learning_rate_scale_reaches_quantized_parameters():
+  model = _model("nnx")
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  after = nnx.state(_fit(model, None, latent_lr_scale=0.0).model, nnx.Param)
+  for name in ("heads",):
+    for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+      np.testing.assert_array_equal(a, b)  # latents frozen by the scale
+  assert not np.array_equal(before["scale"].get_value(), after["scale"].get_value())
+
+
+def test_nnx_from_float_encodes_the_parameters_nearest_powers_of_two():
+  model = NnxRawMixer(nnx.Rngs(0))
+  quantized = quantize_model(model, POLICY, from_float=True)
+  for name, spec, read in (("heads", DS3, lambda m: m.heads), ("proj/w", S3, lambda m: m.proj.w)):
+    target = sj.transfer.target_weights(np.asarray(read(model)[...]), spec)
+    np.testing.assert_array_equal(np.asarray(read(quantized)[...]), target, err_msg=name)
