@@ -422,7 +422,7 @@ class ActivationRange(nnx.Param):
 
 def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
   model = nnx.clone(model)
-  layers, modules, parameters = {}, {}, {}
+  layers, modules = {}, {}
   for path, module in nnx.iter_modules(model):
     name = _path_name(path)  # '' for the model itself
     if isinstance(module, NNX_LAYERS):
@@ -430,7 +430,7 @@ def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
       continue
     if path:
       modules[name] = type(module).__name__
-    parameters.update(_own_params(module, name))
+  parameters = nnx_parameters(model)
   policy.check_model({p: _nnx_kind(m) for p, m in layers.items()}, modules, sorted(parameters))
   for name, (module, attribute) in parameters.items():
     spec = policy.parameter_quantizer_for(name)
@@ -446,11 +446,20 @@ def _quantize_nnx(model: nnx.Module, policy, rngs: nnx.Rngs, from_float: bool):
   return model
 
 
-def _own_params(module: nnx.Module, path: str) -> dict[str, tuple[nnx.Module, str]]:
-  """``{'<path>/<attribute>': (module, attribute)}`` of the ``nnx.Param`` attributes of a
-  module that is not a layer (parameters its own code uses)."""
-  return {(f"{path}/{name}" if path else name): (module, name)
-          for name, value in vars(module).items() if isinstance(value, nnx.Param)}
+def nnx_parameters(model: nnx.Module, kind: type = nnx.Param
+                   ) -> dict[str, tuple[nnx.Module, str]]:
+  """``{'<module path>/<attribute>': (module, attribute)}`` of the ``kind`` variables
+  held as attributes by the modules of ``model`` that are not layers: the parameters its
+  own code multiplies (and its other parameters, such as a norm's scale)."""
+  found = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, NNX_LAYERS):
+      continue
+    prefix = _path_name(path)
+    for attribute, value in vars(module).items():
+      if isinstance(value, kind):
+        found[f"{prefix}/{attribute}" if prefix else attribute] = (module, attribute)
+  return found
 
 
 def _nnx_kind(layer: nnx.Module) -> str:
@@ -515,12 +524,12 @@ def record_nnx_call(model: nnx.Module, *inputs, **kwargs) -> CallRecord:
       continue
     if path:
       record.modules[name] = type(module).__name__
-    for param_path, (owner, attribute) in _own_params(module, name).items():
-      record.parameters.add(param_path)
-      value = getattr(owner, attribute)
-      if isinstance(value, ShiftKernel):
-        record.layers[param_path] = LayerRecord(PARAM_KIND, value.weight_spec, None,
-                                                tuple(value.weight_shape))
+  for param_path, (owner, attribute) in nnx_parameters(model).items():
+    record.parameters.add(param_path)
+    value = getattr(owner, attribute)
+    if isinstance(value, ShiftKernel):
+      record.layers[param_path] = LayerRecord(PARAM_KIND, value.weight_spec, None,
+                                              tuple(value.weight_shape))
   jax.eval_shape(lambda: model(*inputs, **kwargs))
   return record
 

@@ -117,25 +117,11 @@ def split_path(path: str) -> tuple[str, str]:
   return module, name
 
 
-def _nnx_params(model: nnx.Module, kind: type):
-  """``{path: (module, attribute)}`` of the ``kind`` variables held by modules that are not
-  layers (quantized parameters the model's own code multiplies)."""
-  found = {}
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, interception.NNX_LAYERS):
-      continue
-    name = "/".join(map(str, path))
-    for attribute, value in vars(module).items():
-      if isinstance(value, kind):
-        found[f"{name}/{attribute}" if name else attribute] = (module, attribute)
-  return found
-
-
 def _pack_nnx(model: nnx.Module, example_inputs, fold_batch_norm: bool) -> nnx.Module:
   quantized = model
   model = nnx.clone(model)
   packed = []
-  for path, (module, attribute) in _nnx_params(model, interception.ShiftKernel).items():
+  for path, (module, attribute) in interception.nnx_parameters(model, interception.ShiftKernel).items():
     latent = getattr(module, attribute)
     spec = latent.weight_spec
     setattr(module, attribute, PackedKernel(
@@ -497,7 +483,7 @@ def to_tree(packed, variables: Mapping[str, Any] | None = None, *,
       else:
         continue
       layers[name] = entry
-    for name, (module, attribute) in _nnx_params(packed, PackedKernel).items():
+    for name, (module, attribute) in interception.nnx_parameters(packed, PackedKernel).items():
       kernel = getattr(module, attribute)
       layers[name] = LayerEntry(interception.PARAM_KIND, kernel.weight_spec,
                                 tuple(kernel.weight_shape))
