@@ -20,11 +20,14 @@ DEFAULT_METHODS = ("float", "DenseShift 3-bit", "S3 3-bit", "DenseShift 2-bit")
 def methods(float_layers: tuple[str, ...], attention: str
             ) -> dict[str, Callable[[], LayerPolicy]]:
   """``{method: policy factory}``: float, each of ``SPECS`` with ``float_layers`` kept
-  float, and DenseShift 3-bit with the ``attention`` projections float too."""
+  float, and DenseShift 3-bit with the ``attention`` projections float, or at 4 bits."""
   return {
       "float": lambda: LayerPolicy(None),
       **{name: (lambda spec=spec: LayerPolicy(spec, float_layers))
          for name, spec in SPECS.items()},
       "DenseShift 3-bit, attention float": lambda: LayerPolicy(
           SPECS["DenseShift 3-bit"], float_layers + (attention,)),
+      "DenseShift 3-bit, attention 4-bit": lambda: LayerPolicy(
+          SPECS["DenseShift 3-bit"], float_layers,
+          layer_quantizers=((attention, SPECS["DenseShift 4-bit"]),)),
   }
