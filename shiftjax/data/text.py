@@ -141,3 +141,16 @@ def sequential_windows(data: np.ndarray, batch_size: int, seq_len: int
   for first in range(0, num, batch_size):
     starts = np.arange(first, min(first + batch_size, num)) * seq_len
     yield _batch(data[starts[:, None] + offsets])
+
+
+def bigram_bits_per_byte(train: np.ndarray, validation: np.ndarray, seq_len: int,
+                         smoothing: float = 0.1) -> float:
+  """Bits per byte of a byte bigram table on the bytes ``sequential_windows(validation,
+  ., seq_len)`` predicts: the score of a model that sees only the previous byte (the
+  table is the training split's pair counts plus ``smoothing``), a reference for a
+  language model that learned no more than that."""
+  counts = np.zeros((256, 256))
+  np.add.at(counts, (train[:-1], train[1:]), 1.0)
+  probs = (counts + smoothing) / (counts + smoothing).sum(axis=1, keepdims=True)
+  n = num_sequential_windows(validation, seq_len) * seq_len
+  return float(-np.log2(probs[validation[:n], validation[1:n + 1]]).mean())

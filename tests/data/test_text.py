@@ -119,3 +119,12 @@ def test_iterators_reject_bad_sizes(kwargs, message):
     next(text.random_windows(data, **kwargs))
   with pytest.raises(ValueError, match=message):
     next(text.sequential_windows(data, **kwargs))
+
+
+def test_bigram_bits_per_byte_scores_the_windows_targets_by_pair_counts():
+  train = np.array([0, 1, 0, 1, 0], np.uint8)  # pairs: 0->1 twice, 1->0 twice
+  validation = np.array([0, 1, 0, 1, 0, 7], np.uint8)  # 2 windows of 2: targets 1, 0, 1, 0
+  assert text.bigram_bits_per_byte(train, validation, 2, smoothing=0.0) == 0.0
+  expected = -np.log2(3 / 258)  # (2 + 1) / (2 + 256 * 1), every target pair alike
+  np.testing.assert_allclose(text.bigram_bits_per_byte(train, validation, 2, smoothing=1.0),
+                             expected, rtol=1e-12)
