@@ -57,7 +57,8 @@ flags.DEFINE_string("data_dir", data_lib.fashion_mnist.DEFAULT_SOURCE_DIR,
 flags.DEFINE_bool("from_float", False, "Start each shift run from the float run of its "
                   "seed (<workdir>/float/seed<k>) converted by post-training quantization "
                   "(error feedback + bias correction, shiftjax.ptq); the float run's steps "
-                  "come on top of --steps.")
+                  "come on top of --steps. 'float' then trains the float run on for as "
+                  "many steps: the control with the same budget.")
 flags.DEFINE_float("distill", 0.0, "With --from_float: distill from the float run of "
                    "the seed with this weight of the soft targets (temperature 4; 0: no "
                    "distillation).")
@@ -71,8 +72,9 @@ def load_split(split: str) -> dict[str, np.ndarray]:
 
 def label(method: str) -> str:
   """The method with the flags that change its training (a workdir and a table row)."""
-  if method == "float":
-    return method
+  if method == "float":  # from float: the float run trained on, the control
+    return (method + (", from float" if FLAGS.from_float else "")
+            + (f", {FLAGS.steps} steps" if FLAGS.steps != 1500 else ""))
   return (method + (", from float" if FLAGS.from_float else "")
           + (f", latent lr x{FLAGS.latent_lr_scale:g}" if FLAGS.latent_lr_scale != 1 else "")
           + (f", distilled x{FLAGS.distill:g}" if FLAGS.distill else "")
@@ -112,7 +114,10 @@ def run(method: str, seed: int, train, test) -> tuple[float, float, object]:
   eval_batches = [{k: v[i:i + 1000] for k, v in test.items()}
                   for i in range(0, len(test["label"]), 1000)]
   init_variables, teacher, distillation = None, None, None
-  if FLAGS.from_float and method != "float":
+  if FLAGS.from_float and method == "float":  # the control: as many more steps, labels
+    init_variables = loop.load_variables(os.path.join(FLAGS.workdir, "float",
+                                                      f"seed{seed}"))
+  elif FLAGS.from_float:
     model, init_variables = from_float(method, seed, train)
     if FLAGS.distill:
       float_variables = loop.load_variables(os.path.join(FLAGS.workdir, "float",
