@@ -41,7 +41,6 @@ here, for a reason not established).
 
 from __future__ import annotations
 
-import functools
 import statistics
 import threading
 import time
@@ -165,13 +164,7 @@ def _check(fns, bits_list):
 def _time(fns, reps: int, read, evict=None) -> dict[str, float]:
   """Median seconds per call, the contenders (and ``read``, as "read") called in a
   rotating order each round; ``evict()`` (untimed) before each contender's call."""
-  def call(f, args):
-    if evict is not None:
-      evict()
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return timing.Reported({"seconds": time.perf_counter() - start})
-  calls = {name: functools.partial(call, f, args) for name, (f, args) in fns.items()}
+  calls = {name: (lambda f=f, a=args: f(*a)) for name, (f, args) in fns.items()}
   seconds = []
 
   def timed_read():  # after XLA's idle pool threads stop spinning (they slowed it 3x)
@@ -179,9 +172,12 @@ def _time(fns, reps: int, read, evict=None) -> dict[str, float]:
     start = time.perf_counter()
     read()
     seconds.append(time.perf_counter() - start)
+  def before_each(name):
+    if evict is not None and name != "read":  # the read contender measures memory itself
+      evict()
   timings = timing.interleaved({**calls, "read": timed_read}, reps, rotate=True,
-                               counters={"seconds": time.perf_counter})
-  return {**{name: t.median_of("seconds") for name, t in timings.items()},
+                               before_each=before_each)
+  return {**{name: t.median for name, t in timings.items()},
           "read": statistics.median(seconds[-reps:])}
 
 

@@ -62,6 +62,7 @@ class Timing:
 
 def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, *,
                 warmup: int = 1, rotate: bool = False, pause: float = 0.0,
+                before_each: Callable[[str], Any] | None = None,
                 counters: Mapping[str, Callable[[], float]] = CPU_TIME,
                 clock: Callable[[], float] = time.perf_counter,
                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Timing]:
@@ -76,6 +77,8 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, *,
       same one; else the order of ``contenders`` every time.
     pause: seconds slept before each timed call, not timed (idle threads of the previous
       contender stop spinning).
+    before_each: called with the contender's name before each of its timed calls (after
+      ``pause``), not timed: e.g. evicting the caches.
     counters: ``{name: reading}`` read before and after each call; their differences.
     clock, sleep: the wall clock and the sleep (tests give fakes).
   """
@@ -92,6 +95,8 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, *,
     for name in names[shift:] + names[:shift]:
       if pause:
         sleep(pause)
+      if before_each is not None:
+        before_each(name)
       start = clock()
       before = {c: read() for c, read in counters.items()}
       result = jax.block_until_ready(contenders[name]())

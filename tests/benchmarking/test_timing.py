@@ -42,6 +42,19 @@ def test_each_contender_is_timed_by_its_own_calls_in_alternation():
   assert pauses == [0.05] * 6  # before every timed call, outside the interval
 
 
+def test_before_each_runs_untimed_before_every_timed_call_of_each_contender():
+  clock, before = FakeClock(), []
+
+  def evict(name):
+    before.append(name)
+    clock.now += 100.0  # would dominate the timings if it were inside the interval
+  contenders = {n: clock.contender(n, 1.0) for n in "xy"}
+  t = timing.interleaved(contenders, repeats=2, warmup=1, before_each=evict, counters={},
+                         clock=clock)
+  assert before == ["x", "y", "x", "y"]  # not before the warm-up calls
+  assert t["x"].all == t["y"].all == (1.0, 1.0)
+
+
 def test_rotation_starts_each_repetition_one_contender_later():
   clock = FakeClock()
   contenders = {n: clock.contender(n, 1.0) for n in "xyz"}
