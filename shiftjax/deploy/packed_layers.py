@@ -189,8 +189,7 @@ def _pack_linen(model: nn.Module, variables: Mapping[str, Any], inputs, kwargs,
         table.append((path, LayerEntry(layer.kind, None, layer.kernel_shape,
                                        layer.input_spec)))
       continue
-    module, name = (split_path(path) if layer.kind == interception.PARAM_KIND
-                    else (path, "kernel"))
+    module, name = split_path(_codes_path(path, layer))
     owner, codes_owner = trees.writable(params, module), trees.writable(codes, module)
     spec = layer.weight_spec
     latents = owner.pop(name)
@@ -438,8 +437,9 @@ def _words(tree: PackedTree, path: str) -> jax.Array:
   return layer_words(words, entry.kind, entry.weight_spec)
 
 
-def _codes_path(path: str, entry: LayerEntry) -> str:
-  """Where a linen layer's (or parameter's) words lie in the codes collection."""
+def _codes_path(path: str, entry) -> str:
+  """Where a linen layer's (or parameter's) latents lie in its params, and its words in
+  the codes collection (``entry``: a ``LayerEntry`` or ``LayerRecord``)."""
   return path if entry.kind == interception.PARAM_KIND else f"{path}/kernel"
 
 
