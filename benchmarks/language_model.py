@@ -26,13 +26,12 @@ import os
 import statistics
 import time
 
-import jax
-import numpy as np
-
 from absl import app
 from absl import flags
-import optax
 from flax import nnx
+import jax
+import numpy as np
+import optax
 
 import shiftjax as sj
 from shiftjax.benchmarking import agreement as agreement_lib
